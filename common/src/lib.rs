@@ -1,0 +1,3 @@
+//! StackWise shared pieces: configuration, tokenizers, token shards, checkpoint store.
+
+pub mod rng;

@@ -1,0 +1,8 @@
+//! StackWise worker: candle models, objectives, optimizer, the trainer and generation.
+
+pub mod generate;
+pub mod models;
+pub mod objectives;
+pub mod ops;
+pub mod optim;
+pub mod train;

@@ -1,0 +1,670 @@
+//! The decoder-only transformer: GPT-2 (Radford et al. 2019) and LLaMA (Touvron et al. 2023)
+//! layouts with mixable options (MHA/GQA, causal/bidirectional, learned/rotary positions,
+//! GELU/SwiGLU, LayerNorm/RMSNorm, tied/untied head, sequential/parallel residual).
+//! Field names follow the HF checkpoint keys; see `names` for the two layouts.
+
+use candle_core::{D, Device, Module, Result, Tensor};
+
+use super::config::{Activation, AttentionMode, Family, ModelConfig, NormKind, Positions};
+use super::params::{Init, ParamBuilder, Params};
+use crate::ops;
+
+const INIT_STD: f64 = 0.02;
+
+/// A projection. GPT-2's `Conv1D` stores `[in, out]` and computes `x @ W + b`; `nn.Linear`
+/// stores `[out, in]` and computes `x @ W^T + b`.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub conv1d: bool,
+}
+
+impl Linear {
+    fn load(
+        p: &mut ParamBuilder,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        cfg: &ModelConfig,
+        std: f64,
+    ) -> Result<Self> {
+        let conv1d = cfg.family == Family::Gpt2;
+        let shape = if conv1d { [d_in, d_out] } else { [d_out, d_in] };
+        let weight = p.get(&format!("{name}.weight"), &shape, Init::Normal(std))?;
+        let bias = if cfg.bias {
+            Some(p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            conv1d,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = dims[dims.len() - 1];
+        let x2 = x.reshape(((), d_in))?; // (B*T, in)
+        let y = if self.conv1d {
+            x2.matmul(&self.weight)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = y.dim(1)?;
+        y.reshape(out_dims)
+    }
+}
+
+#[derive(Clone)]
+pub struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    fn load(p: &mut ParamBuilder, name: &str, cfg: &ModelConfig) -> Result<Self> {
+        let weight = p.get(&format!("{name}.weight"), &[cfg.d_model], Init::Ones)?;
+        let bias = match cfg.norm {
+            NormKind::LayerNorm => {
+                Some(p.get(&format!("{name}.bias"), &[cfg.d_model], Init::Zeros)?)
+            }
+            NormKind::RmsNorm => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            eps: cfg.norm_eps,
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => ops::layer_norm(x, &self.weight, b, self.eps),
+            None => ops::rms_norm(x, &self.weight, self.eps),
+        }
+    }
+}
+
+/// Rotary embedding tables in HF's non-interleaved "rotate_half" layout.
+#[derive(Clone)]
+pub struct Rope {
+    cos: Tensor, // (max_T, head_dim)
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
+        let hd = cfg.head_dim;
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+            .collect();
+        let t = cfg.seq_len;
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for pos in 0..t {
+            for half in 0..2 {
+                let _ = half;
+                for f in &inv {
+                    let a = pos as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (t, hd), device)?,
+            sin: Tensor::from_vec(sin, (t, hd), device)?,
+        })
+    }
+
+    /// `x`: (B, H, T, hd) at positions `start..start+T`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, _, t, hd) = x.dims4()?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// Keys and values of earlier positions, per layer: (B, n_kv_heads, S, head_dim).
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone)]
+enum Qkv {
+    Fused(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    qkv: Qkv,
+    out: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    bidirectional: bool,
+}
+
+impl Attention {
+    fn load(p: &mut ParamBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let out_std = INIT_STD / (2.0 * cfg.n_layers as f64).sqrt();
+        let (qkv, out) = match cfg.family {
+            Family::Gpt2 => (
+                Qkv::Fused(Linear::load(
+                    p,
+                    &format!("{prefix}.attn.c_attn"),
+                    cfg.d_model,
+                    cfg.q_dim() + 2 * cfg.kv_dim(),
+                    cfg,
+                    INIT_STD,
+                )?),
+                Linear::load(
+                    p,
+                    &format!("{prefix}.attn.c_proj"),
+                    cfg.q_dim(),
+                    cfg.d_model,
+                    cfg,
+                    out_std,
+                )?,
+            ),
+            Family::Llama => (
+                Qkv::Split {
+                    q: Linear::load(
+                        p,
+                        &format!("{prefix}.self_attn.q_proj"),
+                        cfg.d_model,
+                        cfg.q_dim(),
+                        cfg,
+                        INIT_STD,
+                    )?,
+                    k: Linear::load(
+                        p,
+                        &format!("{prefix}.self_attn.k_proj"),
+                        cfg.d_model,
+                        cfg.kv_dim(),
+                        cfg,
+                        INIT_STD,
+                    )?,
+                    v: Linear::load(
+                        p,
+                        &format!("{prefix}.self_attn.v_proj"),
+                        cfg.d_model,
+                        cfg.kv_dim(),
+                        cfg,
+                        INIT_STD,
+                    )?,
+                },
+                Linear::load(
+                    p,
+                    &format!("{prefix}.self_attn.o_proj"),
+                    cfg.q_dim(),
+                    cfg.d_model,
+                    cfg,
+                    out_std,
+                )?,
+            ),
+        };
+        Ok(Self {
+            qkv,
+            out,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            bidirectional: cfg.attention_mode == AttentionMode::Bidirectional,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: Option<&Rope>,
+        start: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Fused(l) => {
+                let qkv = l.forward(x)?; // (B, T, q + 2kv)
+                (
+                    qkv.narrow(2, 0, nh * hd)?,
+                    qkv.narrow(2, nh * hd, nkv * hd)?,
+                    qkv.narrow(2, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+        };
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, nh, T, hd)
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (B, nkv, T, hd)
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match rope {
+            Some(r) => (r.apply(&q, start)?, r.apply(&k, start)?),
+            None => (q, k),
+        };
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // GQA: query head h reads kv head h / (nh / nkv), as HF's repeat_kv (repeat_interleave).
+        let (k, v) = if nkv != nh {
+            let rep = nh / nkv;
+            let expand = |x: Tensor| -> Result<Tensor> {
+                x.unsqueeze(2)?
+                    .expand((b, nkv, rep, s, hd))?
+                    .reshape((b, nh, s, hd)) // (B, nh, S, hd)
+            };
+            (expand(k)?, expand(v)?)
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // (B, nh, T, S)
+        let att = if self.bidirectional || t == 1 {
+            att
+        } else {
+            att.broadcast_add(&causal_mask(t, s, x.device())?)?
+        };
+        let att = ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?; // (B, nh, T, hd)
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.out.forward(&y)
+    }
+}
+
+/// (T, S) additive mask: query i (at absolute position S-T+i) sees keys 0..=S-T+i.
+fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
+    let offset = s - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= i + offset {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, s), device)
+}
+
+#[derive(Clone)]
+pub struct Mlp {
+    up: Linear,
+    gate: Option<Linear>,
+    down: Linear,
+    activation: Activation,
+}
+
+impl Mlp {
+    fn load(p: &mut ParamBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let out_std = INIT_STD / (2.0 * cfg.n_layers as f64).sqrt();
+        let swiglu = cfg.activation == Activation::Swiglu;
+        let (d, ff) = (cfg.d_model, cfg.d_ff);
+        Ok(match cfg.family {
+            Family::Gpt2 => Self {
+                // SwiGLU in GPT-2 layout: c_fc holds [gate | up].
+                up: Linear::load(
+                    p,
+                    &format!("{prefix}.mlp.c_fc"),
+                    d,
+                    if swiglu { 2 * ff } else { ff },
+                    cfg,
+                    INIT_STD,
+                )?,
+                gate: None,
+                down: Linear::load(p, &format!("{prefix}.mlp.c_proj"), ff, d, cfg, out_std)?,
+                activation: cfg.activation,
+            },
+            Family::Llama => Self {
+                gate: if swiglu {
+                    Some(Linear::load(
+                        p,
+                        &format!("{prefix}.mlp.gate_proj"),
+                        d,
+                        ff,
+                        cfg,
+                        INIT_STD,
+                    )?)
+                } else {
+                    None
+                },
+                up: Linear::load(p, &format!("{prefix}.mlp.up_proj"), d, ff, cfg, INIT_STD)?,
+                down: Linear::load(p, &format!("{prefix}.mlp.down_proj"), ff, d, cfg, out_std)?,
+                activation: cfg.activation,
+            },
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match (self.activation, &self.gate) {
+            (Activation::Swiglu, Some(gate)) => (gate.forward(x)?.silu()? * self.up.forward(x)?)?,
+            (Activation::Swiglu, None) => {
+                let gu = self.up.forward(x)?;
+                let ff = gu.dim(D::Minus1)? / 2;
+                (gu.narrow(D::Minus1, 0, ff)?.silu()? * gu.narrow(D::Minus1, ff, ff)?)?
+            }
+            (Activation::Gelu, _) => ops::gelu_tanh(&self.up.forward(x)?)?,
+            (Activation::GeluErf, _) => self.up.forward(x)?.gelu_erf()?,
+            (Activation::Relu, _) => self.up.forward(x)?.relu()?,
+        };
+        self.down.forward(&h)
+    }
+}
+
+#[derive(Clone)]
+pub struct Block {
+    norm1: Norm,
+    attn: Attention,
+    norm2: Norm,
+    mlp: Mlp,
+    parallel_residual: bool,
+}
+
+impl Block {
+    fn load(p: &mut ParamBuilder, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let (prefix, n1, n2) = match cfg.family {
+            Family::Gpt2 => (format!("transformer.h.{i}"), "ln_1", "ln_2"),
+            Family::Llama => (
+                format!("model.layers.{i}"),
+                "input_layernorm",
+                "post_attention_layernorm",
+            ),
+        };
+        Ok(Self {
+            norm1: Norm::load(p, &format!("{prefix}.{n1}"), cfg)?,
+            attn: Attention::load(p, &prefix, cfg)?,
+            norm2: Norm::load(p, &format!("{prefix}.{n2}"), cfg)?,
+            mlp: Mlp::load(p, &prefix, cfg)?,
+            parallel_residual: cfg.parallel_residual,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: Option<&Rope>,
+        start: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let a = self
+            .attn
+            .forward(&self.norm1.forward(x)?, rope, start, cache)?;
+        if self.parallel_residual {
+            // GPT-J / NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            (x + a)? + self.mlp.forward(&self.norm2.forward(x)?)?
+        } else {
+            let x = (x + a)?;
+            let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
+            x + m
+        }
+    }
+}
+
+/// A decoder-only language model.
+#[derive(Clone)]
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    tok_emb: Tensor, // (V, D)
+    pos_emb: Option<Tensor>,
+    blocks: Vec<Block>,
+    norm_f: Norm,
+    lm_head: Option<Tensor>, // (V, D) when untied
+    rope: Option<Rope>,
+}
+
+/// Names of the embedding tables, which differ by family.
+pub mod names {
+    use super::Family;
+
+    pub fn tok_emb(f: Family) -> &'static str {
+        match f {
+            Family::Gpt2 => "transformer.wte.weight",
+            Family::Llama => "model.embed_tokens.weight",
+        }
+    }
+
+    pub fn pos_emb(f: Family) -> &'static str {
+        match f {
+            Family::Gpt2 => "transformer.wpe.weight",
+            Family::Llama => "model.embed_positions.weight",
+        }
+    }
+
+    pub fn norm_f(f: Family) -> &'static str {
+        match f {
+            Family::Gpt2 => "transformer.ln_f",
+            Family::Llama => "model.norm",
+        }
+    }
+
+    pub const LM_HEAD: &str = "lm_head.weight";
+}
+
+impl Transformer {
+    pub fn build(cfg: &ModelConfig, p: &mut ParamBuilder, device: &Device) -> Result<Self> {
+        let f = cfg.family;
+        let tok_emb = p.get(
+            names::tok_emb(f),
+            &[cfg.vocab_size, cfg.d_model],
+            Init::Normal(INIT_STD),
+        )?;
+        let pos_emb = match cfg.positions {
+            Positions::Learned => Some(p.get(
+                names::pos_emb(f),
+                &[cfg.seq_len, cfg.d_model],
+                Init::Normal(0.01),
+            )?),
+            Positions::Rope => None,
+        };
+        let blocks = (0..cfg.n_layers)
+            .map(|i| Block::load(p, i, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm_f = Norm::load(p, names::norm_f(f), cfg)?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(p.get(
+                names::LM_HEAD,
+                &[cfg.vocab_size, cfg.d_model],
+                Init::Normal(INIT_STD),
+            )?)
+        };
+        let rope = match cfg.positions {
+            Positions::Rope => Some(Rope::new(cfg, device)?),
+            Positions::Learned => None,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            tok_emb,
+            pos_emb,
+            blocks,
+            norm_f,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// A freshly initialised model (seeded) and its parameters.
+    pub fn init(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<(Self, Params)> {
+        let mut p = ParamBuilder::init(seed, device);
+        let model = Self::build(cfg, &mut p, device)?;
+        Ok((model, p.finish().0))
+    }
+
+    /// Final hidden states `(B, T, D)` for tokens `ids (B, T)` at positions `start..start+T`.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if start + t > self.cfg.seq_len {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's seq_len {}",
+                start + t,
+                self.cfg.seq_len
+            )
+        }
+        let mut x = self.tok_emb.embedding(&ids.flatten_all()?)?.reshape((
+            ids.dim(0)?,
+            t,
+            self.cfg.d_model,
+        ))?;
+        if let Some(pe) = &self.pos_emb {
+            x = x.broadcast_add(&pe.narrow(0, start, t)?)?;
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, self.rope.as_ref(), start, slot)?;
+        }
+        self.norm_f.forward(&x)
+    }
+
+    /// Project hidden states `(.., D)` to vocabulary logits `(.., V)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.tok_emb);
+        let dims = hidden.dims().to_vec();
+        let d = dims[dims.len() - 1];
+        let y = hidden.reshape(((), d))?.matmul(&head.t()?)?;
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.cfg.vocab_size;
+        y.reshape(out)
+    }
+
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.logits(&self.hidden(ids, start, cache)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::config::RawModelConfig;
+
+    fn tiny(family: Family, mode: AttentionMode) -> ModelConfig {
+        RawModelConfig {
+            family: Some(family),
+            d_model: Some(32),
+            n_layers: Some(2),
+            n_heads: Some(4),
+            n_kv_heads: Some(2),
+            vocab_size: Some(50),
+            seq_len: Some(16),
+            attention_mode: Some(mode),
+            ..Default::default()
+        }
+        .resolve(None)
+        .unwrap()
+    }
+
+    fn ids() -> Tensor {
+        Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn causal_attention_ignores_the_future_and_bidirectional_does_not() {
+        for family in [Family::Gpt2, Family::Llama] {
+            for mode in [AttentionMode::Causal, AttentionMode::Bidirectional] {
+                let (m, _) = Transformer::init(&tiny(family, mode), 1, &Device::Cpu).unwrap();
+                let a = m.forward(&ids(), 0, None).unwrap();
+                let changed = Tensor::new(&[[1u32, 5, 9, 3, 7, 40]], &Device::Cpu).unwrap();
+                let b = m.forward(&changed, 0, None).unwrap();
+                let prefix = max_diff(&a.narrow(1, 0, 5).unwrap(), &b.narrow(1, 0, 5).unwrap());
+                match mode {
+                    AttentionMode::Causal => assert_eq!(prefix, 0.0, "{family:?}"),
+                    AttentionMode::Bidirectional => assert!(prefix > 1e-6, "{family:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kv_cache_gives_the_same_logits_as_a_full_forward() {
+        for family in [Family::Gpt2, Family::Llama] {
+            let cfg = tiny(family, AttentionMode::Causal);
+            let (m, _) = Transformer::init(&cfg, 2, &Device::Cpu).unwrap();
+            let full = m.forward(&ids(), 0, None).unwrap();
+            let mut cache = KvCache::new(cfg.n_layers);
+            let first = m
+                .forward(&ids().narrow(1, 0, 4).unwrap(), 0, Some(&mut cache))
+                .unwrap();
+            let mut last = first.narrow(1, 3, 1).unwrap();
+            for pos in 4..6 {
+                last = m
+                    .forward(&ids().narrow(1, pos, 1).unwrap(), pos, Some(&mut cache))
+                    .unwrap();
+            }
+            assert_eq!(cache.len(), 6);
+            assert!(max_diff(&full.narrow(1, 5, 1).unwrap(), &last) < 1e-5);
+            assert!(max_diff(&full.narrow(1, 0, 4).unwrap(), &first) < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Hugging Face model folders: `config.json` + `model.safetensors` (or a sharded
+//! `model.safetensors.index.json`), and the reverse, an export transformers can load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{Family, ModelConfig};
+use super::decoder::{Transformer, names};
+use super::params::{ParamBuilder, Params};
+
+/// Buffers some checkpoints carry that are not parameters.
+fn is_buffer(key: &str) -> bool {
+    key.ends_with(".attn.bias") && !key.contains("c_attn")
+        || key.ends_with(".attn.masked_bias")
+        || key.ends_with("rotary_emb.inv_freq")
+}
+
+/// Bring keys to the layout the model uses: hub GPT-2 checkpoints omit `transformer.`.
+fn normalize_key(cfg: &ModelConfig, key: &str) -> String {
+    match cfg.family {
+        Family::Gpt2 if !key.starts_with("transformer.") && key != names::LM_HEAD => {
+            format!("transformer.{key}")
+        }
+        _ => key.to_string(),
+    }
+}
+
+/// Read every tensor of a safetensors model in `dir` (single file or sharded index).
+pub fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.exists() {
+        return candle_core::safetensors::load(&single, device)
+            .with_context(|| format!("read {}", single.display()));
+    }
+    if index.exists() {
+        let text =
+            std::fs::read_to_string(&index).with_context(|| format!("read {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no weight_map", index.display()))?;
+        let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        files.sort();
+        files.dedup();
+        let mut out = HashMap::new();
+        for f in files {
+            let p = dir.join(f);
+            out.extend(
+                candle_core::safetensors::load(&p, device)
+                    .with_context(|| format!("read shard {}", p.display()))?,
+            );
+        }
+        return Ok(out);
+    }
+    bail!(
+        "{}: no model.safetensors or model.safetensors.index.json (PyTorch .bin weights are not supported; \
+         convert with `model.save_pretrained(dir, safe_serialization=True)`)",
+        dir.display()
+    )
+}
+
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    ModelConfig::from_hf_json(&v).with_context(|| format!("in {}", path.display()))
+}
+
+/// Build a model from HF tensors (already read), keeping only what the config uses.
+pub fn model_from_tensors(
+    cfg: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<(Transformer, Params)> {
+    let mut loaded = HashMap::new();
+    for (k, t) in tensors {
+        if is_buffer(&k) {
+            continue;
+        }
+        loaded.insert(normalize_key(cfg, &k), t);
+    }
+    if cfg.tie_embeddings {
+        // transformers may write the tied head too; it is the embedding table.
+        loaded.remove(names::LM_HEAD);
+    }
+    let mut p = ParamBuilder::from_tensors(loaded, device);
+    let model = Transformer::build(cfg, &mut p, device)?;
+    let (params, unused) = p.finish();
+    if !unused.is_empty() {
+        tracing::warn!(count = unused.len(), first = %unused[0], "checkpoint tensors not used by the model");
+    }
+    Ok((model, params))
+}
+
+/// Load an HF folder (or a StackWise checkpoint folder, which has the same files).
+pub fn load_model_dir(dir: &Path, device: &Device) -> Result<(Transformer, Params)> {
+    let cfg = read_config(dir)?;
+    let tensors = read_safetensors_dir(dir, device)?;
+    model_from_tensors(&cfg, tensors, device)
+        .with_context(|| format!("load model from {}", dir.display()))
+}
+
+/// Serialize parameters as HF `model.safetensors` bytes (with `format: pt` metadata).
+pub fn params_to_safetensors(params: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
+    let tensors: Vec<(&String, Tensor)> = params
+        .iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    Ok(safetensors::tensor::serialize(tensors, Some(meta))?)
+}
+
+/// Write `config.json` + `model.safetensors` (+ `tokenizer.json` when given) into `dir`.
+pub fn export_dir(
+    cfg: &ModelConfig,
+    params: &Params,
+    tokenizer_json: Option<&str>,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let bytes = params_to_safetensors(&params.tensors()?)?;
+    write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    let config = serde_json::to_string_pretty(&cfg.to_hf_json())?;
+    write_atomic(&dir.join("config.json"), config.as_bytes())?;
+    if let Some(tok) = tokenizer_json {
+        write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Write via a temporary file and rename, so a crash never leaves a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    Ok(())
+}

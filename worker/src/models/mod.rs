@@ -1,0 +1,10 @@
+//! Transformer models with Hugging Face parameter names, and HF folder loading/export.
+
+pub mod config;
+pub mod decoder;
+pub mod hf;
+pub mod params;
+
+pub use config::{ModelConfig, RawModelConfig};
+pub use decoder::{KvCache, Transformer};
+pub use params::{ParamBuilder, Params};

@@ -1,0 +1,34 @@
+//! Differentiable building-block ops. candle-nn's fused `softmax_last_dim`, `layer_norm` and
+//! `rms_norm` have no backward pass (TECH-NOTES), so training uses these instead: compositions
+//! of candle ops (every one with a backward) and fused CPU kernels with hand-written backward.
+
+mod fused;
+
+use candle_core::{D, DType, Result, Tensor};
+
+pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
+
+/// Log-softmax over the last dimension (composed, differentiable).
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let diff = x.broadcast_sub(&max)?;
+    let lse = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    diff.broadcast_sub(&lse)
+}
+
+/// Per-position cross-entropy `-log p(target)`: `logits (N, V)`, `targets (N)` u32 → `(N)`.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last_dim(logits)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+/// Mean of `values` over positions whose `weights` are non-zero, weighted. Returns the loss
+/// and the total weight (a plain number, used to average across micro-batches and ranks).
+pub fn weighted_mean(values: &Tensor, weights: &Tensor) -> Result<(Tensor, f64)> {
+    let total = weights
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    let sum = (values * weights)?.sum_all()?;
+    Ok(((sum / total.max(1e-12))?, total))
+}
