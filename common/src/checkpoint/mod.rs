@@ -1,0 +1,214 @@
+//! Checkpoints in object storage (DESIGN §6). A checkpoint is a folder
+//! `<run>/checkpoints/step-NNNNNNNN/` whose `MANIFEST.json` is written last and lists every
+//! file with its size and sha256: without a manifest that verifies, it does not exist.
+
+pub mod manifest;
+pub mod policy;
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+pub use manifest::{Manifest, ManifestEntry};
+pub use policy::{CheckpointMeta, retention};
+
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("checkpoint {name}: {msg}")]
+    Invalid { name: String, msg: String },
+}
+
+pub fn step_dir(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// The checkpoints of one run: `<run root>/checkpoints/`.
+#[derive(Clone, Debug)]
+pub struct CheckpointStore {
+    pub store: Store,
+}
+
+/// A verified checkpoint's files.
+pub struct LoadedCheckpoint {
+    pub name: String,
+    pub manifest: Manifest,
+    pub files: BTreeMap<String, Bytes>,
+}
+
+impl CheckpointStore {
+    /// `run`: the run's root (`<output>/runs/<run_id>`).
+    pub fn new(run: &Store) -> Self {
+        Self {
+            store: run.child("checkpoints"),
+        }
+    }
+
+    /// Write `files`, then the manifest (create-only). Returns the checkpoint's name.
+    pub fn save(
+        &self,
+        step: u64,
+        meta: CheckpointMeta,
+        files: Vec<(String, Bytes)>,
+    ) -> Result<String, CheckpointError> {
+        let name = step_dir(step);
+        let mut entries = Vec::new();
+        for (file, bytes) in &files {
+            self.store.put(&format!("{name}/{file}"), bytes.clone())?;
+            entries.push(ManifestEntry::of(file, bytes));
+        }
+        let manifest = Manifest::new(step, meta, entries);
+        // A manifest from an earlier, interrupted attempt at this step is stale: replace it.
+        self.store.delete(&format!("{name}/MANIFEST.json"))?;
+        self.store.put_new(
+            &format!("{name}/MANIFEST.json"),
+            Bytes::from(manifest.to_json()),
+        )?;
+        Ok(name)
+    }
+
+    /// Names of checkpoint folders present (complete or not), oldest first.
+    pub fn list_names(&self) -> Result<Vec<String>, CheckpointError> {
+        let mut names: Vec<String> = self
+            .store
+            .list("")?
+            .into_iter()
+            .filter_map(|(p, _)| p.split('/').next().map(str::to_string))
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Read and verify one checkpoint: manifest present and every file's size and sha256 match.
+    pub fn load(&self, name: &str) -> Result<LoadedCheckpoint, CheckpointError> {
+        let invalid = |msg: String| CheckpointError::Invalid {
+            name: name.to_string(),
+            msg,
+        };
+        let raw = self
+            .store
+            .get(&format!("{name}/MANIFEST.json"))?
+            .ok_or_else(|| invalid("no MANIFEST.json (torn or unfinished save)".into()))?;
+        let manifest =
+            Manifest::from_json(&raw).map_err(|e| invalid(format!("MANIFEST.json: {e}")))?;
+        let mut files = BTreeMap::new();
+        for entry in &manifest.files {
+            let bytes = self
+                .store
+                .get(&format!("{name}/{}", entry.path))?
+                .ok_or_else(|| invalid(format!("{} is missing", entry.path)))?;
+            entry.verify(&bytes).map_err(invalid)?;
+            files.insert(entry.path.clone(), bytes);
+        }
+        Ok(LoadedCheckpoint {
+            name: name.to_string(),
+            manifest,
+            files,
+        })
+    }
+
+    /// The newest checkpoint that verifies; torn or corrupt ones are skipped with a warning.
+    pub fn load_latest(&self) -> Result<Option<LoadedCheckpoint>, CheckpointError> {
+        for name in self.list_names()?.iter().rev() {
+            match self.load(name) {
+                Ok(c) => return Ok(Some(c)),
+                Err(CheckpointError::Invalid { name, msg }) => {
+                    tracing::warn!(checkpoint = %name, "skipping checkpoint: {msg}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Manifests of every complete checkpoint (not re-hashing the files).
+    pub fn manifests(&self) -> Result<Vec<(String, Manifest)>, CheckpointError> {
+        let mut out = Vec::new();
+        for name in self.list_names()? {
+            if let Some(raw) = self.store.get(&format!("{name}/MANIFEST.json"))?
+                && let Ok(m) = Manifest::from_json(&raw)
+            {
+                out.push((name, m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete the checkpoints the retention policy drops (manifest first, so a half-deleted
+    /// checkpoint is never mistaken for a complete one).
+    pub fn apply_retention(&self, keep_last: usize) -> Result<Vec<String>, CheckpointError> {
+        let all = self.manifests()?;
+        let metas: Vec<(String, CheckpointMeta)> = all
+            .iter()
+            .map(|(n, m)| (n.clone(), m.meta.clone()))
+            .collect();
+        let drop = retention(&metas, keep_last);
+        for name in &drop {
+            self.store.delete(&format!("{name}/MANIFEST.json"))?;
+            for (path, _) in self.store.list(name)? {
+                self.store.delete(&path)?;
+            }
+        }
+        Ok(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(val: Option<f64>) -> CheckpointMeta {
+        CheckpointMeta {
+            val_loss: val,
+            stage: None,
+        }
+    }
+
+    #[test]
+    fn torn_and_corrupt_checkpoints_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let ck = CheckpointStore::new(&run);
+        let file = |s: &str| vec![("model.safetensors".to_string(), Bytes::from(s.to_string()))];
+        ck.save(10, meta(None), file("ten")).unwrap();
+        ck.save(20, meta(None), file("twenty")).unwrap();
+        assert_eq!(ck.load_latest().unwrap().unwrap().name, "step-00000020");
+        // One byte changed: skipped.
+        ck.store
+            .put("step-00000020/model.safetensors", Bytes::from("twentY"))
+            .unwrap();
+        assert_eq!(ck.load_latest().unwrap().unwrap().name, "step-00000010");
+        // A newer save whose manifest never landed: skipped.
+        ck.store
+            .put("step-00000030/model.safetensors", Bytes::from("x"))
+            .unwrap();
+        let latest = ck.load_latest().unwrap().unwrap();
+        assert_eq!(latest.name, "step-00000010");
+        assert_eq!(latest.files["model.safetensors"].as_ref(), b"ten");
+    }
+
+    #[test]
+    fn retention_deletes_old_ones_but_keeps_the_best() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let ck = CheckpointStore::new(&run);
+        for (step, val) in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.2)] {
+            ck.save(step, meta(Some(val)), vec![("a".into(), Bytes::from("x"))])
+                .unwrap();
+        }
+        let dropped = ck.apply_retention(2).unwrap();
+        assert_eq!(
+            dropped,
+            vec!["step-00000001".to_string(), "step-00000003".to_string()]
+        );
+        assert_eq!(
+            ck.list_names().unwrap(),
+            vec!["step-00000002", "step-00000004", "step-00000005"]
+        );
+    }
+}

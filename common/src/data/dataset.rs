@@ -1,0 +1,184 @@
+//! Reading a prepared dataset back (`index.json` + shards) and cutting it into samples.
+//! Packed samples (pre-training, `clm`): the token stream cut into consecutive blocks of
+//! `seq_len` tokens, as HF `run_clm` groups texts. Per-document samples (`sft`): one document
+//! each, truncated to `seq_len` and padded with EOS that carries no loss.
+
+use serde::{Deserialize, Serialize};
+
+use super::prepare::DataError;
+use crate::store::Store;
+use crate::tokenizer::Tok;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub stem: String,
+    pub tokens: u64,
+    pub docs: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SplitIndex {
+    pub tokens: u64,
+    pub docs: u64,
+    pub shards: Vec<ShardInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenIndex {
+    pub format: u32,
+    pub vocab_size: usize,
+    pub eos_id: Option<u32>,
+    pub sources: Vec<String>,
+    pub train: SplitIndex,
+    pub validation: SplitIndex,
+}
+
+/// One split in memory.
+#[derive(Debug, Clone, Default)]
+pub struct SplitData {
+    pub tokens: Vec<u32>,
+    pub mask: Vec<u8>,
+    /// Document start offsets, plus the end.
+    pub doc_offsets: Vec<u64>,
+}
+
+/// A training sample: ids and per-token loss flags, both `seq_len` long.
+pub type Sample = (Vec<u32>, Vec<f32>);
+
+impl TokenIndex {
+    pub fn open(store: &Store) -> Result<(Self, Tok), DataError> {
+        let err = |msg: String| DataError::Index {
+            uri: store.uri().to_string(),
+            msg,
+        };
+        let raw = store.get("index.json")?.ok_or_else(|| {
+            err("no index.json: not a prepared dataset (or its preparation did not finish); run `stackwise data prepare`".into())
+        })?;
+        let index: TokenIndex =
+            serde_json::from_slice(&raw).map_err(|e| err(format!("index.json: {e}")))?;
+        let tok_bytes = store
+            .get("tokenizer.json")?
+            .ok_or_else(|| err("tokenizer.json is missing".into()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&tok_bytes)
+            .map_err(|e| err(format!("tokenizer.json: {e}")))?;
+        Ok((index, Tok { inner }))
+    }
+
+    pub fn load_split(&self, store: &Store, split: &SplitIndex) -> Result<SplitData, DataError> {
+        let err = |msg: String| DataError::Index {
+            uri: store.uri().to_string(),
+            msg,
+        };
+        let mut out = SplitData {
+            doc_offsets: vec![0],
+            ..Default::default()
+        };
+        for s in &split.shards {
+            let get = |ext: &str| -> Result<bytes::Bytes, DataError> {
+                store
+                    .get(&format!("{}.{ext}", s.stem))?
+                    .ok_or_else(|| err(format!("shard {}.{ext} is missing", s.stem)))
+            };
+            let (bin, mask, docs) = (get("bin")?, get("mask")?, get("docs")?);
+            if bin.len() as u64 != s.tokens * 4
+                || mask.len() as u64 != s.tokens
+                || docs.len() as u64 != (s.docs + 1) * 8
+            {
+                return Err(err(format!(
+                    "shard {} does not match its index (truncated?)",
+                    s.stem
+                )));
+            }
+            let base = out.tokens.len() as u64;
+            out.tokens.extend(
+                bin.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+            out.mask.extend_from_slice(&mask);
+            out.doc_offsets.extend(
+                docs.chunks_exact(8)
+                    .skip(1)
+                    .map(|c| base + u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            );
+        }
+        if let Some(&bad) = out.tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(err(format!(
+                "token id {bad} >= vocab_size {}",
+                self.vocab_size
+            )));
+        }
+        Ok(out)
+    }
+}
+
+impl SplitData {
+    pub fn num_docs(&self) -> usize {
+        self.doc_offsets.len() - 1
+    }
+
+    /// Number of samples of `seq_len` tokens.
+    pub fn num_samples(&self, seq_len: usize, packed: bool) -> usize {
+        if packed {
+            self.tokens.len() / seq_len
+        } else {
+            self.num_docs()
+        }
+    }
+
+    pub fn sample(&self, i: usize, seq_len: usize, packed: bool, pad_id: u32) -> Sample {
+        let (start, end) = if packed {
+            (i * seq_len, (i + 1) * seq_len)
+        } else {
+            let s = self.doc_offsets[i] as usize;
+            (s, (self.doc_offsets[i + 1] as usize).min(s + seq_len))
+        };
+        let mut ids = self.tokens[start..end].to_vec();
+        let mut mask: Vec<f32> = self.mask[start..end].iter().map(|&m| m as f32).collect();
+        ids.resize(seq_len, pad_id);
+        mask.resize(seq_len, 0.0);
+        (ids, mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::prepare::{PrepareOptions, prepare};
+    use crate::tokenizer::TokenizerKind;
+
+    #[test]
+    fn prepare_then_load_round_trips_and_splits() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+        let f = dir.path().join("t.txt");
+        std::fs::write(&f, &text).unwrap();
+        let tok = Tok::train(TokenizerKind::Byte, &[text.clone()], 0).unwrap();
+        let store = Store::open(dir.path().join("ds").to_str().unwrap()).unwrap();
+        let opts = PrepareOptions {
+            val_fraction: 0.1,
+            shard_tokens: 500,
+            ..Default::default()
+        };
+        let index = prepare(&[f], &tok, &store, &opts).unwrap();
+        assert!(index.train.shards.len() >= 1);
+        let (again, tok2) = TokenIndex::open(&store).unwrap();
+        let train = again.load_split(&store, &again.train).unwrap();
+        let val = again.load_split(&store, &again.validation).unwrap();
+        let total = text.len() + 1; // bytes + eos
+        assert_eq!(train.tokens.len() + val.tokens.len(), total);
+        assert_eq!(val.tokens.len(), (total as f64 * 0.1).round() as usize);
+        let joined: Vec<u32> = train.tokens.iter().chain(&val.tokens).copied().collect();
+        assert_eq!(tok2.decode(&joined).unwrap(), text);
+        let (ids, mask) = train.sample(1, 16, true, 0);
+        assert_eq!(ids, train.tokens[16..32]);
+        assert!(mask.iter().all(|&m| m == 1.0));
+        // An unfinished dataset (no index) is refused.
+        store.delete("index.json").unwrap();
+        assert!(
+            TokenIndex::open(&store)
+                .unwrap_err()
+                .to_string()
+                .contains("no index.json")
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! Data: `prepare` turns text / JSONL into token shards with an index; `dataset` reads them
+//! back and cuts samples; `cursor` orders samples as a pure function of `(seed, epoch)`.
+
+pub mod cursor;
+pub mod dataset;
+pub mod prepare;
+
+pub use cursor::Cursor;
+pub use dataset::{Sample, SplitData, TokenIndex};
+pub use prepare::{PrepareOptions, prepare};

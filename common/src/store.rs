@@ -1,0 +1,212 @@
+//! Object storage behind one URI: a plain path or `file://…` (local filesystem, the default).
+//! A small synchronous facade over `object_store` for the trainer's blocking code.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage URI {uri:?}: {msg}")]
+    Uri { uri: String, msg: String },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("stackwise-io")
+            .enable_all()
+            .build()
+            .expect("start the storage I/O runtime")
+    })
+}
+
+/// A store plus a prefix inside it; all paths given to its methods are relative to the prefix.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: ObjPath,
+    uri: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.uri)
+    }
+}
+
+impl Store {
+    /// Open `uri`: `/abs/dir`, `rel/dir`, `file:///abs/dir`. Local folders are created.
+    pub fn open(uri: &str) -> Result<Self, StoreError> {
+        let bad = |msg: String| StoreError::Uri {
+            uri: uri.to_string(),
+            msg,
+        };
+        let local = if let Some(rest) = uri.strip_prefix("file://") {
+            rest.to_string()
+        } else if let Some((scheme, _)) = uri.split_once("://") {
+            return Err(bad(format!(
+                "scheme {scheme}:// is not supported by this build; use a local path or file://"
+            )));
+        } else {
+            uri.to_string()
+        };
+        if local.is_empty() {
+            return Err(bad("empty path".into()));
+        }
+        std::fs::create_dir_all(&local).map_err(|e| bad(format!("create folder: {e}")))?;
+        let fs = LocalFileSystem::new_with_prefix(&local).map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(fs),
+            prefix: ObjPath::default(),
+            uri: uri.to_string(),
+        })
+    }
+
+    /// The same store, rooted at `self/sub`.
+    pub fn child(&self, sub: &str) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            prefix: self.full(sub),
+            uri: format!("{}/{}", self.uri.trim_end_matches('/'), sub),
+        }
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// A local filesystem path for this store's root, when it is on local disk.
+    pub fn local_path(&self) -> Option<std::path::PathBuf> {
+        let base = self.uri.strip_prefix("file://").unwrap_or(&self.uri);
+        (!base.contains("://")).then(|| std::path::PathBuf::from(base))
+    }
+
+    fn full(&self, rel: &str) -> ObjPath {
+        let mut p = self.prefix.clone();
+        for part in rel.split('/').filter(|s| !s.is_empty()) {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    fn io(op: &'static str, path: &ObjPath, source: object_store::Error) -> StoreError {
+        StoreError::Io {
+            op,
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    pub fn put(&self, rel: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let p = self.full(rel);
+        runtime()
+            .block_on(self.inner.put(&p, PutPayload::from(bytes)))
+            .map(|_| ())
+            .map_err(|e| Self::io("put", &p, e))
+    }
+
+    /// Create-only put: fails with `AlreadyExists` when the object is there.
+    pub fn put_new(&self, rel: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let p = self.full(rel);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match runtime().block_on(self.inner.put_opts(&p, PutPayload::from(bytes), opts)) {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                Err(StoreError::AlreadyExists(p.to_string()))
+            }
+            Err(e) => Err(Self::io("put", &p, e)),
+        }
+    }
+
+    /// The object's bytes, or `None` when it does not exist.
+    pub fn get(&self, rel: &str) -> Result<Option<Bytes>, StoreError> {
+        let p = self.full(rel);
+        let rt = runtime();
+        match rt.block_on(self.inner.get(&p)) {
+            Ok(r) => rt
+                .block_on(r.bytes())
+                .map(Some)
+                .map_err(|e| Self::io("get", &p, e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::io("get", &p, e)),
+        }
+    }
+
+    pub fn delete(&self, rel: &str) -> Result<(), StoreError> {
+        let p = self.full(rel);
+        match runtime().block_on(self.inner.delete(&p)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Self::io("delete", &p, e)),
+        }
+    }
+
+    /// Every object under `rel`, as (path relative to this store's root, size in bytes).
+    pub fn list(&self, rel: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let p = self.full(rel);
+        let metas: Vec<_> = runtime()
+            .block_on(self.inner.list(Some(&p)).try_collect::<Vec<_>>())
+            .map_err(|e| Self::io("list", &p, e))?;
+        let strip = self.prefix.to_string();
+        let mut out: Vec<(String, u64)> = metas
+            .into_iter()
+            .map(|m| {
+                let full = m.location.to_string();
+                let rel = full
+                    .strip_prefix(&strip)
+                    .unwrap_or(&full)
+                    .trim_start_matches('/')
+                    .to_string();
+                (rel, m.size)
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete_and_create_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path().to_str().unwrap())
+            .unwrap()
+            .child("runs/a");
+        s.put("x/one.bin", Bytes::from_static(b"12345")).unwrap();
+        assert_eq!(s.get("x/one.bin").unwrap().unwrap().as_ref(), b"12345");
+        assert!(s.get("x/missing").unwrap().is_none());
+        s.put_new("x/m.json", Bytes::from_static(b"{}")).unwrap();
+        assert!(matches!(
+            s.put_new("x/m.json", Bytes::from_static(b"{}")),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert_eq!(
+            s.list("x").unwrap(),
+            vec![("x/m.json".to_string(), 2), ("x/one.bin".to_string(), 5)]
+        );
+        s.delete("x/one.bin").unwrap();
+        assert_eq!(s.list("").unwrap().len(), 1);
+        assert!(Store::open("gs://bucket/x").is_err());
+    }
+}
