@@ -227,7 +227,7 @@ impl ModelConfig {
         if self.head_dim * self.n_heads != self.d_model && self.family == Family::Gpt2 {
             let suggestion = (1..=self.d_model)
                 .filter(|h| self.d_model % h == 0)
-                .min_by_key(|h| h.abs_diff(self.n_heads))
+                .min_by_key(|&h| (h.abs_diff(self.n_heads), std::cmp::Reverse(h)))
                 .unwrap_or(1);
             return Err(invalid(
                 "n_heads",

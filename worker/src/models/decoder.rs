@@ -583,6 +583,11 @@ impl Transformer {
         y.reshape(out)
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.tok_emb.device().clone()
+    }
+
     pub fn forward(
         &self,
         ids: &Tensor,

@@ -1,1 +1,9 @@
-//! Training.
+//! Training: config, the single-process trainer, its resumable state and reporting.
+
+pub mod config;
+pub mod report;
+pub mod state;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{RunOptions, TrainSummary, Trainer};

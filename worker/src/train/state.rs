@@ -1,0 +1,25 @@
+//! `trainer_state.json`: everything besides tensors that resume needs to continue exactly.
+
+use serde::{Deserialize, Serialize};
+use stackwise_common::data::Cursor;
+use stackwise_common::rng::Rng;
+
+use crate::optim::Schedule;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub run_id: String,
+    /// Optimizer updates done (including skipped non-finite ones).
+    pub step: u64,
+    pub cursor: Cursor,
+    pub rng: Rng,
+    pub schedule: Schedule,
+    pub tokens_seen: u64,
+    pub skipped_steps: u64,
+    pub best_val_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    /// Evaluations since the best one (early stopping).
+    pub evals_since_best: u64,
+    pub ema: bool,
+    pub stopped_early: bool,
+}

@@ -1,0 +1,530 @@
+//! The single-process trainer (world size 1): data → micro-batches → gradients → clip →
+//! AdamW, with evaluation, early stopping, EMA and exact checkpoint/resume.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use stackwise_common::checkpoint::{CheckpointMeta, CheckpointStore, LoadedCheckpoint};
+use stackwise_common::data::{Cursor, SplitData, TokenIndex};
+use stackwise_common::rng::Rng;
+use stackwise_common::store::Store;
+use stackwise_common::tokenizer::Tok;
+
+use super::config::TrainConfig;
+use super::report::{Reporter, peak_rss_bytes};
+use super::state::TrainerState;
+use crate::models::{Params, Transformer, hf};
+use crate::objectives::{Batch, Objective, nll_sum};
+use crate::optim::adamw::clip_grad_norm;
+use crate::optim::{AdamW, AdamWConfig, Ema, Schedule};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the newest valid checkpoint of the run.
+    pub resume: bool,
+    /// Stop (with a checkpoint) once this step is reached; the schedule still spans
+    /// `training.steps`. For time-sliced jobs and resume tests.
+    pub until_step: Option<u64>,
+    /// Show a progress bar when stderr is a terminal.
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainSummary {
+    pub run_dir: String,
+    pub step: u64,
+    pub train_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub last_checkpoint: Option<String>,
+    pub tokens_per_s: f64,
+    pub stopped_early: bool,
+}
+
+struct StepStats {
+    loss: f64,
+    grad_norm: f64,
+    tokens: usize,
+    skipped: bool,
+}
+
+pub struct Trainer {
+    cfg: TrainConfig,
+    model: Transformer,
+    params: Params,
+    opt: AdamW,
+    ema: Option<Ema>,
+    state: TrainerState,
+    train: SplitData,
+    val: SplitData,
+    packed: bool,
+    seq_len: usize,
+    pad_id: u32,
+    tok: Tok,
+    run: Store,
+    ckpt: CheckpointStore,
+    device: Device,
+    order: Option<(u64, Vec<u32>)>,
+    last_checkpoint: Option<String>,
+}
+
+fn device_from(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        d if d.starts_with("cuda") => {
+            let ordinal = d
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), str::parse)
+                .context("parse run.device (cuda:N)")?;
+            Device::new_cuda(ordinal)
+                .with_context(|| format!("open {d}; is this build made with --features cuda?"))
+        }
+        other => bail!("run.device {other:?}: use cpu or cuda:N"),
+    }
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, opts: &RunOptions) -> Result<Self> {
+        cfg.training.validate()?;
+        let device = device_from(&cfg.run.device)?;
+        let data_store = Store::open(&cfg.data.path)?;
+        let (index, tok) = TokenIndex::open(&data_store)?;
+        let train = index.load_split(&data_store, &index.train)?;
+        let val = index.load_split(&data_store, &index.validation)?;
+
+        let (model, params) = match &cfg.init_from {
+            Some(dir) => {
+                let (mut model_cfg, tensors) = (
+                    hf::read_config(Path::new(dir))?,
+                    hf::read_safetensors_dir(Path::new(dir), &device)?,
+                );
+                if let Some(mode) = cfg.model.attention_mode {
+                    model_cfg.attention_mode = mode;
+                }
+                if model_cfg.vocab_size < index.vocab_size {
+                    bail!(
+                        "init_from {dir}: the model's vocab_size ({}) is smaller than the dataset tokenizer's ({}); \
+                         prepare the data with the model's tokenizer (`stackwise data prepare --tokenizer {dir}`)",
+                        model_cfg.vocab_size,
+                        index.vocab_size
+                    );
+                }
+                hf::model_from_tensors(&model_cfg, tensors, &device)
+                    .with_context(|| format!("load init_from {dir}"))?
+            }
+            None => {
+                let mut model_cfg = cfg.model.resolve(Some(index.vocab_size))?;
+                if model_cfg.vocab_size < index.vocab_size {
+                    bail!(
+                        "model.vocab_size ({}) is smaller than the tokenizer's ({})",
+                        model_cfg.vocab_size,
+                        index.vocab_size
+                    );
+                }
+                model_cfg.eos_token_id = tok.eos_id();
+                model_cfg.bos_token_id = tok.eos_id();
+                Transformer::init(&model_cfg, cfg.run.seed, &device)?
+            }
+        };
+        let seq_len = cfg.training.seq_len.unwrap_or(model.cfg.seq_len);
+        if seq_len > model.cfg.seq_len {
+            bail!(
+                "training.seq_len ({seq_len}) exceeds the model's seq_len ({}); lower it or raise model.seq_len",
+                model.cfg.seq_len
+            );
+        }
+        let packed = cfg
+            .data
+            .packing
+            .unwrap_or(cfg.training.objective == Objective::Clm);
+        let n_train = train.num_samples(seq_len, packed);
+        if n_train == 0 {
+            bail!(
+                "{}: the training split has {} tokens, fewer than one sequence of {seq_len}; lower training.seq_len or add data",
+                cfg.data.path,
+                train.tokens.len()
+            );
+        }
+
+        let t = &cfg.training;
+        let opt_cfg = AdamWConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        };
+        let opt = AdamW::new(&params.vars, opt_cfg)?;
+        let ema = t.ema_decay.map(|d| Ema::new(&params, d)).transpose()?;
+        let schedule = Schedule {
+            kind: t.schedule,
+            lr: t.lr,
+            warmup_steps: t.warmup_steps,
+            total_steps: t.steps,
+            min_lr_ratio: t.min_lr_ratio,
+            cycles: t.cycles,
+        };
+        let run = Store::open(&cfg.run.output)?.child(&format!("runs/{}", cfg.run.name));
+        let ckpt = CheckpointStore::new(&run);
+        let state = TrainerState {
+            run_id: cfg.run.name.clone(),
+            step: 0,
+            cursor: Cursor::start(),
+            rng: Rng::derive(cfg.run.seed, "trainer"),
+            schedule,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            best_val_loss: None,
+            last_val_loss: None,
+            evals_since_best: 0,
+            ema: ema.is_some(),
+            stopped_early: false,
+        };
+        let pad_id = tok.eos_id().unwrap_or(0);
+        let mut trainer = Self {
+            cfg,
+            model,
+            params,
+            opt,
+            ema,
+            state,
+            train,
+            val,
+            packed,
+            seq_len,
+            pad_id,
+            tok,
+            run,
+            ckpt,
+            device,
+            order: None,
+            last_checkpoint: None,
+        };
+        let existing = trainer.ckpt.list_names()?;
+        if opts.resume {
+            match trainer.ckpt.load_latest()? {
+                Some(c) => trainer.restore(&c)?,
+                None => {
+                    tracing::warn!(run = %trainer.run.uri(), "--resume: no valid checkpoint found; starting from step 0")
+                }
+            }
+        } else if !existing.is_empty() {
+            bail!(
+                "{} already has checkpoints ({}); pass --resume to continue it, or set run.name to start a new run",
+                trainer.run.uri(),
+                existing.join(", ")
+            );
+        }
+        let resolved = serde_yaml::to_string(&trainer.cfg).context("serialize config")?;
+        trainer.run.put("config.yaml", Bytes::from(resolved))?;
+        Ok(trainer)
+    }
+
+    fn restore(&mut self, c: &LoadedCheckpoint) -> Result<()> {
+        let load = |name: &str| -> Result<HashMap<String, Tensor>> {
+            let bytes = c
+                .files
+                .get(name)
+                .with_context(|| format!("checkpoint {} has no {name}", c.name))?;
+            Ok(candle_core::safetensors::load_buffer(bytes, &self.device)?)
+        };
+        self.params
+            .load(&load("model.safetensors")?)
+            .context("restore model weights")?;
+        let state: TrainerState = serde_json::from_slice(
+            c.files
+                .get("trainer_state.json")
+                .with_context(|| format!("checkpoint {} has no trainer_state.json", c.name))?,
+        )
+        .context("parse trainer_state.json")?;
+        self.opt
+            .load_state(&load("optimizer.safetensors")?, state.step)
+            .context("restore optimizer state")?;
+        if let Some(ema) = &mut self.ema {
+            let t = load("ema.safetensors")?;
+            for (k, v) in ema.shadow.iter_mut() {
+                *v = t
+                    .get(k)
+                    .with_context(|| format!("ema.safetensors has no {k}"))?
+                    .clone();
+            }
+        }
+        self.state = TrainerState {
+            schedule: self.state.schedule,
+            ..state
+        };
+        self.last_checkpoint = Some(c.name.clone());
+        tracing::info!(checkpoint = %c.name, step = self.state.step, "resumed from the newest valid checkpoint");
+        Ok(())
+    }
+
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn run_store(&self) -> &Store {
+        &self.run
+    }
+
+    fn micro_batches(&mut self) -> Result<Vec<Batch>> {
+        let t = &self.cfg.training;
+        let n = self.train.num_samples(self.seq_len, self.packed);
+        let idx = self.state.cursor.take(
+            t.batch_size * t.grad_accum,
+            n,
+            self.cfg.run.seed,
+            &mut self.order,
+        );
+        let rows: Vec<_> = idx
+            .iter()
+            .map(|&i| self.train.sample(i, self.seq_len, self.packed, self.pad_id))
+            .collect();
+        rows.chunks(t.batch_size)
+            .map(|c| Ok(Batch::from_rows(c, &self.device)?))
+            .collect()
+    }
+
+    /// One optimizer step: micro-batches → summed gradients → clip → AdamW (or skip).
+    fn train_step(&mut self, lr: f64) -> Result<StepStats> {
+        let batches = self.micro_batches()?;
+        let tokens: usize = batches.iter().map(Batch::tokens).sum();
+        let total_weight: f64 = batches
+            .iter()
+            .map(Batch::weight)
+            .sum::<candle_core::Result<f64>>()?;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss = 0f64;
+        if total_weight > 0.0 {
+            for b in &batches {
+                // Each micro-batch's share of the global mean, so accumulation equals one big batch.
+                let l = (nll_sum(&self.model, b)? / total_weight)?;
+                loss += l.to_scalar::<f32>()? as f64;
+                let g = l.backward()?;
+                for (name, var) in &self.params.vars {
+                    if let Some(gt) = g.get(var.as_tensor()) {
+                        let sum = match grads.remove(name) {
+                            Some(prev) => (prev + gt)?,
+                            None => gt.clone(),
+                        };
+                        grads.insert(name.clone(), sum);
+                    }
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, self.cfg.training.grad_clip)?;
+        let skipped = total_weight == 0.0 || !loss.is_finite() || !grad_norm.is_finite();
+        if skipped {
+            self.state.skipped_steps += 1;
+            tracing::warn!(
+                step = self.state.step,
+                loss,
+                grad_norm,
+                "non-finite loss or gradient norm (or no target tokens): step skipped"
+            );
+        } else {
+            self.opt.step(&grads, lr)?;
+            if let Some(ema) = &mut self.ema {
+                ema.update(&self.params)?;
+            }
+        }
+        self.state.step += 1;
+        self.state.tokens_seen += tokens as u64;
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            tokens,
+            skipped,
+        })
+    }
+
+    /// Mean masked next-token loss on the validation split (first `eval_batches` batches),
+    /// with the EMA weights when enabled.
+    pub fn evaluate(&mut self) -> Result<Option<f64>> {
+        let n = self.val.num_samples(self.seq_len, self.packed);
+        if n == 0 {
+            return Ok(None);
+        }
+        let t = &self.cfg.training;
+        let count = n.min(t.eval_batches * t.batch_size);
+        let raw = match &self.ema {
+            Some(ema) => {
+                let raw = self.params.tensors()?;
+                self.params
+                    .load(&ema.shadow.clone().into_iter().collect())?;
+                Some(raw)
+            }
+            None => None,
+        };
+        let (mut sum, mut weight) = (0f64, 0f64);
+        for chunk in (0..count).collect::<Vec<_>>().chunks(t.batch_size) {
+            let rows: Vec<_> = chunk
+                .iter()
+                .map(|&i| self.val.sample(i, self.seq_len, self.packed, self.pad_id))
+                .collect();
+            let b = Batch::from_rows(&rows, &self.device)?;
+            sum += nll_sum(&self.model, &b)?.detach().to_scalar::<f32>()? as f64;
+            weight += b.weight()?;
+        }
+        if let Some(raw) = raw {
+            self.params.load(&raw.into_iter().collect())?;
+        }
+        Ok((weight > 0.0).then(|| sum / weight))
+    }
+
+    fn save_checkpoint(&mut self) -> Result<String> {
+        let mut files: Vec<(String, Bytes)> = vec![
+            (
+                "model.safetensors".into(),
+                Bytes::from(hf::params_to_safetensors(&self.params.tensors()?)?),
+            ),
+            (
+                "config.json".into(),
+                Bytes::from(serde_json::to_vec_pretty(&self.model.cfg.to_hf_json())?),
+            ),
+            ("tokenizer.json".into(), Bytes::from(self.tok.to_json()?)),
+            (
+                "optimizer.safetensors".into(),
+                Bytes::from(hf::params_to_safetensors(&self.opt.state_tensors())?),
+            ),
+            (
+                "trainer_state.json".into(),
+                Bytes::from(serde_json::to_vec_pretty(&self.state)?),
+            ),
+        ];
+        if let Some(ema) = &self.ema {
+            files.push((
+                "ema.safetensors".into(),
+                Bytes::from(hf::params_to_safetensors(&ema.shadow)?),
+            ));
+        }
+        let meta = CheckpointMeta {
+            val_loss: self.state.last_val_loss,
+            stage: None,
+        };
+        let name = self.ckpt.save(self.state.step, meta, files)?;
+        let dropped = self.ckpt.apply_retention(self.cfg.training.keep_last)?;
+        if !dropped.is_empty() {
+            tracing::debug!(?dropped, "retention removed old checkpoints");
+        }
+        self.last_checkpoint = Some(name.clone());
+        Ok(name)
+    }
+
+    /// Train until `training.steps` (or `until_step`, or early stopping).
+    pub fn run(&mut self, opts: &RunOptions) -> Result<TrainSummary> {
+        let t = self.cfg.training.clone();
+        let stop_at = opts.until_step.unwrap_or(t.steps).min(t.steps);
+        let mut rep = Reporter::new(&self.run, t.steps, self.state.step, opts.progress);
+        let trainable = self.params.count();
+        rep.line(&format!(
+            "run {} | {} parameters ({} trainable) | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
+            self.run.uri(),
+            trainable,
+            trainable,
+            self.train.tokens.len(),
+            self.val.tokens.len(),
+            self.train.num_samples(self.seq_len, self.packed),
+            self.seq_len,
+            if self.packed { " (packed)" } else { "" },
+            self.state.step
+        ));
+        let started = Instant::now();
+        let (mut window_tokens, mut window_start) = (0usize, Instant::now());
+        let mut last_loss = None;
+        let mut total_tokens = 0usize;
+        while self.state.step < stop_at && !self.state.stopped_early {
+            let lr = self.state.schedule.at(self.state.step);
+            let stats = self.train_step(lr)?;
+            window_tokens += stats.tokens;
+            total_tokens += stats.tokens;
+            last_loss = Some(stats.loss);
+            let step = self.state.step;
+
+            let mut val = None;
+            if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) {
+                val = self.evaluate()?;
+                self.after_eval(val);
+            }
+            if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0)
+                || step == stop_at
+                || self.state.stopped_early
+            {
+                self.save_checkpoint()?;
+            }
+
+            // Diagnostics only below this line.
+            let tokens_per_s =
+                window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+            if step % t.log_every.max(1) == 0 || val.is_some() || step == stop_at {
+                let mut rec = json!({
+                    "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                    "tokens_per_s": tokens_per_s, "tokens_seen": self.state.tokens_seen, "skipped": stats.skipped,
+                    "peak_rss_bytes": peak_rss_bytes(),
+                });
+                let mut line = format!(
+                    "step {step:>6}/{} | loss {:.4} | lr {lr:.2e} | gnorm {:.3} | {tokens_per_s:.0} tok/s | peak mem {:.0} MiB",
+                    t.steps,
+                    stats.loss,
+                    stats.grad_norm,
+                    peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
+                );
+                if let Some(v) = val {
+                    rec["val_loss"] = v.into();
+                    rec["val_ppl"] = v.exp().into();
+                    line.push_str(&format!(" | val {v:.4} ppl {:.2}", v.exp()));
+                }
+                rep.record(&rec);
+                if !rep.is_bar() || val.is_some() {
+                    rep.line(&line);
+                }
+                window_tokens = 0;
+                window_start = Instant::now();
+            }
+            rep.progress(
+                step,
+                format!("loss {:.4} {tokens_per_s:.0} tok/s", stats.loss),
+            );
+        }
+        rep.finish();
+        if self.state.stopped_early {
+            rep.line(&format!(
+                "early stopping at step {}: no better validation loss in {} evaluations",
+                self.state.step, self.state.evals_since_best
+            ));
+        }
+        Ok(TrainSummary {
+            run_dir: self.run.uri().to_string(),
+            step: self.state.step,
+            train_loss: last_loss,
+            val_loss: self.state.last_val_loss,
+            best_val_loss: self.state.best_val_loss,
+            last_checkpoint: self.last_checkpoint.clone(),
+            tokens_per_s: total_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            stopped_early: self.state.stopped_early,
+        })
+    }
+
+    fn after_eval(&mut self, val: Option<f64>) {
+        let Some(v) = val else { return };
+        self.state.last_val_loss = Some(v);
+        if self.state.best_val_loss.is_none_or(|b| v < b) {
+            self.state.best_val_loss = Some(v);
+            self.state.evals_since_best = 0;
+        } else {
+            self.state.evals_since_best += 1;
+            if let Some(p) = self.cfg.training.patience
+                && self.state.evals_since_best >= p
+            {
+                self.state.stopped_early = true;
+            }
+        }
+    }
+}
