@@ -1,1 +1,60 @@
-fn main() {}
+//! `stackwise`: the one binary of StackWise. Parses the command line and dispatches.
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "stackwise", version, about = "Train, evaluate and sample transformer language models", long_about = None)]
+struct Cli {
+    /// CPU threads for tensor kernels (default: physical cores; also RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a YAML config (single process).
+    Train(cli::train::TrainArgs),
+    /// Prepare datasets.
+    #[command(subcommand)]
+    Data(cli::data::DataCommand),
+    /// Train tokenizers.
+    #[command(subcommand)]
+    Tokenizer(cli::data::TokenizerCommand),
+    /// Mean next-token loss and perplexity of a model on a text file.
+    Eval(cli::eval::EvalArgs),
+    /// Generate text from a model.
+    Generate(cli::generate::GenerateArgs),
+    /// Train a small model on an embedded corpus and sample from it: the first thing to run.
+    Quickstart(cli::quickstart::QuickstartArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cli::init_logging();
+    if let Some(n) = cli.threads {
+        // SAFETY: no other thread exists yet; candle and rayon read this once, at first use.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    let result = match cli.command {
+        Command::Train(a) => cli::train::run(a),
+        Command::Data(c) => cli::data::run_data(c),
+        Command::Tokenizer(c) => cli::data::run_tokenizer(c),
+        Command::Eval(a) => cli::eval::run(a),
+        Command::Generate(a) => cli::generate::run(a),
+        Command::Quickstart(a) => cli::quickstart::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

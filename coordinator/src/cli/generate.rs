@@ -1,0 +1,88 @@
+//! `stackwise generate`: sample a continuation of a prompt.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::Args;
+use stackwise_worker::generate::{SamplingConfig, generate};
+
+use super::model_source;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// HF model folder, checkpoint folder or run folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 100)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Greedy decoding (same as --temperature 0).
+    #[arg(long)]
+    pub greedy: bool,
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Never repeat an n-gram of this size.
+    #[arg(long)]
+    pub no_repeat_ngram: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Recompute the whole context every token (to compare with the KV cache).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Use the EMA weights when the checkpoint has them.
+    #[arg(long)]
+    pub ema: bool,
+    /// Print {"text", "tokens", "tokens_per_s"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if let Some(p) = a.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        bail!("--top-p must be in (0, 1], got {p}");
+    }
+    if a.repetition_penalty <= 0.0 {
+        bail!("--repetition-penalty must be > 0 (1 = off)");
+    }
+    let m = model_source::load(&a.model, a.ema, &Device::Cpu)?;
+    let prompt = m.tok.encode(&a.prompt, false).context("tokenize the prompt")?;
+    if prompt.is_empty() {
+        bail!("the prompt tokenizes to nothing; give some text");
+    }
+    let cfg = SamplingConfig {
+        temperature: if a.greedy { 0.0 } else { a.temperature },
+        top_k: (a.top_k > 0).then_some(a.top_k),
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        no_repeat_ngram: a.no_repeat_ngram,
+        min_new_tokens: a.min_new_tokens,
+        max_new_tokens: a.max_new_tokens,
+        seed: a.seed,
+        use_cache: !a.no_cache,
+        eos_token_id: m.tok.eos_id().or(m.model.cfg.eos_token_id),
+    };
+    let out = generate(&m.model, &prompt, &cfg)?;
+    let text = m.tok.decode(&out.tokens)?;
+    if a.json {
+        println!("{}", serde_json::json!({"text": text, "tokens": out.tokens, "tokens_per_s": out.tokens_per_s}));
+    } else {
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "{}{}", a.prompt, text)?;
+        eprintln!("{} tokens at {:.1} tok/s ({})", out.tokens.len(), out.tokens_per_s, if a.no_cache { "no cache" } else { "KV cache" });
+    }
+    Ok(())
+}
