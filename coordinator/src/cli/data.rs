@@ -63,7 +63,10 @@ pub struct TokenizerTrainArgs {
 
 /// Read every input (UTF-8 checked) for tokenizer training.
 fn read_texts(inputs: &[PathBuf]) -> Result<Vec<String>> {
-    collect_inputs(inputs)?.iter().map(|f| Ok(read_utf8(f)?)).collect()
+    collect_inputs(inputs)?
+        .iter()
+        .map(|f| Ok(read_utf8(f)?))
+        .collect()
 }
 
 pub fn train_tokenizer(inputs: &[PathBuf], kind: TokenizerKind, vocab_size: usize) -> Result<Tok> {
@@ -88,7 +91,8 @@ pub fn prepare_dataset(a: &PrepareArgs) -> Result<()> {
         response_marker: (!a.no_response_marker).then(|| a.response_marker.clone()),
         ..Default::default()
     };
-    let index = prepare(&a.inputs, &tok, &out, &opts).with_context(|| format!("prepare dataset at {}", a.out))?;
+    let index = prepare(&a.inputs, &tok, &out, &opts)
+        .with_context(|| format!("prepare dataset at {}", a.out))?;
     eprintln!(
         "dataset {}: {} files | vocab {} | train {} tokens ({} docs) | validation {} tokens ({} docs)",
         a.out,
@@ -112,7 +116,8 @@ pub fn run_tokenizer(c: TokenizerCommand) -> Result<()> {
     match c {
         TokenizerCommand::Train(a) => {
             let tok = train_tokenizer(&a.inputs, a.kind, a.vocab_size)?;
-            std::fs::write(&a.out, tok.to_json()?).with_context(|| format!("write {}", a.out.display()))?;
+            std::fs::write(&a.out, tok.to_json()?)
+                .with_context(|| format!("write {}", a.out.display()))?;
             eprintln!("wrote {} ({} tokens)", a.out.display(), tok.vocab_size());
             Ok(())
         }

@@ -45,7 +45,10 @@ pub struct EvalResult {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     if a.seq_len < 2 {
-        bail!("--seq-len must be at least 2 (one input and one target), got {}", a.seq_len);
+        bail!(
+            "--seq-len must be at least 2 (one input and one target), got {}",
+            a.seq_len
+        );
     }
     if a.batch == 0 {
         bail!("--batch must be at least 1");
@@ -53,13 +56,25 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let device = Device::Cpu;
     let m = model_source::load(&a.model, a.ema, &device)?;
     if a.seq_len > m.model.cfg.seq_len {
-        bail!("--seq-len {} exceeds the model's maximum of {} positions", a.seq_len, m.model.cfg.seq_len);
+        bail!(
+            "--seq-len {} exceeds the model's maximum of {} positions",
+            a.seq_len,
+            m.model.cfg.seq_len
+        );
     }
     let text = stackwise_common::data::prepare::read_utf8(&a.data)?;
-    let ids = m.tok.encode(&text, !a.no_special_tokens).context("tokenize --data")?;
+    let ids = m
+        .tok
+        .encode(&text, !a.no_special_tokens)
+        .context("tokenize --data")?;
     let blocks = ids.len() / a.seq_len;
     if blocks == 0 {
-        bail!("{}: {} tokens, fewer than one block of --seq-len {}", a.data.display(), ids.len(), a.seq_len);
+        bail!(
+            "{}: {} tokens, fewer than one block of --seq-len {}",
+            a.data.display(),
+            ids.len(),
+            a.seq_len
+        );
     }
     let (mut sum, mut count) = (0f64, 0f64);
     let rows: Vec<(Vec<u32>, Vec<f32>)> = ids
@@ -68,11 +83,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .collect();
     for chunk in rows.chunks(a.batch) {
         let b = Batch::from_rows(chunk, &device)?;
-        sum += nll_sum(&m.model, &b)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sum += nll_sum(&m.model, &b)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         count += b.weight()?;
     }
     let loss = sum / count;
-    let r = EvalResult { loss, perplexity: loss.exp(), tokens: blocks * a.seq_len, blocks };
+    let r = EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens: blocks * a.seq_len,
+        blocks,
+    };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

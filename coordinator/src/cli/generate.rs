@@ -59,7 +59,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("--repetition-penalty must be > 0 (1 = off)");
     }
     let m = model_source::load(&a.model, a.ema, &Device::Cpu)?;
-    let prompt = m.tok.encode(&a.prompt, false).context("tokenize the prompt")?;
+    let prompt = m
+        .tok
+        .encode(&a.prompt, false)
+        .context("tokenize the prompt")?;
     if prompt.is_empty() {
         bail!("the prompt tokenizes to nothing; give some text");
     }
@@ -78,11 +81,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let out = generate(&m.model, &prompt, &cfg)?;
     let text = m.tok.decode(&out.tokens)?;
     if a.json {
-        println!("{}", serde_json::json!({"text": text, "tokens": out.tokens, "tokens_per_s": out.tokens_per_s}));
+        println!(
+            "{}",
+            serde_json::json!({"text": text, "tokens": out.tokens, "tokens_per_s": out.tokens_per_s})
+        );
     } else {
         let mut stdout = std::io::stdout();
         writeln!(stdout, "{}{}", a.prompt, text)?;
-        eprintln!("{} tokens at {:.1} tok/s ({})", out.tokens.len(), out.tokens_per_s, if a.no_cache { "no cache" } else { "KV cache" });
+        eprintln!(
+            "{} tokens at {:.1} tok/s ({})",
+            out.tokens.len(),
+            out.tokens_per_s,
+            if a.no_cache { "no cache" } else { "KV cache" }
+        );
     }
     Ok(())
 }

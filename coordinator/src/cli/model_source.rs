@@ -25,24 +25,43 @@ pub fn load(path: &Path, ema: bool, device: &Device) -> Result<LoadedModel> {
         } else {
             hf::read_safetensors_dir(path, device)?
         };
-        let (model, _) = hf::model_from_tensors(&cfg, weights, device).with_context(|| format!("load {}", path.display()))?;
-        let tok = Tok::load(path).with_context(|| format!("{}: the model folder needs its tokenizer", path.display()))?;
-        return Ok(LoadedModel { model, tok, source: path.display().to_string() });
+        let (model, _) = hf::model_from_tensors(&cfg, weights, device)
+            .with_context(|| format!("load {}", path.display()))?;
+        let tok = Tok::load(path)
+            .with_context(|| format!("{}: the model folder needs its tokenizer", path.display()))?;
+        return Ok(LoadedModel {
+            model,
+            tok,
+            source: path.display().to_string(),
+        });
     }
     if path.join("checkpoints").is_dir() {
         let run = Store::open(&path.to_string_lossy())?;
         let ck = CheckpointStore::new(&run)
             .load_latest()?
             .with_context(|| format!("{}: no checkpoint with a valid manifest", path.display()))?;
-        let file = |name: &str| ck.files.get(name).with_context(|| format!("checkpoint {} has no {name}", ck.name));
+        let file = |name: &str| {
+            ck.files
+                .get(name)
+                .with_context(|| format!("checkpoint {} has no {name}", ck.name))
+        };
         let cfg: serde_json::Value = serde_json::from_slice(file("config.json")?)?;
         let cfg = ModelConfig::from_hf_json(&cfg)?;
-        let weights_file = if ema && ck.files.contains_key("ema.safetensors") { "ema.safetensors" } else { "model.safetensors" };
+        let weights_file = if ema && ck.files.contains_key("ema.safetensors") {
+            "ema.safetensors"
+        } else {
+            "model.safetensors"
+        };
         let weights = candle_core::safetensors::load_buffer(file(weights_file)?, device)?;
         let (model, _) = hf::model_from_tensors(&cfg, weights, device)?;
-        let inner = tokenizers::Tokenizer::from_bytes(file("tokenizer.json")?).map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
+        let inner = tokenizers::Tokenizer::from_bytes(file("tokenizer.json")?)
+            .map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
         let source = format!("{}/checkpoints/{}", path.display(), ck.name);
-        return Ok(LoadedModel { model, tok: Tok { inner }, source });
+        return Ok(LoadedModel {
+            model,
+            tok: Tok { inner },
+            source,
+        });
     }
     bail!(
         "{}: not a model folder (config.json + model.safetensors + tokenizer.json) nor a run folder (checkpoints/)",

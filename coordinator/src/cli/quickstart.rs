@@ -13,9 +13,18 @@ use super::generate::{GenerateArgs, run as generate};
 use super::train::{TrainArgs, run as train};
 
 const CORPUS: &[(&str, &str)] = &[
-    ("macbeth.txt", include_str!("../../assets/corpus/macbeth.txt")),
-    ("midsummer_nights_dream.txt", include_str!("../../assets/corpus/midsummer_nights_dream.txt")),
-    ("comedy_of_errors.txt", include_str!("../../assets/corpus/comedy_of_errors.txt")),
+    (
+        "macbeth.txt",
+        include_str!("../../assets/corpus/macbeth.txt"),
+    ),
+    (
+        "midsummer_nights_dream.txt",
+        include_str!("../../assets/corpus/midsummer_nights_dream.txt"),
+    ),
+    (
+        "comedy_of_errors.txt",
+        include_str!("../../assets/corpus/comedy_of_errors.txt"),
+    ),
 ];
 
 #[derive(Args)]
@@ -93,13 +102,28 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         no_response_marker: true,
     })?;
     let config = a.out.join("quickstart.yaml");
-    std::fs::write(&config, config_yaml(&data.to_string_lossy(), &a.out.to_string_lossy(), a.steps))?;
+    std::fs::write(
+        &config,
+        config_yaml(&data.to_string_lossy(), &a.out.to_string_lossy(), a.steps),
+    )?;
     let run_dir = a.out.join("runs").join("quickstart");
     if run_dir.exists() {
-        std::fs::remove_dir_all(&run_dir).with_context(|| format!("clear the previous quickstart run {}", run_dir.display()))?;
+        std::fs::remove_dir_all(&run_dir)
+            .with_context(|| format!("clear the previous quickstart run {}", run_dir.display()))?;
     }
-    eprintln!("[2/3] training ({} steps; config {})", a.steps, config.display());
-    train(TrainArgs { config, sets: vec![], resume: false, until_step: None, no_progress: false, json: false })?;
+    eprintln!(
+        "[2/3] training ({} steps; config {})",
+        a.steps,
+        config.display()
+    );
+    train(TrainArgs {
+        config,
+        sets: vec![],
+        resume: false,
+        until_step: None,
+        no_progress: false,
+        json: false,
+    })?;
     eprintln!("[3/3] sampling from {}", run_dir.display());
     generate(GenerateArgs {
         model: run_dir,

@@ -30,27 +30,39 @@ pub struct TrainArgs {
 
 /// Read the YAML file and apply `STACKWISE_*` env vars and `--set` overrides.
 pub fn load_config(path: &PathBuf, sets: &[String]) -> Result<TrainConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
-    let mut raw: serde_yaml::Value = serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
+    let mut raw: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
     if raw.is_null() {
         raw = serde_yaml::Value::Mapping(Default::default());
     }
     let applied = apply_env(&mut raw, std::env::vars())?;
     if !applied.is_empty() {
-        tracing::info!(?applied, "config keys set from STACKWISE_* environment variables");
+        tracing::info!(
+            ?applied,
+            "config keys set from STACKWISE_* environment variables"
+        );
     }
     apply_sets(&mut raw, sets)?;
-    let mut cfg: TrainConfig = serde_yaml::from_value(raw).with_context(|| format!("invalid config {}", path.display()))?;
+    let mut cfg: TrainConfig = serde_yaml::from_value(raw)
+        .with_context(|| format!("invalid config {}", path.display()))?;
     if cfg.run.name == "run" {
         // Default run name: the config file's stem.
-        cfg.run.name = path.file_stem().map_or("run".into(), |s| s.to_string_lossy().to_string());
+        cfg.run.name = path
+            .file_stem()
+            .map_or("run".into(), |s| s.to_string_lossy().to_string());
     }
     Ok(cfg)
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = load_config(&a.config, &a.sets)?;
-    let opts = RunOptions { resume: a.resume, until_step: a.until_step, progress: !a.no_progress };
+    let opts = RunOptions {
+        resume: a.resume,
+        until_step: a.until_step,
+        progress: !a.no_progress,
+    };
     let mut trainer = Trainer::new(cfg, &opts)?;
     let summary = trainer.run(&opts)?;
     if a.json {
@@ -62,7 +74,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
             summary.train_loss.map_or("-".into(), |l| format!("{l:.4}")),
             summary.val_loss.map_or("-".into(), |l| format!("{l:.4}")),
             summary.tokens_per_s,
-            summary.last_checkpoint.as_deref().map_or("-".to_string(), |c| format!("{}/checkpoints/{c}", summary.run_dir)),
+            summary
+                .last_checkpoint
+                .as_deref()
+                .map_or("-".to_string(), |c| format!(
+                    "{}/checkpoints/{c}",
+                    summary.run_dir
+                )),
         );
     }
     Ok(())

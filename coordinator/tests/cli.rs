@@ -1,0 +1,288 @@
+//! End-to-end tests of the `stackwise` binary: real processes, real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stackwise"));
+    c.env("STACKWISE_LOG", "warn").env("RAYON_NUM_THREADS", "2");
+    c
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run stackwise");
+    assert!(
+        out.status.success(),
+        "command failed: {cmd:?}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run stackwise");
+    assert!(!out.status.success(), "expected failure: {cmd:?}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A char-level tokenizer whose id `i` is the single character U+0100+i, so any id sequence
+/// below 256 is spelled by a text that tokenizes back to exactly those ids.
+fn identity_tokenizer_json(vocab: usize) -> String {
+    let entries: Vec<String> = (0..vocab)
+        .map(|i| {
+            format!(
+                "{}: {i}",
+                serde_json::to_string(&char::from_u32(0x100 + i as u32).unwrap().to_string())
+                    .unwrap()
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        "pre_tokenizer":{{"type":"Split","pattern":{{"Regex":"(?s)."}},"behavior":"Isolated","invert":false}},
+        "post_processor":null,"decoder":{{"type":"Fuse"}},
+        "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"{}"}}}}"#,
+        entries.join(","),
+        char::from_u32(0x100).unwrap()
+    )
+}
+
+#[test]
+fn eval_json_equals_pytorch_loss_on_the_reference_models() {
+    for name in ["gpt2-tiny", "llama-tiny-gqa"] {
+        let src = fixtures().join(name);
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            identity_tokenizer_json(256),
+        )
+        .unwrap();
+        let ids: Vec<Vec<u32>> =
+            serde_json::from_str(&std::fs::read_to_string(src.join("input_ids.json")).unwrap())
+                .unwrap();
+        let text: String = ids
+            .iter()
+            .flatten()
+            .map(|&i| char::from_u32(0x100 + i).unwrap())
+            .collect();
+        let data = dir.path().join("eval.txt");
+        // Two blocks of 16, plus 5 tokens of an incomplete block that must be dropped.
+        std::fs::write(&data, format!("{text}{}", "ĀāĂăĄ")).unwrap();
+        let out = run_ok(
+            bin()
+                .args(["eval", "--model"])
+                .arg(dir.path())
+                .arg("--data")
+                .arg(&data)
+                .args(["--seq-len", "16", "--json"]),
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(stdout.lines().count(), 1, "exactly one JSON line: {stdout}");
+        let v: Value = serde_json::from_str(&stdout).unwrap();
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap())
+                .unwrap();
+        let want = expected["loss"].as_f64().unwrap();
+        let got = v["loss"].as_f64().unwrap();
+        assert!(
+            ((got - want) / want).abs() < 1e-5,
+            "{name}: eval loss {got}, PyTorch {want}"
+        );
+        assert!((v["perplexity"].as_f64().unwrap() - want.exp()).abs() / want.exp() < 1e-4);
+        assert_eq!(v["tokens"], 32);
+        assert_eq!(v["blocks"], 2);
+    }
+}
+
+fn write_corpus(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/macbeth.txt");
+    let text = std::fs::read_to_string(src).unwrap();
+    let p = dir.join("macbeth.txt");
+    std::fs::write(&p, &text[..60_000]).unwrap();
+    p
+}
+
+fn tiny_config(dir: &Path, data: &Path, steps: u32) -> PathBuf {
+    let cfg = format!(
+        "run: {{name: tiny, output: {out}, seed: 7}}
+model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}
+data: {{path: {data}}}
+training: {{steps: {steps}, batch_size: 4, lr: 3.0e-3, warmup_steps: 2, eval_every: 5, eval_batches: 2, checkpoint_every: 5, log_every: 5}}
+",
+        out = dir.display(),
+        data = data.display()
+    );
+    let p = dir.join("tiny.yaml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+#[test]
+fn prepare_train_eval_generate_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    let data = dir.path().join("data");
+    run_ok(
+        bin()
+            .args(["data", "prepare"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&data)
+            .args(["--vocab-size", "300"]),
+    );
+    assert!(data.join("index.json").exists() && data.join("tokenizer.json").exists());
+    let cfg = tiny_config(dir.path(), &data, 10);
+    // --set and STACKWISE_* overrides reach the config: 12 steps instead of 10.
+    let out = run_ok(
+        bin()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--set", "training.steps=12", "--json", "--no-progress"])
+            .env("STACKWISE_TRAINING__LR", "2e-3"),
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["step"], 12);
+    let run = dir.path().join("runs/tiny");
+    let saved: String = std::fs::read_to_string(run.join("config.yaml")).unwrap();
+    assert!(saved.contains("lr: 0.002"), "{saved}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let recs: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        recs.iter().any(|r| r["val_loss"].is_f64()),
+        "validation loss logged"
+    );
+    assert!(
+        recs.iter()
+            .all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0)
+    );
+    // A second plain `train` refuses to clobber the run.
+    let err = run_err(bin().arg("train").arg(&cfg));
+    assert!(
+        err.contains("already has checkpoints") && err.contains("--resume"),
+        "{err}"
+    );
+
+    // eval on the run folder (newest valid checkpoint).
+    let out = run_ok(
+        bin()
+            .args(["eval", "--model"])
+            .arg(&run)
+            .arg("--data")
+            .arg(&corpus)
+            .args(["--seq-len", "32", "--json"]),
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["loss"].as_f64().unwrap() < (300f64).ln(),
+        "trained model beats uniform: {v}"
+    );
+
+    // Greedy generation: KV cache and full recompute give the same tokens.
+    let sample = |extra: &[&str]| -> Value {
+        let mut c = bin();
+        c.args(["generate", "--model"]).arg(&run).args([
+            "--prompt",
+            "MACBETH.",
+            "--greedy",
+            "--max-new-tokens",
+            "20",
+            "--json",
+        ]);
+        c.args(extra);
+        serde_json::from_slice(&run_ok(&mut c).stdout).unwrap()
+    };
+    let cached = sample(&[]);
+    let uncached = sample(&["--no-cache"]);
+    assert_eq!(cached["tokens"], uncached["tokens"]);
+    assert_eq!(cached["tokens"].as_array().unwrap().len(), 20);
+}
+
+#[test]
+fn bad_configs_name_the_field_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    let data = dir.path().join("data");
+    run_ok(
+        bin()
+            .args(["data", "prepare"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&data)
+            .args(["--train-tokenizer", "byte"]),
+    );
+    let cfg = tiny_config(dir.path(), &data, 5);
+    let err = run_err(bin().arg("train").arg(&cfg).args([
+        "--set",
+        "model.d_model=30",
+        "--set",
+        "model.n_heads=4",
+    ]));
+    assert!(
+        err.contains("n_heads (4) must divide d_model (30)") && err.contains("try n_heads ="),
+        "{err}"
+    );
+    let err = run_err(
+        bin()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--set", "training.lrr=1"]),
+    );
+    assert!(err.contains("unknown field `lrr`"), "{err}");
+    let err = run_err(
+        bin()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--set", "training.warmup_steps=50"]),
+    );
+    assert!(err.contains("training.warmup_steps"), "{err}");
+    let err = run_err(
+        bin()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--set", "data.path=/nonexistent/data"]),
+    );
+    assert!(err.contains("no index.json"), "{err}");
+    // Non-UTF-8 input to data prepare names the file and line.
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, b"fine\nfine\n\xff\xfe broken\n").unwrap();
+    let err = run_err(
+        bin()
+            .args(["data", "prepare"])
+            .arg(&bad)
+            .arg("--out")
+            .arg(dir.path().join("d2")),
+    );
+    assert!(err.contains("bad.txt:3: not valid UTF-8"), "{err}");
+    assert!(!dir.path().join("d2/index.json").exists());
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in [
+        &["train"][..],
+        &["data", "prepare"],
+        &["tokenizer", "train"],
+        &["eval"],
+        &["generate"],
+        &["quickstart"],
+    ] {
+        let out = run_ok(bin().args(sub).arg("--help"));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+            "{sub:?}"
+        );
+    }
+}

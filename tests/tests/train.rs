@@ -1,0 +1,219 @@
+//! Trainer integration tests: exact resume, gradient accumulation, SFT masking, early stopping.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Device;
+use stackwise_common::data::prepare::{PrepareOptions, prepare};
+use stackwise_common::store::Store;
+use stackwise_common::tokenizer::{Tok, TokenizerKind};
+use stackwise_worker::train::{RunOptions, TrainConfig, Trainer};
+
+fn dataset(dir: &Path, name: &str, text: &str, jsonl: bool) -> String {
+    let src = dir.join(if jsonl {
+        format!("{name}.jsonl")
+    } else {
+        format!("{name}.txt")
+    });
+    std::fs::write(&src, text).unwrap();
+    let tok = Tok::train(TokenizerKind::Byte, &[String::new()], 0).unwrap();
+    let out = dir.join(format!("{name}-data"));
+    let store = Store::open(out.to_str().unwrap()).unwrap();
+    prepare(
+        &[src],
+        &tok,
+        &store,
+        &PrepareOptions {
+            val_fraction: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    out.to_string_lossy().to_string()
+}
+
+fn corpus() -> String {
+    (0..300)
+        .map(|i| format!("line {i}: the cat sat on the mat and the dog ran. "))
+        .collect()
+}
+
+fn config(out: &Path, data: &str, extra: &str) -> TrainConfig {
+    let yaml = format!(
+        "run: {{name: r, output: {}, seed: 3}}
+model: {{d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, family: llama, seq_len: 32}}
+data: {{path: {data}}}
+training: {{steps: 8, batch_size: 4, lr: 1.0e-2, warmup_steps: 2, eval_every: 4, eval_batches: 2, checkpoint_every: 100, log_every: 100, ema_decay: 0.9}}
+",
+        out.display()
+    );
+    let mut v: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+    let extra: serde_yaml::Value = serde_yaml::from_str(extra).unwrap_or(serde_yaml::Value::Null);
+    if let serde_yaml::Value::Mapping(m) = extra {
+        for (section, kv) in m {
+            let serde_yaml::Value::Mapping(kv) = kv else {
+                continue;
+            };
+            for (k, val) in kv {
+                v[&section][&k] = val;
+            }
+        }
+    }
+    serde_yaml::from_value(v).unwrap()
+}
+
+fn weights(t: &Trainer) -> HashMap<String, Vec<f32>> {
+    t.params()
+        .tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn n_steps_then_resume_then_n_steps_is_bitwise_equal_to_2n_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "c", &corpus(), false);
+    let quiet = RunOptions::default();
+
+    let straight_dir = dir.path().join("straight");
+    let mut straight = Trainer::new(config(&straight_dir, &data, ""), &quiet).unwrap();
+    let s = straight.run(&quiet).unwrap();
+    assert_eq!(s.step, 8);
+
+    let resumed_dir = dir.path().join("resumed");
+    let first = RunOptions {
+        until_step: Some(4),
+        ..Default::default()
+    };
+    let mut a = Trainer::new(config(&resumed_dir, &data, ""), &first).unwrap();
+    assert_eq!(a.run(&first).unwrap().step, 4);
+    drop(a);
+    let again = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    let mut b = Trainer::new(config(&resumed_dir, &data, ""), &again).unwrap();
+    let r = b.run(&again).unwrap();
+    assert_eq!(r.step, 8);
+    assert_eq!(
+        weights(&straight),
+        weights(&b),
+        "weights differ after resume"
+    );
+    assert_eq!(
+        s.train_loss.unwrap().to_bits(),
+        r.train_loss.unwrap().to_bits()
+    );
+    assert_eq!(
+        s.val_loss.unwrap().to_bits(),
+        r.val_loss.unwrap().to_bits(),
+        "EMA and eval resume too"
+    );
+    // The checkpoint files themselves are identical.
+    let read = |d: &Path| {
+        std::fs::read(d.join("runs/r/checkpoints/step-00000008/model.safetensors")).unwrap()
+    };
+    assert_eq!(read(&straight_dir), read(&resumed_dir));
+    let ema = |d: &Path| {
+        std::fs::read(d.join("runs/r/checkpoints/step-00000008/ema.safetensors")).unwrap()
+    };
+    assert_eq!(ema(&straight_dir), ema(&resumed_dir));
+}
+
+#[test]
+fn gradient_accumulation_equals_one_large_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "c", &corpus(), false);
+    let quiet = RunOptions::default();
+    let mut big = Trainer::new(
+        config(
+            &dir.path().join("big"),
+            &data,
+            "training: {batch_size: 8, grad_accum: 1, steps: 4}",
+        ),
+        &quiet,
+    )
+    .unwrap();
+    big.run(&quiet).unwrap();
+    let mut acc = Trainer::new(
+        config(
+            &dir.path().join("acc"),
+            &data,
+            "training: {batch_size: 2, grad_accum: 4, steps: 4}",
+        ),
+        &quiet,
+    )
+    .unwrap();
+    acc.run(&quiet).unwrap();
+    let (a, b) = (weights(&big), weights(&acc));
+    let mut max = 0f32;
+    for (k, va) in &a {
+        for (x, y) in va.iter().zip(&b[k]) {
+            max = max.max((x - y).abs());
+        }
+    }
+    assert!(max < 1e-5, "accumulated weights differ by {max}");
+}
+
+#[test]
+fn sft_trains_only_on_the_response() {
+    let dir = tempfile::tempdir().unwrap();
+    // The response is always "yes"; the prompts are random-looking noise.
+    let rows: String = (0..60)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"q{} zx{} \", \"completion\": \"yes\"}}\n",
+                i * 7919 % 1000,
+                i * 31 % 97
+            )
+        })
+        .collect();
+    let data = dataset(dir.path(), "s", &rows, true);
+    let quiet = RunOptions::default();
+    let cfg = config(
+        &dir.path().join("sft"),
+        &data,
+        "training: {objective: sft, steps: 30, lr: 1.0e-2}\nmodel: {seq_len: 32}",
+    );
+    let mut t = Trainer::new(cfg, &quiet).unwrap();
+    let s = t.run(&quiet).unwrap();
+    // Only "yes" + EOS are targets: they are learnt almost perfectly.
+    assert!(s.val_loss.unwrap() < 0.3, "sft val loss {:?}", s.val_loss);
+    // The prompt tokens were never targets, so the model has not learnt them: a clm loss
+    // over the prompt is still high.
+    let m = t.model();
+    let prompt: Vec<u32> = "q123 zx45 ".bytes().map(u32::from).collect();
+    let rows = vec![(prompt.clone(), vec![1.0; prompt.len()])];
+    let b = stackwise_worker::objectives::Batch::from_rows(&rows, &Device::Cpu).unwrap();
+    let prompt_loss = stackwise_worker::objectives::mean_loss(m, &b)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        prompt_loss > 1.0,
+        "prompt loss {prompt_loss} should stay high"
+    );
+}
+
+#[test]
+fn early_stopping_halts_when_validation_stops_improving() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "c", &corpus(), false);
+    let quiet = RunOptions::default();
+    // A huge learning rate makes validation loss worse after the first evaluation.
+    let cfg = config(
+        &dir.path().join("es"),
+        &data,
+        "training: {steps: 200, eval_every: 2, patience: 2, lr: 3.0, grad_clip: null, ema_decay: null}",
+    );
+    let mut t = Trainer::new(cfg, &quiet).unwrap();
+    let s = t.run(&quiet).unwrap();
+    assert!(s.stopped_early, "{s:?}");
+    assert!(s.step < 200);
+    assert!(
+        s.last_checkpoint.is_some(),
+        "a checkpoint is written when stopping"
+    );
+}
