@@ -152,7 +152,7 @@ mod tests {
         let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
         let f = dir.path().join("t.txt");
         std::fs::write(&f, &text).unwrap();
-        let tok = Tok::train(TokenizerKind::Byte, &[text.clone()], 0).unwrap();
+        let tok = Tok::train(TokenizerKind::Byte, std::slice::from_ref(&text), 0).unwrap();
         let store = Store::open(dir.path().join("ds").to_str().unwrap()).unwrap();
         let opts = PrepareOptions {
             val_fraction: 0.1,
@@ -160,7 +160,7 @@ mod tests {
             ..Default::default()
         };
         let index = prepare(&[f], &tok, &store, &opts).unwrap();
-        assert!(index.train.shards.len() >= 1);
+        assert!(!index.train.shards.is_empty());
         let (again, tok2) = TokenIndex::open(&store).unwrap();
         let train = again.load_split(&store, &again.train).unwrap();
         let val = again.load_split(&store, &again.validation).unwrap();

@@ -176,7 +176,7 @@ impl RawModelConfig {
             n_layers: self.n_layers.unwrap_or(4),
             n_heads,
             n_kv_heads,
-            head_dim: if n_heads > 0 { d_model / n_heads } else { 0 },
+            head_dim: d_model.checked_div(n_heads).unwrap_or(0),
             d_ff,
             seq_len: self.seq_len.unwrap_or(256),
             attention_mode: self.attention_mode.unwrap_or(AttentionMode::Causal),
@@ -226,7 +226,7 @@ impl ModelConfig {
         }
         if self.head_dim * self.n_heads != self.d_model && self.family == Family::Gpt2 {
             let suggestion = (1..=self.d_model)
-                .filter(|h| self.d_model % h == 0)
+                .filter(|h| self.d_model.is_multiple_of(*h))
                 .min_by_key(|&h| (h.abs_diff(self.n_heads), std::cmp::Reverse(h)))
                 .unwrap_or(1);
             return Err(invalid(
@@ -237,7 +237,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(invalid(
                 "n_kv_heads",
                 format!(
@@ -246,7 +246,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.positions == Positions::Rope && self.head_dim % 2 != 0 {
+        if self.positions == Positions::Rope && !self.head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "positions",
                 format!(
@@ -255,7 +255,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return Err(invalid("norm_eps", "must be > 0, e.g. 1e-5"));
         }
         Ok(())

@@ -458,7 +458,7 @@ mod tests {
         check_grad(
             |t| softmax_last_dim(&t[0]),
             |t| candle_nn::ops::softmax(&t[0], D::Minus1),
-            &[x.clone()],
+            std::slice::from_ref(&x),
         );
         check_grad(|t| gelu_tanh(&t[0]), |t| t[0].gelu(), &[x]);
     }

@@ -449,11 +449,11 @@ impl Trainer {
             let step = self.state.step;
 
             let mut val = None;
-            if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) {
+            if t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == t.steps) {
                 val = self.evaluate()?;
                 self.after_eval(val);
             }
-            if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0)
+            if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every))
                 || step == stop_at
                 || self.state.stopped_early
             {
@@ -463,7 +463,7 @@ impl Trainer {
             // Diagnostics only below this line.
             let tokens_per_s =
                 window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
-            if step % t.log_every.max(1) == 0 || val.is_some() || step == stop_at {
+            if step.is_multiple_of(t.log_every.max(1)) || val.is_some() || step == stop_at {
                 let mut rec = json!({
                     "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                     "tokens_per_s": tokens_per_s, "tokens_seen": self.state.tokens_seen, "skipped": stats.skipped,
