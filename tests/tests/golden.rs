@@ -12,7 +12,10 @@ use stackwise_worker::objectives::{Batch, mean_loss};
 use stackwise_worker::optim::{AdamW, AdamWConfig};
 
 fn fixture_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    // STACKWISE_FIXTURES points at another set, e.g. one fresh from make_fixtures.py.
+    let root = std::env::var_os("STACKWISE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"));
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("tests/fixtures exists")
         .filter_map(|e| e.ok().map(|e| e.path()))

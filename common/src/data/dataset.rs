@@ -31,6 +31,30 @@ pub struct TokenIndex {
     pub sources: Vec<String>,
     pub train: SplitIndex,
     pub validation: SplitIndex,
+    /// Entropy (nats/token) of the train split's unigram distribution: the loss of a model
+    /// that ignores context, so a trained model must land well below it.
+    #[serde(default)]
+    pub unigram_entropy: Option<f64>,
+}
+
+/// Entropy in nats of the empirical token distribution.
+pub fn unigram_entropy(tokens: impl Iterator<Item = u32>, vocab: usize) -> f64 {
+    let mut counts = vec![0u64; vocab];
+    let mut n = 0u64;
+    for t in tokens {
+        if let Some(c) = counts.get_mut(t as usize) {
+            *c += 1;
+            n += 1;
+        }
+    }
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n as f64;
+            -p * p.ln()
+        })
+        .sum()
 }
 
 /// One split in memory.
@@ -145,6 +169,15 @@ mod tests {
     use super::*;
     use crate::data::prepare::{PrepareOptions, prepare};
     use crate::tokenizer::TokenizerKind;
+
+    #[test]
+    fn unigram_entropy_of_uniform_and_constant_streams() {
+        assert!(
+            (unigram_entropy([0u32, 1, 2, 3].into_iter().cycle().take(400), 8) - 4f64.ln()).abs()
+                < 1e-12
+        );
+        assert_eq!(unigram_entropy([5u32; 10].into_iter(), 8), 0.0);
+    }
 
     #[test]
     fn prepare_then_load_round_trips_and_splits() {

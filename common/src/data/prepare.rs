@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::dataset::{ShardInfo, SplitIndex, TokenIndex};
+use super::dataset::{ShardInfo, SplitIndex, TokenIndex, unigram_entropy};
 use crate::store::{Store, StoreError};
 use crate::tokenizer::{Tok, TokenizerError};
 
@@ -308,6 +308,10 @@ pub fn prepare(
         vocab_size: tok.vocab_size(),
         eos_id: tok.eos_id(),
         sources: files.iter().map(|f| f.display().to_string()).collect(),
+        unigram_entropy: Some(unigram_entropy(
+            train.iter().flat_map(|d| d.tokens.iter().copied()),
+            tok.vocab_size(),
+        )),
         train: write_split(out, "train", &train, opts.shard_tokens)?,
         validation: write_split(out, "validation", &val, opts.shard_tokens)?,
     };

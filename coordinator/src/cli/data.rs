@@ -94,14 +94,15 @@ pub fn prepare_dataset(a: &PrepareArgs) -> Result<()> {
     let index = prepare(&a.inputs, &tok, &out, &opts)
         .with_context(|| format!("prepare dataset at {}", a.out))?;
     eprintln!(
-        "dataset {}: {} files | vocab {} | train {} tokens ({} docs) | validation {} tokens ({} docs)",
+        "dataset {}: {} files | vocab {} | train {} tokens ({} docs) | validation {} tokens ({} docs) | unigram entropy {:.4} nats/token",
         a.out,
         index.sources.len(),
         index.vocab_size,
         index.train.tokens,
         index.train.docs,
         index.validation.tokens,
-        index.validation.docs
+        index.validation.docs,
+        index.unigram_entropy.unwrap_or(f64::NAN)
     );
     Ok(())
 }
