@@ -37,6 +37,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    stackwise_worker::alloc::tune_for_training();
     cli::init_logging();
     if let Some(n) = cli.threads {
         // SAFETY: no other thread exists yet; candle and rayon read this once, at first use.

@@ -1,5 +1,6 @@
 //! StackWise worker: candle models, objectives, optimizer, the trainer and generation.
 
+pub mod alloc;
 pub mod generate;
 pub mod models;
 pub mod objectives;

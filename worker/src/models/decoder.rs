@@ -305,34 +305,12 @@ impl Attention {
             (k, v)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (B, nh, T, S)
-        let att = if self.bidirectional || t == 1 {
-            att
-        } else {
-            att.broadcast_add(&causal_mask(t, s, x.device())?)?
-        };
-        let att = ops::softmax_last_dim(&att)?;
+        let scores = q.matmul(&k.t()?)?; // (B, nh, T, S)
+        let att = ops::attention_softmax(&scores, scale, !self.bidirectional && t > 1)?;
         let y = att.matmul(&v)?; // (B, nh, T, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.out.forward(&y)
     }
-}
-
-/// (T, S) additive mask: query i (at absolute position S-T+i) sees keys 0..=S-T+i.
-fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
-    let offset = s - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= i + offset {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (t, s), device)
 }
 
 #[derive(Clone)]

@@ -8,6 +8,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::fastmath;
+
 fn fused_ok(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
@@ -56,7 +58,9 @@ impl CustomOp1 for Softmax {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for (o, &v) in o.iter_mut().zip(row) {
-                *o = (v - max).exp();
+                *o = fastmath::exp(v - max);
+            }
+            for o in o.iter() {
                 sum += *o;
             }
             let inv = 1.0 / sum;
@@ -127,7 +131,7 @@ impl CustomOp1 for Gelu {
         let x = slice(s, l, self.name())?;
         let mut out = vec![0f32; x.len()];
         let f = |(o, &v): (&mut f32, &f32)| {
-            *o = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + GELU_C * v * v * v)).tanh());
+            *o = 0.5 * v * (1.0 + fastmath::tanh(SQRT_2_OVER_PI * (v + GELU_C * v * v * v)));
         };
         if out.len() >= 1 << 14 {
             out.par_iter_mut().zip(x.par_iter()).for_each(f);
@@ -161,7 +165,7 @@ impl CustomOp2 for GeluBwd {
         let mut out = vec![0f32; x.len()];
         let f = |((o, &v), &gv): ((&mut f32, &f32), &f32)| {
             let inner = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
-            let t = inner.tanh();
+            let t = fastmath::tanh(inner);
             let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
             *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dinner);
         };

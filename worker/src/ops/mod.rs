@@ -2,10 +2,15 @@
 //! `rms_norm` have no backward pass (TECH-NOTES), so training uses these instead: compositions
 //! of candle ops (every one with a backward) and fused CPU kernels with hand-written backward.
 
+mod attention;
+mod cross_entropy;
+mod fastmath;
 mod fused;
 
 use candle_core::{D, DType, Result, Tensor};
 
+pub use attention::attention_softmax;
+pub use cross_entropy::token_nll;
 pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
 
 /// Log-softmax over the last dimension (composed, differentiable).
@@ -14,12 +19,6 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let diff = x.broadcast_sub(&max)?;
     let lse = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
     diff.broadcast_sub(&lse)
-}
-
-/// Per-position cross-entropy `-log p(target)`: `logits (N, V)`, `targets (N)` u32 → `(N)`.
-pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logp = log_softmax_last_dim(logits)?;
-    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
 
 /// Mean of `values` over positions whose `weights` are non-zero, weighted. Returns the loss

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod report;
 pub mod state;
+pub mod step;
 pub mod trainer;
 
 pub use config::TrainConfig;

@@ -18,9 +18,9 @@ use stackwise_common::tokenizer::Tok;
 use super::config::TrainConfig;
 use super::report::{Reporter, peak_rss_bytes};
 use super::state::TrainerState;
+use super::step::{self, StepStats};
 use crate::models::{Params, Transformer, hf};
 use crate::objectives::{Batch, Objective, nll_sum};
-use crate::optim::adamw::clip_grad_norm;
 use crate::optim::{AdamW, AdamWConfig, Ema, Schedule};
 
 #[derive(Debug, Clone, Default)]
@@ -44,13 +44,6 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<String>,
     pub tokens_per_s: f64,
     pub stopped_early: bool,
-}
-
-struct StepStats {
-    loss: f64,
-    grad_norm: f64,
-    tokens: usize,
-    skipped: bool,
 }
 
 pub struct Trainer {
@@ -292,57 +285,31 @@ impl Trainer {
             .collect()
     }
 
-    /// One optimizer step: micro-batches → summed gradients → clip → AdamW (or skip).
+    /// One optimizer step (see `step::train_step`), then EMA and bookkeeping.
     fn train_step(&mut self, lr: f64) -> Result<StepStats> {
         let batches = self.micro_batches()?;
-        let tokens: usize = batches.iter().map(Batch::tokens).sum();
-        let total_weight: f64 = batches
-            .iter()
-            .map(Batch::weight)
-            .sum::<candle_core::Result<f64>>()?;
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let mut loss = 0f64;
-        if total_weight > 0.0 {
-            for b in &batches {
-                // Each micro-batch's share of the global mean, so accumulation equals one big batch.
-                let l = (nll_sum(&self.model, b)? / total_weight)?;
-                loss += l.to_scalar::<f32>()? as f64;
-                let g = l.backward()?;
-                for (name, var) in &self.params.vars {
-                    if let Some(gt) = g.get(var.as_tensor()) {
-                        let sum = match grads.remove(name) {
-                            Some(prev) => (prev + gt)?,
-                            None => gt.clone(),
-                        };
-                        grads.insert(name.clone(), sum);
-                    }
-                }
-            }
-        }
-        let grad_norm = clip_grad_norm(&mut grads, self.cfg.training.grad_clip)?;
-        let skipped = total_weight == 0.0 || !loss.is_finite() || !grad_norm.is_finite();
-        if skipped {
+        let stats = step::train_step(
+            &self.model,
+            &self.params,
+            &mut self.opt,
+            &batches,
+            self.cfg.training.grad_clip,
+            lr,
+        )?;
+        if stats.skipped {
             self.state.skipped_steps += 1;
             tracing::warn!(
                 step = self.state.step,
-                loss,
-                grad_norm,
+                loss = stats.loss,
+                grad_norm = stats.grad_norm,
                 "non-finite loss or gradient norm (or no target tokens): step skipped"
             );
-        } else {
-            self.opt.step(&grads, lr)?;
-            if let Some(ema) = &mut self.ema {
-                ema.update(&self.params)?;
-            }
+        } else if let Some(ema) = &mut self.ema {
+            ema.update(&self.params)?;
         }
         self.state.step += 1;
-        self.state.tokens_seen += tokens as u64;
-        Ok(StepStats {
-            loss,
-            grad_norm,
-            tokens,
-            skipped,
-        })
+        self.state.tokens_seen += stats.tokens as u64;
+        Ok(stats)
     }
 
     /// Mean masked next-token loss on the validation split (first `eval_batches` batches),

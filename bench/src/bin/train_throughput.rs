@@ -1,0 +1,89 @@
+//! Training throughput of one full step (forward, backward, clip, AdamW) of a GPT-2-style model
+//! on random tokens, through the same `train::step` code the trainer runs. Prints one JSON line.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::Parser;
+use stackwise_common::rng::Rng;
+use stackwise_worker::models::{RawModelConfig, Transformer};
+use stackwise_worker::objectives::Batch;
+use stackwise_worker::optim::{AdamW, AdamWConfig};
+use stackwise_worker::train::step::train_step;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 6)]
+    layers: usize,
+    #[arg(long, default_value_t = 384)]
+    d_model: usize,
+    #[arg(long, default_value_t = 6)]
+    heads: usize,
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Timed steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    stackwise_worker::alloc::tune_for_training();
+    let cfg = RawModelConfig {
+        d_model: Some(a.d_model),
+        n_layers: Some(a.layers),
+        n_heads: Some(a.heads),
+        vocab_size: Some(a.vocab),
+        seq_len: Some(a.seq),
+        ..Default::default()
+    }
+    .resolve(None)?;
+    let dev = Device::Cpu;
+    let (model, params) = Transformer::init(&cfg, 1, &dev)?;
+    let mut opt = AdamW::new(
+        &params.vars,
+        AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = Rng::new(7);
+    let rows: Vec<(Vec<u32>, Vec<f32>)> = (0..a.batch)
+        .map(|_| {
+            (
+                (0..a.seq)
+                    .map(|_| rng.below(a.vocab as u64) as u32)
+                    .collect(),
+                vec![1.0; a.seq],
+            )
+        })
+        .collect();
+    let batch = [Batch::from_rows(&rows, &dev)?];
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for i in 0..=a.steps {
+        let t = Instant::now();
+        loss = train_step(&model, &params, &mut opt, &batch, Some(1.0), 1e-4)?.loss;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "stackwise", "s_per_step": median, "all_s_per_step": times,
+            "tokens_per_s": (a.batch * a.seq) as f64 / median, "params": params.count(), "last_loss": loss,
+        })
+    );
+    Ok(())
+}

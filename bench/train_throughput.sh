@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Training tokens/s: StackWise vs PyTorch eager on the same GPT-2-style shape (6 layers, d=384,
+# 6 heads, vocab 8192, batch 8 x 256, fp32, AdamW, 2 threads), run alternately in one
+# invocation (a busy neighbour core skews absolute times; the ratio of interleaved runs holds).
+#   bash bench/train_throughput.sh [ROUNDS]      (creates bench/.venv with torch if missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds="${1:-3}"
+threads="${THREADS:-2}"
+venv=bench/.venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
+  echo "creating $venv with torch + transformers (about 3 GB, once)..." >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet torch transformers
+fi
+cargo build --release --quiet -p stackwise-bench --bin train_throughput
+out=$(mktemp)
+for r in $(seq "$rounds"); do
+  echo "round $r/$rounds" >&2
+  RAYON_NUM_THREADS=$threads target/release/train_throughput --steps 3 >> "$out"
+  OMP_NUM_THREADS=$threads "$venv/bin/python" bench/train_throughput_torch.py --steps 3 --threads "$threads" 2>/dev/null >> "$out"
+done
+"$venv/bin/python" - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+med = {k: statistics.median(r["tokens_per_s"] for r in rows if r["impl"] == k) for k in ("stackwise", "pytorch")}
+for k in ("stackwise", "pytorch"):
+    s = [round(r["s_per_step"], 3) for r in rows if r["impl"] == k]
+    print(f"{k:9}: {med[k]:8.0f} tokens/s  (s/step per round: {s})")
+print(f"ratio stackwise/pytorch: {med['stackwise'] / med['pytorch']:.2f}x")
+PY
+rm -f "$out"

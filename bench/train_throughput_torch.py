@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""PyTorch eager peer of bench/src/bin/train_throughput.rs: the same GPT-2-style shape
+(transformers GPT2LMHeadModel, eager attention, fp32), one full AdamW step per iteration."""
+import argparse
+import json
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--layers", type=int, default=6)
+ap.add_argument("--d-model", type=int, default=384)
+ap.add_argument("--heads", type=int, default=6)
+ap.add_argument("--vocab", type=int, default=8192)
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--seq", type=int, default=256)
+ap.add_argument("--steps", type=int, default=3)
+ap.add_argument("--threads", type=int, default=2)
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+torch.manual_seed(1)
+cfg = GPT2Config(n_layer=a.layers, n_embd=a.d_model, n_head=a.heads, vocab_size=a.vocab, n_positions=a.seq, attn_implementation="eager",
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+model = GPT2LMHeadModel(cfg).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+ids = torch.randint(0, a.vocab, (a.batch, a.seq))
+times = []
+for i in range(a.steps + 1):
+    t = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if i > 0:
+        times.append(time.perf_counter() - t)
+times.sort()
+median = times[len(times) // 2]
+print(json.dumps({"impl": "pytorch", "s_per_step": median, "all_s_per_step": times,
+                  "tokens_per_s": a.batch * a.seq / median, "params": sum(p.numel() for p in model.parameters()),
+                  "torch": torch.__version__, "last_loss": loss.item()}))

@@ -1,0 +1,181 @@
+//! Attention probabilities in one fused pass: `softmax(scale * scores + causal mask)` over the
+//! last dimension, with its backward `dx = scale * y * (g - sum(g * y))`. Saves the separate
+//! scale, mask-add and softmax passes over the (B, H, T, S) score tensor.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+use super::fastmath;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("attention softmax: expected contiguous f32"),
+    }
+}
+
+/// Query row `r` of a (.., T, S) score tensor may see keys `0..=r % T + (S - T)` when causal.
+fn visible(row: usize, t: usize, s: usize, causal: bool) -> usize {
+    if causal {
+        (row % t + (s - t) + 1).min(s)
+    } else {
+        s
+    }
+}
+
+struct AttnSoftmax {
+    scale: f32,
+    causal: bool,
+}
+
+impl CustomOp1 for AttnSoftmax {
+    fn name(&self) -> &'static str {
+        "sw-attn-softmax"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(st, l)?;
+        let dims = l.dims();
+        let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(s).enumerate().for_each(|(r, o)| {
+            let row = &x[r * s..(r + 1) * s];
+            let n = visible(r, t, s, self.causal);
+            let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max) * self.scale;
+            for (o, &v) in o[..n].iter_mut().zip(&row[..n]) {
+                *o = fastmath::exp(v * self.scale - max);
+            }
+            let inv = 1.0 / o[..n].iter().sum::<f32>();
+            o[..n].iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &AttnSoftmaxBwd { scale: self.scale },
+        )?))
+    }
+}
+
+struct AttnSoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for AttnSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "sw-attn-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let s = l1.dims()[l1.dims().len() - 1];
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(s).enumerate().for_each(|(r, o)| {
+            let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                *o = self.scale * yv * (gv - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `softmax(scale * scores + mask)` over the last dim of `scores (.., T, S)`; with `causal`,
+/// query `i` (at absolute position `S - T + i`) sees keys `0..=S - T + i`.
+pub fn attention_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    if matches!(scores.device(), Device::Cpu) && scores.dtype() == DType::F32 {
+        return scores.contiguous()?.apply_op1(AttnSoftmax {
+            scale: scale as f32,
+            causal,
+        });
+    }
+    let x = (scores * scale)?;
+    let x = if causal {
+        let (t, s) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..s).map(move |j| {
+                    if j <= i + s - t {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        x.broadcast_add(&Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?)?
+    } else {
+        x
+    };
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn fused_matches_the_composed_reference_with_gradients() {
+        let dev = Device::Cpu;
+        for (t, s, causal) in [(5, 5, true), (3, 7, true), (4, 6, false)] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, t, s), &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (2, 3, t, s), &dev).unwrap();
+            let fused = attention_softmax(x.as_tensor(), 0.37, causal).unwrap();
+            // Reference: the generic path (runs on any device), forced through a non-CPU dtype.
+            let reference =
+                attention_softmax(&x.as_tensor().to_dtype(DType::F64).unwrap(), 0.37, causal)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+            let d = (&fused - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "forward {d}");
+            let gf = (fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gr = (reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (a, b) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gr.get(x.as_tensor()).unwrap(),
+            );
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "backward {d}");
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Fused cross-entropy: per-row `-log softmax(logits)[target]` in one pass over the logits,
+//! and the backward `dlogits = g * (softmax - onehot(target))` in one more. The composed
+//! version makes ~8 passes over the (tokens, vocab) logits, the largest tensor of a step.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::fastmath;
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+fn row_lse(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&v| fastmath::exp(v - max)).sum();
+    max + sum.ln()
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "sw-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = match (st, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("cross entropy: expected contiguous f32 logits"),
+        };
+        let (n, v) = l.shape().dims2()?;
+        let mut out = vec![0f32; n];
+        out.par_iter_mut().enumerate().for_each(|(r, o)| {
+            let row = &x[r * v..(r + 1) * v];
+            *o = row_lse(row) - row[self.targets[r] as usize];
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (n, v) = logits.dims2()?;
+        let x = logits.flatten_all()?.to_vec1::<f32>()?;
+        let g = g.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; n * v];
+        dx.par_chunks_mut(v).enumerate().for_each(|(r, d)| {
+            let row = &x[r * v..(r + 1) * v];
+            let lse = row_lse(row);
+            for (d, &xv) in d.iter_mut().zip(row) {
+                *d = g[r] * fastmath::exp(xv - lse);
+            }
+            d[self.targets[r] as usize] -= g[r];
+        });
+        Ok(Some(Tensor::from_vec(dx, (n, v), logits.device())?))
+    }
+}
+
+/// Per-position cross-entropy `-log p(target)`: `logits (N, V)`, `targets (N)` u32 → `(N)`.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
+        let targets = targets.to_vec1::<u32>()?;
+        let v = logits.dim(1)?;
+        if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("target id {bad} is outside the vocabulary of {v}")
+        }
+        return logits.contiguous()?.apply_op1(CrossEntropy { targets });
+    }
+    let logp = super::log_softmax_last_dim(logits)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn fused_matches_composed_log_softmax_with_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (6, 11), &dev).unwrap()).unwrap();
+        let t = Tensor::new(&[0u32, 10, 3, 3, 7, 1], &dev).unwrap();
+        let w = Tensor::new(&[1f32, 0.0, 2.0, 1.0, 0.5, 1.0], &dev).unwrap();
+        let fused = token_nll(x.as_tensor(), &t).unwrap();
+        let logp = crate::ops::log_softmax_last_dim(x.as_tensor()).unwrap();
+        let reference = logp
+            .gather(&t.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        let d = (&fused - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "forward {d}");
+        let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (reference * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = (gf.get(x.as_tensor()).unwrap() - gr.get(x.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "backward {d}");
+        assert!(
+            token_nll(
+                x.as_tensor(),
+                &Tensor::new(&[11u32, 0, 0, 0, 0, 0], &dev).unwrap()
+            )
+            .is_err()
+        );
+    }
+}

