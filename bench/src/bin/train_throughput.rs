@@ -7,8 +7,11 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Parser;
 use stackwise_common::rng::Rng;
+use stackwise_worker::models::Params;
 use stackwise_worker::models::{RawModelConfig, Transformer};
 use stackwise_worker::objectives::Batch;
+use stackwise_worker::objectives::nll_sum;
+use stackwise_worker::optim::adamw::clip_grad_norm;
 use stackwise_worker::optim::{AdamW, AdamWConfig};
 use stackwise_worker::train::step::train_step;
 
@@ -32,6 +35,9 @@ struct Args {
     /// Timed steps (after one untimed warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Also time the phases of a step (forward, backward, clip, AdamW) and print them.
+    #[arg(long)]
+    phases: bool,
 }
 
 fn main() -> Result<()> {
@@ -76,6 +82,9 @@ fn main() -> Result<()> {
             times.push(t.elapsed().as_secs_f64());
         }
     }
+    if a.phases {
+        print_phases(&model, &params, &mut opt, &batch[0])?;
+    }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(
@@ -84,6 +93,37 @@ fn main() -> Result<()> {
             "impl": "stackwise", "s_per_step": median, "all_s_per_step": times,
             "tokens_per_s": (a.batch * a.seq) as f64 / median, "params": params.count(), "last_loss": loss,
         })
+    );
+    Ok(())
+}
+
+/// Where a step's time goes: the same work as `train_step`, split by phase.
+fn print_phases(
+    model: &Transformer,
+    params: &Params,
+    opt: &mut AdamW,
+    batch: &Batch,
+) -> Result<()> {
+    let t = Instant::now();
+    let loss = (nll_sum(model, batch)? / batch.weight()?)?;
+    let _ = loss.to_scalar::<f32>()?;
+    let fwd = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let g = loss.backward()?;
+    let bwd = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut grads: std::collections::HashMap<String, candle_core::Tensor> = params
+        .vars
+        .iter()
+        .filter_map(|(n, v)| g.get(v.as_tensor()).map(|t| (n.clone(), t.clone())))
+        .collect();
+    clip_grad_norm(&mut grads, Some(1.0))?;
+    let clip = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    opt.step(&grads, 1e-4)?;
+    let adam = t.elapsed().as_secs_f64();
+    eprintln!(
+        "phases (s): forward {fwd:.3} | backward {bwd:.3} | clip {clip:.3} | adamw {adam:.3}"
     );
     Ok(())
 }
