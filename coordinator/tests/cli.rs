@@ -286,3 +286,51 @@ fn every_subcommand_has_help() {
         );
     }
 }
+
+#[test]
+fn a_checkpoint_folder_loads_only_when_its_manifest_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    let data = dir.path().join("data");
+    run_ok(
+        bin()
+            .args(["data", "prepare"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&data)
+            .args(["--train-tokenizer", "byte"]),
+    );
+    let cfg = tiny_config(dir.path(), &data, 5);
+    run_ok(bin().arg("train").arg(&cfg).arg("--no-progress"));
+    let ck = dir.path().join("runs/tiny/checkpoints/step-00000005");
+    let sample = |model: &Path| {
+        bin()
+            .args(["generate", "--model"])
+            .arg(model)
+            .args(["--prompt", "A", "--max-new-tokens", "3"])
+            .output()
+            .unwrap()
+    };
+    assert!(sample(&ck).status.success());
+    // One byte changed in the weights: refused, naming the file.
+    let weights = ck.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = sample(&ck);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model.safetensors: sha256"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No manifest: a torn save, refused.
+    std::fs::remove_file(ck.join("MANIFEST.json")).unwrap();
+    let out = sample(&ck);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("torn save"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

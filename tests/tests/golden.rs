@@ -216,3 +216,46 @@ fn export_then_reload_gives_identical_logits() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_sharded_safetensors_index_loads_like_a_single_file() -> Result<()> {
+    let src = fixture_dirs()
+        .into_iter()
+        .find(|d| d.ends_with("llama-tiny-gqa"))
+        .expect("llama fixture");
+    let tensors = load_st(&src.join("model.safetensors"));
+    let out = tempfile::tempdir()?;
+    std::fs::copy(src.join("config.json"), out.path().join("config.json"))?;
+    // Split the tensors over two shards, with the index transformers writes.
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let shard: HashMap<&String, Tensor> =
+            part.iter().map(|k| (*k, tensors[*k].clone())).collect();
+        candle_core::safetensors::save(&shard, out.path().join(file))?;
+        for k in part {
+            weight_map.insert((*k).clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        out.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )?;
+    let (sharded, _) = hf::load_model_dir(out.path(), &Device::Cpu)?;
+    let (single, _) = hf::load_model_dir(&src, &Device::Cpu)?;
+    let ids = input_batch(&src)?.ids;
+    assert_eq!(
+        max_abs(
+            &sharded.forward(&ids, 0, None)?,
+            &single.forward(&ids, 0, None)?
+        ),
+        0.0
+    );
+    Ok(())
+}

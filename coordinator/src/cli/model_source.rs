@@ -18,6 +18,7 @@ pub struct LoadedModel {
 
 /// Load a model and its tokenizer. `ema`: use `ema.safetensors` when the checkpoint has one.
 pub fn load(path: &Path, ema: bool, device: &Device) -> Result<LoadedModel> {
+    verify_if_checkpoint(path)?;
     if path.join("config.json").exists() {
         let cfg = hf::read_config(path)?;
         let weights = if ema && path.join("ema.safetensors").exists() {
@@ -67,4 +68,31 @@ pub fn load(path: &Path, ema: bool, device: &Device) -> Result<LoadedModel> {
         "{}: not a model folder (config.json + model.safetensors + tokenizer.json) nor a run folder (checkpoints/)",
         path.display()
     )
+}
+
+/// A StackWise checkpoint folder is only loaded when its manifest verifies (every file's size
+/// and sha256); a folder under `checkpoints/` without a manifest is a torn save.
+fn verify_if_checkpoint(path: &Path) -> Result<()> {
+    let manifest = path.join("MANIFEST.json");
+    let in_checkpoints = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "checkpoints");
+    if !manifest.exists() {
+        if in_checkpoints {
+            bail!(
+                "{}: no MANIFEST.json, so this checkpoint is incomplete (a torn save); use an earlier one",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        bail!("{}: cannot locate the checkpoint's folder", path.display())
+    };
+    let store = Store::open(&parent.to_string_lossy())?;
+    let ck = CheckpointStore { store };
+    ck.load(&name.to_string_lossy())
+        .with_context(|| format!("verify checkpoint {}", path.display()))?;
+    Ok(())
 }
