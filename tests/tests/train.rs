@@ -157,43 +157,54 @@ fn gradient_accumulation_equals_one_large_batch() {
     assert!(max < 1e-5, "accumulated weights differ by {max}");
 }
 
+/// Loss of the trainer's model on `text` (all positions), tokenized with the dataset's tokenizer.
+fn text_loss(t: &Trainer, data: &str, text: &str) -> f32 {
+    let (_, tok) = stackwise_common::data::TokenIndex::open(&Store::open(data).unwrap()).unwrap();
+    let ids = tok.encode(text, false).unwrap();
+    let rows = vec![(ids.clone(), vec![1.0; ids.len()])];
+    let b = stackwise_worker::objectives::Batch::from_rows(&rows, &Device::Cpu).unwrap();
+    stackwise_worker::objectives::mean_loss(t.model(), &b)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
-fn sft_trains_only_on_the_response() {
+fn sft_trains_only_on_the_response_and_clm_on_everything() {
     let dir = tempfile::tempdir().unwrap();
-    // The response is always "yes"; the prompts are random-looking noise.
+    // The response is always "yes"; the prompts share a fixed, learnable pattern.
     let rows: String = (0..60)
         .map(|i| {
             format!(
-                "{{\"prompt\": \"q{} zx{} \", \"completion\": \"yes\"}}\n",
-                i * 7919 % 1000,
-                i * 31 % 97
+                "{{\"prompt\": \"please answer {} \", \"completion\": \"yes\"}}\n",
+                i % 10
             )
         })
         .collect();
     let data = dataset(dir.path(), "s", &rows, true);
     let quiet = RunOptions::default();
-    let cfg = config(
-        &dir.path().join("sft"),
-        &data,
-        "training: {objective: sft, steps: 30, lr: 1.0e-2}\nmodel: {seq_len: 32}",
-    );
-    let mut t = Trainer::new(cfg, &quiet).unwrap();
-    let s = t.run(&quiet).unwrap();
+    let run = |name: &str, objective: &str| {
+        let extra = format!("training: {{objective: {objective}, steps: 60, lr: 1.0e-2}}");
+        let mut t = Trainer::new(config(&dir.path().join(name), &data, &extra), &quiet).unwrap();
+        let s = t.run(&quiet).unwrap();
+        (t, s)
+    };
+    let (sft, s) = run("sft", "sft");
     // Only "yes" + EOS are targets: they are learnt almost perfectly.
     assert!(s.val_loss.unwrap() < 0.3, "sft val loss {:?}", s.val_loss);
-    // The prompt tokens were never targets, so the model has not learnt them: a clm loss
-    // over the prompt is still high.
-    let m = t.model();
-    let prompt: Vec<u32> = "q123 zx45 ".bytes().map(u32::from).collect();
-    let rows = vec![(prompt.clone(), vec![1.0; prompt.len()])];
-    let b = stackwise_worker::objectives::Batch::from_rows(&rows, &Device::Cpu).unwrap();
-    let prompt_loss = stackwise_worker::objectives::mean_loss(m, &b)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (clm, _) = run("clm", "clm");
+    // The prompt was never a target under sft, but is under clm (which ignores the SFT mask).
+    let (prompt_sft, prompt_clm) = (
+        text_loss(&sft, &data, "please answer 3 "),
+        text_loss(&clm, &data, "please answer 3 "),
+    );
     assert!(
-        prompt_loss > 1.0,
-        "prompt loss {prompt_loss} should stay high"
+        prompt_sft > 1.5,
+        "sft must not learn the prompt: {prompt_sft}"
+    );
+    assert!(
+        prompt_clm < prompt_sft / 2.0,
+        "clm must learn the prompt: {prompt_clm} vs sft {prompt_sft}"
     );
 }
 

@@ -149,7 +149,16 @@ impl SplitData {
         }
     }
 
-    pub fn sample(&self, i: usize, seq_len: usize, packed: bool, pad_id: u32) -> Sample {
+    /// Sample `i`. `all_tokens`: every real token counts in the loss (`clm`), ignoring the
+    /// stored SFT mask; padding never counts.
+    pub fn sample(
+        &self,
+        i: usize,
+        seq_len: usize,
+        packed: bool,
+        pad_id: u32,
+        all_tokens: bool,
+    ) -> Sample {
         let (start, end) = if packed {
             (i * seq_len, (i + 1) * seq_len)
         } else {
@@ -157,7 +166,10 @@ impl SplitData {
             (s, (self.doc_offsets[i + 1] as usize).min(s + seq_len))
         };
         let mut ids = self.tokens[start..end].to_vec();
-        let mut mask: Vec<f32> = self.mask[start..end].iter().map(|&m| m as f32).collect();
+        let mut mask: Vec<f32> = self.mask[start..end]
+            .iter()
+            .map(|&m| if all_tokens { 1.0 } else { m as f32 })
+            .collect();
         ids.resize(seq_len, pad_id);
         mask.resize(seq_len, 0.0);
         (ids, mask)
@@ -202,7 +214,7 @@ mod tests {
         assert_eq!(val.tokens.len(), (total as f64 * 0.1).round() as usize);
         let joined: Vec<u32> = train.tokens.iter().chain(&val.tokens).copied().collect();
         assert_eq!(tok2.decode(&joined).unwrap(), text);
-        let (ids, mask) = train.sample(1, 16, true, 0);
+        let (ids, mask) = train.sample(1, 16, true, 0, false);
         assert_eq!(ids, train.tokens[16..32]);
         assert!(mask.iter().all(|&m| m == 1.0));
         // An unfinished dataset (no index) is refused.

@@ -66,6 +66,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt tokenizes to nothing; give some text");
     }
+    if prompt.len() >= m.model.cfg.seq_len {
+        bail!(
+            "the prompt is {} tokens; this model sees at most {} positions, so shorten the prompt",
+            prompt.len(),
+            m.model.cfg.seq_len
+        );
+    }
     let cfg = SamplingConfig {
         temperature: if a.greedy { 0.0 } else { a.temperature },
         top_k: (a.top_k > 0).then_some(a.top_k),

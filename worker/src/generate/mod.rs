@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use stackwise_common::rng::Rng;
 
@@ -173,11 +173,6 @@ pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig) -> Re
         tokens_per_s: new.len() as f64 / secs,
         tokens: new,
     })
-}
-
-/// Log-probabilities of the last position, for tests and scoring.
-pub fn last_logprobs(logits: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::log_softmax(logits, D::Minus1)
 }
 
 #[cfg(test)]

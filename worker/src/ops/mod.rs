@@ -7,7 +7,7 @@ mod cross_entropy;
 mod fastmath;
 mod fused;
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{D, Result, Tensor};
 
 pub use attention::attention_softmax;
 pub use cross_entropy::token_nll;
@@ -19,15 +19,4 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let diff = x.broadcast_sub(&max)?;
     let lse = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
     diff.broadcast_sub(&lse)
-}
-
-/// Mean of `values` over positions whose `weights` are non-zero, weighted. Returns the loss
-/// and the total weight (a plain number, used to average across micro-batches and ranks).
-pub fn weighted_mean(values: &Tensor, weights: &Tensor) -> Result<(Tensor, f64)> {
-    let total = weights
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
-    let sum = (values * weights)?.sum_all()?;
-    Ok(((sum / total.max(1e-12))?, total))
 }

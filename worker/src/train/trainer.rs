@@ -56,6 +56,8 @@ pub struct Trainer {
     train: SplitData,
     val: SplitData,
     packed: bool,
+    /// `clm` trains on every token; `sft` only on the response tokens marked at prepare time.
+    all_tokens: bool,
     seq_len: usize,
     pad_id: u32,
     tok: Tok,
@@ -124,6 +126,13 @@ impl Trainer {
                 Transformer::init(&model_cfg, cfg.run.seed, &device)?
             }
         };
+        if !model.cfg.is_hf_compatible() {
+            tracing::info!(
+                "this model uses options transformers has no field for (e.g. bidirectional attention, parallel \
+                 residual, non-default norm or positions); its config.json keeps them under \"stackwise\" and only \
+                 StackWise reloads it exactly"
+            );
+        }
         let seq_len = cfg.training.seq_len.unwrap_or(model.cfg.seq_len);
         if seq_len > model.cfg.seq_len {
             bail!(
@@ -178,6 +187,7 @@ impl Trainer {
             stopped_early: false,
         };
         let pad_id = tok.eos_id().unwrap_or(0);
+        let all_tokens = cfg.training.objective == Objective::Clm;
         let mut trainer = Self {
             cfg,
             model,
@@ -188,6 +198,7 @@ impl Trainer {
             train,
             val,
             packed,
+            all_tokens,
             seq_len,
             pad_id,
             tok,
@@ -278,7 +289,10 @@ impl Trainer {
         );
         let rows: Vec<_> = idx
             .iter()
-            .map(|&i| self.train.sample(i, self.seq_len, self.packed, self.pad_id))
+            .map(|&i| {
+                self.train
+                    .sample(i, self.seq_len, self.packed, self.pad_id, self.all_tokens)
+            })
             .collect();
         rows.chunks(t.batch_size)
             .map(|c| Ok(Batch::from_rows(c, &self.device)?))
@@ -334,7 +348,10 @@ impl Trainer {
         for chunk in (0..count).collect::<Vec<_>>().chunks(t.batch_size) {
             let rows: Vec<_> = chunk
                 .iter()
-                .map(|&i| self.val.sample(i, self.seq_len, self.packed, self.pad_id))
+                .map(|&i| {
+                    self.val
+                        .sample(i, self.seq_len, self.packed, self.pad_id, self.all_tokens)
+                })
                 .collect();
             let b = Batch::from_rows(&rows, &self.device)?;
             sum += nll_sum(&self.model, &b)?.detach().to_scalar::<f32>()? as f64;
@@ -392,9 +409,8 @@ impl Trainer {
         let mut rep = Reporter::new(&self.run, t.steps, self.state.step, opts.progress);
         let trainable = self.params.count();
         rep.line(&format!(
-            "run {} | {} parameters ({} trainable) | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
+            "run {} | {} parameters, all trainable | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
             self.run.uri(),
-            trainable,
             trainable,
             self.train.tokens.len(),
             self.val.tokens.len(),
