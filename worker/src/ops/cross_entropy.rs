@@ -12,9 +12,8 @@ struct CrossEntropy {
 }
 
 fn row_lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&v| fastmath::exp(v - max)).sum();
-    max + sum.ln()
+    let max = fastmath::max(row);
+    max + fastmath::sum_exp(row, max).ln()
 }
 
 impl CustomOp1 for CrossEntropy {

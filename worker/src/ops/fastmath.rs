@@ -33,6 +33,39 @@ pub fn tanh(x: f32) -> f32 {
     ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
+/// Maximum of a slice with 8 independent lanes (a single running max cannot vectorise).
+#[inline]
+pub fn max(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    lanes.iter().copied().fold(tail, f32::max)
+}
+
+/// `sum(exp(x - shift))` with 8 independent partial sums (float addition is not reordered by
+/// the compiler, so one accumulator would run at add latency).
+#[inline]
+pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += exp(v - shift);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - shift)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -49,5 +82,19 @@ mod tests {
         assert!(worst_tanh < 3e-7, "tanh abs error {worst_tanh}");
         assert_eq!(super::exp(f32::NEG_INFINITY), super::exp(-87.3));
         assert!(super::exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn lane_reductions_match_sequential_ones() {
+        let xs: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
+            .collect();
+        assert_eq!(
+            super::max(&xs),
+            xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        );
+        let want: f64 = xs.iter().map(|&v| ((v - 1.0) as f64).exp()).sum();
+        assert!((super::sum_exp(&xs, 1.0) as f64 - want).abs() / want < 1e-5);
+        assert_eq!(super::max(&[]), f32::NEG_INFINITY);
     }
 }
