@@ -45,6 +45,27 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The projection onto output features `start..start + len`, sharing this one's weights.
+    fn columns(&self, start: usize, len: usize) -> Result<Self> {
+        let weight = if self.conv1d {
+            self.weight.narrow(1, start, len)?
+        } else {
+            self.weight.narrow(0, start, len)?
+        };
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.narrow(0, start, len))
+            .transpose()?;
+        Ok(Self {
+            weight,
+            bias,
+            conv1d: self.conv1d,
+        })
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -263,14 +284,14 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
         let (q, k, v) = match &self.qkv {
-            Qkv::Fused(l) => {
-                let qkv = l.forward(x)?; // (B, T, q + 2kv)
-                (
-                    qkv.narrow(2, 0, nh * hd)?,
-                    qkv.narrow(2, nh * hd, nkv * hd)?,
-                    qkv.narrow(2, (nh + nkv) * hd, nkv * hd)?,
-                )
-            }
+            // Split the fused [q | k | v] projection on its weight, not on its output: the
+            // gradient of a narrow is padded to the full tensor, which is far smaller for the
+            // (d, q + 2kv) weight than for the (B, T, q + 2kv) activation.
+            Qkv::Fused(l) => (
+                l.columns(0, nh * hd)?.forward(x)?,
+                l.columns(nh * hd, nkv * hd)?.forward(x)?,
+                l.columns((nh + nkv) * hd, nkv * hd)?.forward(x)?,
+            ),
             Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
         };
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, nh, T, hd)
