@@ -77,7 +77,7 @@ impl Module for Linear {
             x2.matmul(&self.weight.t()?)?
         };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => ops::add_bias(&y, b)?,
             None => y,
         };
         let mut out_dims = dims;
@@ -561,7 +561,7 @@ impl Transformer {
             self.cfg.d_model,
         ))?;
         if let Some(pe) = &self.pos_emb {
-            x = x.broadcast_add(&pe.narrow(0, start, t)?)?;
+            x = ops::add_bias(&x, &pe.narrow(0, start, t)?)?;
         }
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);

@@ -3,6 +3,7 @@
 //! of candle ops (every one with a backward) and fused CPU kernels with hand-written backward.
 
 mod attention;
+mod bias;
 mod cross_entropy;
 mod fastmath;
 mod fused;
@@ -10,6 +11,7 @@ mod fused;
 use candle_core::{D, Result, Tensor};
 
 pub use attention::attention_softmax;
+pub use bias::add_bias;
 pub use cross_entropy::token_nll;
 pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
 
