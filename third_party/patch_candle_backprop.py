@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Patch candle-core's src/backprop.rs: first gradient contribution stored, not zeros + add.
+See third_party/README.md. Usage: patch_candle_backprop.py PATH/TO/backprop.rs"""
+import re, sys
+p = sys.argv[1]
+s = open(p).read()
+pat = re.compile(r'let (\w+) = grads\.or_insert\(([^)]*)\)\?;\s*\*\1 = \1\.(add|sub)\((.*?)\)\?(;?)(?=\s*\n)', re.S)
+n = 0
+def rep(m):
+    global n
+    n += 1
+    var, target, op, arg, semi = m.groups()
+    arg = arg.strip().replace(var + '.dims()', target + '.dims()')
+    call = f'grads.accumulate({target}, {arg})?' if op == 'add' else f'grads.accumulate({target}, &({arg}).neg()?)?'
+    return call + ';'
+s2 = pat.sub(rep, s)
+s2 = s2.replace("""    fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {""", """    /// Add `grad` to the gradient of `tensor`; the first contribution is stored as is
+    /// (StackWise patch: upstream allocates zeros and adds, two extra passes per node).
+    fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Occupied(mut entry) => {
+                let sum = entry.get().add(grad)?;
+                entry.insert(sum);
+            }
+            Entry::Vacant(entry) => {
+                // Downstream backward ops (matmul) expect the contiguous layout that
+                // upstream's zeros + add produced.
+                entry.insert(if grad.is_contiguous() { grad.clone() } else { grad.contiguous()? });
+            }
+        }
+        Ok(())
+    }
+
+    fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {""")
+open(p, 'w').write(s2)
+print("replaced", n, "remaining or_insert:", s2.count("grads.or_insert("))
