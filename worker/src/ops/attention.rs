@@ -7,14 +7,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::cpu::f32_slice;
 use super::fastmath;
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("attention softmax: expected contiguous f32"),
-    }
-}
 
 /// Query row `r` of a (.., T, S) score tensor may see keys `0..=r % T + (S - T)` when causal.
 fn visible(row: usize, t: usize, s: usize, causal: bool) -> usize {
@@ -36,7 +30,7 @@ impl CustomOp1 for AttnSoftmax {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(st, l)?;
+        let x = f32_slice(st, l, self.name())?;
         let dims = l.dims();
         let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let mut out = vec![0f32; x.len()];
@@ -77,7 +71,10 @@ impl CustomOp2 for AttnSoftmaxBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (y, g) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+        );
         let s = l1.dims()[l1.dims().len() - 1];
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(s).enumerate().for_each(|(r, o)| {
@@ -126,6 +123,7 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::cpu::max_abs_diff;
     use candle_core::Var;
 
     #[test]
@@ -142,14 +140,7 @@ mod tests {
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap();
-            let d = (&fused - &reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&fused, &reference);
             assert!(d < 1e-6, "forward {d}");
             let gf = (fused * &probe)
                 .unwrap()
@@ -167,14 +158,7 @@ mod tests {
                 gf.get(x.as_tensor()).unwrap(),
                 gr.get(x.as_tensor()).unwrap(),
             );
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&a, &b);
             assert!(d < 1e-5, "backward {d}");
         }
     }

@@ -5,14 +5,9 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-struct AddBias;
+use super::cpu::f32_slice;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("add_bias: expected contiguous f32"),
-    }
-}
+struct AddBias;
 
 /// Sum of the rows of `g` (n, m): a (m) vector; rows split across threads, then combined.
 fn column_sum(g: &[f32], m: usize) -> Vec<f32> {
@@ -51,7 +46,10 @@ impl CustomOp2 for AddBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, b) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (x, b) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+        );
         let m = b.len();
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(m * 64)
@@ -95,6 +93,7 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::cpu::max_abs_diff;
     use candle_core::Var;
 
     #[test]
@@ -122,14 +121,10 @@ mod tests {
             .backward()
             .unwrap();
         for v in [&x, &b] {
-            let d = (gf.get(v.as_tensor()).unwrap() - gr.get(v.as_tensor()).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(
+                gf.get(v.as_tensor()).unwrap(),
+                gr.get(v.as_tensor()).unwrap(),
+            );
             assert!(d < 1e-5, "{d}");
         }
     }

@@ -5,6 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::f32_slice;
 use super::fastmath;
 
 struct CrossEntropy {
@@ -22,10 +23,7 @@ impl CustomOp1 for CrossEntropy {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = match (st, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("cross entropy: expected contiguous f32 logits"),
-        };
+        let x = f32_slice(st, l, self.name())?;
         let (n, v) = l.shape().dims2()?;
         let mut out = vec![0f32; n];
         out.par_iter_mut().enumerate().for_each(|(r, o)| {
@@ -69,6 +67,7 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::cpu::max_abs_diff;
     use candle_core::Var;
 
     #[test]
@@ -86,14 +85,7 @@ mod tests {
             .unwrap()
             .neg()
             .unwrap();
-        let d = (&fused - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&fused, &reference);
         assert!(d < 1e-5, "forward {d}");
         let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gr = (reference * &w)
@@ -102,14 +94,10 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        let d = (gf.get(x.as_tensor()).unwrap() - gr.get(x.as_tensor()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(
+            gf.get(x.as_tensor()).unwrap(),
+            gr.get(x.as_tensor()).unwrap(),
+        );
         assert!(d < 1e-6, "backward {d}");
         assert!(
             token_nll(

@@ -3,26 +3,11 @@
 //! backward everywhere. Backward formulas follow the standard derivations (e.g. llm.c's
 //! `layernorm_backward`), checked against finite differences and the PyTorch fixtures.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::{f32_slice as slice, fused_ok};
 use super::fastmath;
-
-fn fused_ok(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: expected f32 storage")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: expected a contiguous input"),
-    }
-}
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
@@ -381,6 +366,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::cpu::max_abs_diff;
+    use candle_core::Device;
     use candle_core::Var;
 
     /// Compares the fused op's gradient with the composed (reference) op's.
@@ -397,14 +384,7 @@ mod tests {
         let probe = Tensor::randn(0f32, 1.0, fused(&ts).unwrap().shape(), &Device::Cpu).unwrap();
         let yf = fused(&ts).unwrap();
         let yc = composed(&ts).unwrap();
-        let fwd = (&yf - &yc)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let fwd = max_abs_diff(&yf, &yc);
         assert!(fwd < 1e-5, "forward differs by {fwd}");
         let gf = (yf * &probe)
             .unwrap()
@@ -421,14 +401,7 @@ mod tests {
         for t in &ts {
             let a = gf.get(t).expect("fused grad");
             let b = gc.get(t).expect("composed grad");
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&a, &b);
             assert!(d < 1e-4, "grad differs by {d}");
         }
     }

@@ -4,6 +4,7 @@
 
 mod attention;
 mod bias;
+mod cpu;
 mod cross_entropy;
 mod fastmath;
 mod fused;
