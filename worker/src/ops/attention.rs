@@ -158,7 +158,7 @@ mod tests {
                 gf.get(x.as_tensor()).unwrap(),
                 gr.get(x.as_tensor()).unwrap(),
             );
-            let d = max_abs_diff(&a, &b);
+            let d = max_abs_diff(a, b);
             assert!(d < 1e-5, "backward {d}");
         }
     }

@@ -401,7 +401,7 @@ mod tests {
         for t in &ts {
             let a = gf.get(t).expect("fused grad");
             let b = gc.get(t).expect("composed grad");
-            let d = max_abs_diff(&a, &b);
+            let d = max_abs_diff(a, b);
             assert!(d < 1e-4, "grad differs by {d}");
         }
     }
