@@ -210,11 +210,10 @@ fn prepare_train_eval_generate_from_the_command_line() {
     assert_eq!(cached["tokens"].as_array().unwrap().len(), 20);
 }
 
-#[test]
-fn bad_configs_name_the_field_and_the_fix() {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(dir.path());
-    let data = dir.path().join("data");
+/// A byte-tokenized dataset of the corpus in `dir/data`; returns a 5-step config for it.
+fn byte_dataset_and_config(dir: &Path) -> PathBuf {
+    let corpus = write_corpus(dir);
+    let data = dir.join("data");
     run_ok(
         bin()
             .args(["data", "prepare"])
@@ -223,7 +222,13 @@ fn bad_configs_name_the_field_and_the_fix() {
             .arg(&data)
             .args(["--train-tokenizer", "byte"]),
     );
-    let cfg = tiny_config(dir.path(), &data, 5);
+    tiny_config(dir, &data, 5)
+}
+
+#[test]
+fn bad_configs_name_the_field_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = byte_dataset_and_config(dir.path());
     let err = run_err(bin().arg("train").arg(&cfg).args([
         "--set",
         "model.d_model=30",
@@ -290,17 +295,7 @@ fn every_subcommand_has_help() {
 #[test]
 fn a_checkpoint_folder_loads_only_when_its_manifest_verifies() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(dir.path());
-    let data = dir.path().join("data");
-    run_ok(
-        bin()
-            .args(["data", "prepare"])
-            .arg(&corpus)
-            .arg("--out")
-            .arg(&data)
-            .args(["--train-tokenizer", "byte"]),
-    );
-    let cfg = tiny_config(dir.path(), &data, 5);
+    let cfg = byte_dataset_and_config(dir.path());
     run_ok(bin().arg("train").arg(&cfg).arg("--no-progress"));
     let ck = dir.path().join("runs/tiny/checkpoints/step-00000005");
     let sample = |model: &Path| {
