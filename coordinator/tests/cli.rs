@@ -239,27 +239,14 @@ fn bad_configs_name_the_field_and_the_fix() {
         err.contains("n_heads (4) must divide d_model (30)") && err.contains("try n_heads ="),
         "{err}"
     );
-    let err = run_err(
-        bin()
-            .arg("train")
-            .arg(&cfg)
-            .args(["--set", "training.lrr=1"]),
-    );
-    assert!(err.contains("unknown field `lrr`"), "{err}");
-    let err = run_err(
-        bin()
-            .arg("train")
-            .arg(&cfg)
-            .args(["--set", "training.warmup_steps=50"]),
-    );
-    assert!(err.contains("training.warmup_steps"), "{err}");
-    let err = run_err(
-        bin()
-            .arg("train")
-            .arg(&cfg)
-            .args(["--set", "data.path=/nonexistent/data"]),
-    );
-    assert!(err.contains("no index.json"), "{err}");
+    for (set, want) in [
+        ("training.lrr=1", "unknown field `lrr`"),
+        ("training.warmup_steps=50", "training.warmup_steps"),
+        ("data.path=/nonexistent/data", "no index.json"),
+    ] {
+        let err = run_err(bin().arg("train").arg(&cfg).args(["--set", set]));
+        assert!(err.contains(want), "--set {set}: {err}");
+    }
     // Non-UTF-8 input to data prepare names the file and line.
     let bad = dir.path().join("bad.txt");
     std::fs::write(&bad, b"fine\nfine\n\xff\xfe broken\n").unwrap();

@@ -123,7 +123,7 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::max_abs_diff;
+    use crate::ops::cpu::{max_abs_diff, probe_grads};
     use candle_core::Var;
 
     #[test]
@@ -142,18 +142,8 @@ mod tests {
                     .unwrap();
             let d = max_abs_diff(&fused, &reference);
             assert!(d < 1e-6, "forward {d}");
-            let gf = (fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gr = (reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gf = probe_grads(fused, &probe);
+            let gr = probe_grads(reference, &probe);
             let (a, b) = (
                 gf.get(x.as_tensor()).unwrap(),
                 gr.get(x.as_tensor()).unwrap(),

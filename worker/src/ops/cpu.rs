@@ -27,3 +27,12 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .and_then(|d| d.to_scalar::<f32>())
         .expect("same shapes")
 }
+
+/// Gradients of `sum(y * probe)`: backpropagates an arbitrary upstream gradient `probe` (tests).
+#[cfg(test)]
+pub(crate) fn probe_grads(y: Tensor, probe: &Tensor) -> candle_core::backprop::GradStore {
+    (y * probe)
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.backward())
+        .expect("backward")
+}
