@@ -1,6 +1,7 @@
 //! StackWise worker: candle models, objectives, optimizer, the trainer and generation.
 
 pub mod alloc;
+pub mod comm;
 pub mod generate;
 pub mod models;
 pub mod objectives;

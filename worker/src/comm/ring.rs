@@ -1,0 +1,615 @@
+//! The CPU collective: a ring of TCP connections (rank r sends to r+1 and receives from
+//! r-1). All-reduce is reduce-scatter then all-gather over `world` chunks, each cut into
+//! pieces that are forwarded as soon as they are reduced, so sending and receiving overlap.
+//!
+//! Determinism: every rank performs the same fixed sequence of `chunk += received` and
+//! `chunk = received` operations, so the floating-point summation order is fixed (it never
+//! depends on timing) and the all-gather hands every rank the very same bits.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Comm, CommError, chunk_range};
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the ring sends f32 buffers as raw little-endian bytes");
+
+/// "STKWRING"
+const MAGIC: u64 = 0x5354_4b57_5249_4e47;
+/// Floats per message: 256 KiB pieces keep the pipe full without large staging buffers.
+const PIECE_FLOATS: usize = 64 * 1024;
+
+/// The worker's listening socket for ring connections, bound once for the worker's life.
+pub struct RingListener {
+    listener: TcpListener,
+}
+
+impl RingListener {
+    /// Bind `addr` (e.g. `0.0.0.0:0` for any free port).
+    pub fn bind(addr: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self { listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Shuts a ring's sockets down from another thread, so a rank blocked in a collective
+/// returns with an error at once (used when the coordinator aborts a generation).
+#[derive(Clone)]
+pub struct RingAbort {
+    streams: Arc<Vec<TcpStream>>,
+    aborted: Arc<AtomicBool>,
+}
+
+impl RingAbort {
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        for s in self.streams.iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    next: TcpStream,
+    prev: TcpStream,
+    scratch: Vec<f32>,
+    broken: bool,
+    aborted: Arc<AtomicBool>,
+    abort_streams: Arc<Vec<TcpStream>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Hello {
+    run_tag: u64,
+    generation: u64,
+    from_rank: u32,
+    world: u32,
+}
+
+impl Hello {
+    fn encode(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+        b[8..16].copy_from_slice(&self.run_tag.to_le_bytes());
+        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        b[24..28].copy_from_slice(&self.from_rank.to_le_bytes());
+        b[28..32].copy_from_slice(&self.world.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; 32]) -> Option<Self> {
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        (u64_at(0) == MAGIC).then(|| Self {
+            run_tag: u64_at(8),
+            generation: u64_at(16),
+            from_rank: u32_at(24),
+            world: u32_at(28),
+        })
+    }
+}
+
+fn tune(s: &TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_nonblocking(false)?;
+    Ok(())
+}
+
+impl Ring {
+    /// Form the ring of one generation: connect to rank+1's listener and accept rank-1's
+    /// connection. Connections from another run or generation (e.g. a late peer of an
+    /// aborted generation) are dropped. Fails after `timeout`.
+    pub fn connect(
+        listener: &RingListener,
+        peers: &[String],
+        rank: usize,
+        run_tag: u64,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<Self, CommError> {
+        let world = peers.len();
+        if world < 2 || rank >= world {
+            return Err(CommError::Setup(format!(
+                "a ring needs at least 2 ranks and rank < world (rank {rank}, world {world})"
+            )));
+        }
+        let deadline = Instant::now() + timeout;
+        let next_addr = peers[(rank + 1) % world].clone();
+        let hello = Hello {
+            run_tag,
+            generation,
+            from_rank: rank as u32,
+            world: world as u32,
+        };
+        let dialer = std::thread::spawn(move || -> Result<TcpStream, CommError> {
+            let addrs: Vec<SocketAddr> = next_addr
+                .to_socket_addrs()
+                .map_err(|e| CommError::Setup(format!("resolve peer {next_addr}: {e}")))?
+                .collect();
+            loop {
+                let attempt = addrs
+                    .iter()
+                    .find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).ok());
+                if let Some(mut s) = attempt {
+                    tune(&s)?;
+                    s.write_all(&hello.encode())?;
+                    return Ok(s);
+                }
+                if Instant::now() > deadline {
+                    return Err(CommError::Setup(format!(
+                        "could not connect to the next rank at {next_addr} within {timeout:?}"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let want_from = ((rank + world - 1) % world) as u32;
+        let prev = loop {
+            match listener.listener.accept() {
+                Ok((mut s, _)) => {
+                    tune(&s)?;
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut b = [0u8; 32];
+                    let ok = s.read_exact(&mut b).is_ok()
+                        && Hello::decode(&b).is_some_and(|h| {
+                            h == Hello {
+                                from_rank: want_from,
+                                ..hello
+                            }
+                        });
+                    if ok {
+                        s.set_read_timeout(None)?;
+                        break s;
+                    }
+                    tracing::debug!("ring: dropped a connection from another run or generation");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(CommError::Setup(format!(
+                            "rank {want_from} did not connect within {timeout:?}"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let next = dialer
+            .join()
+            .map_err(|_| CommError::Setup("ring dialer panicked".into()))??;
+        let abort_streams = Arc::new(vec![next.try_clone()?, prev.try_clone()?]);
+        Ok(Self {
+            rank,
+            world,
+            next,
+            prev,
+            scratch: vec![0.0; PIECE_FLOATS],
+            broken: false,
+            aborted: Arc::new(AtomicBool::new(false)),
+            abort_streams,
+        })
+    }
+
+    pub fn abort_handle(&self) -> RingAbort {
+        RingAbort {
+            streams: self.abort_streams.clone(),
+            aborted: self.aborted.clone(),
+        }
+    }
+
+    fn fail(&mut self, e: CommError) -> CommError {
+        self.broken = true;
+        let _ = self.next.shutdown(Shutdown::Both);
+        let _ = self.prev.shutdown(Shutdown::Both);
+        if self.aborted.load(Ordering::SeqCst) {
+            CommError::Aborted
+        } else {
+            e
+        }
+    }
+
+    fn check(&self) -> Result<(), CommError> {
+        if self.broken || self.aborted.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted);
+        }
+        Ok(())
+    }
+}
+
+fn bytes(s: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding or invalid bit patterns; u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+fn bytes_mut(s: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above; every byte pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+/// The pieces of chunk `c`.
+fn pieces(n: usize, world: usize, c: usize) -> Vec<Range<usize>> {
+    let r = chunk_range(n, world, c);
+    (r.start..r.end)
+        .step_by(PIECE_FLOATS)
+        .map(|s| s..(s + PIECE_FLOATS).min(r.end))
+        .collect()
+}
+
+/// One piece of one step: the region of the buffer it reads (writer) or writes (reader).
+struct Op {
+    step: usize,
+    piece: usize,
+    range: Range<usize>,
+}
+
+/// The ops of one side in order, and the index of each step's first op.
+fn schedule(
+    n: usize,
+    world: usize,
+    chunk_of_step: impl Fn(usize) -> usize,
+) -> (Vec<Op>, Vec<usize>) {
+    let mut ops = Vec::new();
+    let mut starts = Vec::new();
+    for step in 0..2 * (world - 1) {
+        starts.push(ops.len());
+        for (piece, range) in pieces(n, world, chunk_of_step(step))
+            .into_iter()
+            .enumerate()
+        {
+            ops.push(Op { step, piece, range });
+        }
+    }
+    (ops, starts)
+}
+
+/// Progress of the two sides of an all-reduce: ops completed by the reader and the writer.
+#[derive(Default)]
+struct Progress {
+    state: Mutex<(usize, usize, bool)>,
+    cv: Condvar,
+}
+
+impl Progress {
+    /// Wait until `ready(reader_done, writer_done)`; false if the other side failed.
+    fn wait(&self, ready: impl Fn(usize, usize) -> bool) -> bool {
+        let mut g = self.state.lock().expect("progress lock");
+        while !g.2 && !ready(g.0, g.1) {
+            g = self.cv.wait(g).expect("progress lock");
+        }
+        !g.2
+    }
+
+    fn update(&self, f: impl FnOnce(&mut (usize, usize, bool))) {
+        f(&mut self.state.lock().expect("progress lock"));
+        self.cv.notify_all();
+    }
+}
+
+/// The buffer shared by the reader (this thread) and the writer thread.
+#[derive(Clone, Copy)]
+struct SharedBuf(*mut f32);
+// SAFETY: the two sides touch disjoint regions at any time; see `all_reduce_sum`.
+unsafe impl Send for SharedBuf {}
+unsafe impl Sync for SharedBuf {}
+
+impl SharedBuf {
+    fn at(&self, i: usize) -> *mut f32 {
+        // SAFETY (of the add): callers pass offsets inside the buffer.
+        unsafe { self.0.add(i) }
+    }
+}
+
+impl Comm for Ring {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// Step s (of 2(w-1)): send chunk (r-s) mod w, receive chunk (r-s-1) mod w; in the
+    /// first w-1 steps the received piece is added, in the last w-1 it replaces.
+    ///
+    /// Safety of the shared buffer: the writer sends piece k of step s only after the reader
+    /// finished piece k of step s-1 (the same region, just reduced), and the reader writes
+    /// piece k of step s only after the writer finished piece k of step s+1-w (the last send
+    /// of that region before it is overwritten). Those are the only steps at which the two
+    /// sides meet the same region, so no region is read and written at the same time. The
+    /// hand-offs go through a mutex, which orders the memory accesses.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.check()?;
+        let (w, r, n) = (self.world, self.rank, buf.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let (wops, wstart) = schedule(n, w, |s| (r + w * 2 - s % w) % w);
+        let (rops, rstart) = schedule(n, w, |s| (r + w * 2 - s % w - 1) % w);
+        let progress = Progress::default();
+        let shared = SharedBuf(buf.as_mut_ptr());
+        let reduce_steps = w - 1;
+        let next = &self.next;
+        let prev = &mut self.prev;
+        let scratch = &mut self.scratch;
+        let result = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| -> Result<(), CommError> {
+                let mut out = next;
+                for (i, op) in wops.iter().enumerate() {
+                    let need = (op.step > 0).then(|| rstart[op.step - 1] + op.piece + 1);
+                    if !progress.wait(|rd, _| need.is_none_or(|k| rd >= k)) {
+                        return Err(CommError::Aborted);
+                    }
+                    // SAFETY: see above; the region is not being written now.
+                    let region = unsafe {
+                        std::slice::from_raw_parts(
+                            shared.at(op.range.start).cast_const(),
+                            op.range.len(),
+                        )
+                    };
+                    if let Err(e) = out.write_all(bytes(region)) {
+                        progress.update(|p| p.2 = true);
+                        return Err(e.into());
+                    }
+                    progress.update(|p| p.1 = i + 1);
+                }
+                Ok(())
+            });
+            let read = (|| -> Result<(), CommError> {
+                for (i, op) in rops.iter().enumerate() {
+                    let need = (op.step + 1 >= w).then(|| wstart[op.step + 1 - w] + op.piece + 1);
+                    if !progress.wait(|_, wd| need.is_none_or(|k| wd >= k)) {
+                        return Err(CommError::Aborted);
+                    }
+                    // SAFETY: see above; the region is not being read now.
+                    let region = unsafe {
+                        std::slice::from_raw_parts_mut(shared.at(op.range.start), op.range.len())
+                    };
+                    if op.step < reduce_steps {
+                        let tmp = &mut scratch[..region.len()];
+                        prev.read_exact(bytes_mut(tmp))?;
+                        for (d, s) in region.iter_mut().zip(tmp.iter()) {
+                            *d += *s;
+                        }
+                    } else {
+                        prev.read_exact(bytes_mut(region))?;
+                    }
+                    progress.update(|p| p.0 = i + 1);
+                }
+                Ok(())
+            })();
+            if read.is_err() {
+                progress.update(|p| p.2 = true);
+                // Unblock a writer stuck on a full socket.
+                let _ = next.shutdown(Shutdown::Both);
+            }
+            let wrote = writer.join().unwrap_or(Err(CommError::Aborted));
+            read.and(wrote)
+        });
+        result.map_err(|e| self.fail(e))
+    }
+
+    /// Pipelined along the ring from `root`: each rank receives a piece from its
+    /// predecessor and forwards it, except the rank just before `root`.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        self.check()?;
+        let (w, r) = (self.world, self.rank);
+        if root >= w {
+            return Err(CommError::Setup(format!(
+                "broadcast root {root} >= world {w}"
+            )));
+        }
+        let dist = (r + w - root) % w;
+        let result = (|| -> Result<(), CommError> {
+            let n = buf.len();
+            for s in (0..n).step_by(PIECE_FLOATS) {
+                let piece = &mut buf[s..(s + PIECE_FLOATS).min(n)];
+                if dist > 0 {
+                    self.prev.read_exact(bytes_mut(piece))?;
+                }
+                if dist < w - 1 {
+                    self.next.write_all(bytes(piece))?;
+                }
+            }
+            Ok(())
+        })();
+        result.map_err(|e| self.fail(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranks as threads joined by real TCP connections on 127.0.0.1.
+    fn rings(world: usize, generation: u64) -> Vec<Ring> {
+        let listeners: Vec<_> = (0..world)
+            .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let peers = peers.clone();
+                std::thread::spawn(move || {
+                    Ring::connect(&l, &peers, rank, 7, generation, Duration::from_secs(20)).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    fn on_all<T: Send + 'static>(
+        rings: Vec<Ring>,
+        f: impl Fn(&mut Ring) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<(Ring, T)> {
+        let hs: Vec<_> = rings
+            .into_iter()
+            .map(|mut ring| {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    let out = f(&mut ring);
+                    (ring, out)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    fn input(rank: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + rank * 13) % 101) as f32 * 0.37 - 11.0 + rank as f32 * 1e-3)
+            .collect()
+    }
+
+    #[test]
+    fn all_reduce_is_exact_and_identical_on_every_rank() {
+        for world in 2..=4 {
+            let mut rs = rings(world, 1);
+            // Sizes that do not divide by the world size or the piece size, and 0 / 1.
+            for n in [0, 1, 3, 5, 1001, PIECE_FLOATS + 3, 3 * PIECE_FLOATS + 17] {
+                let out = on_all(rs, move |ring| {
+                    let mut b = input(ring.rank(), n);
+                    ring.all_reduce_sum(&mut b).unwrap();
+                    b
+                });
+                let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, n)).collect();
+                let expected: Vec<f64> = (0..n)
+                    .map(|i| inputs.iter().map(|x| x[i] as f64).sum())
+                    .collect();
+                for (_, got) in &out {
+                    assert_eq!(got.len(), n);
+                    for (g, e) in got.iter().zip(&expected) {
+                        assert!(
+                            (*g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0),
+                            "world {world} n {n}"
+                        );
+                    }
+                    // Bitwise the same everywhere.
+                    assert_eq!(bytes(got), bytes(&out[0].1));
+                }
+                rs = out.into_iter().map(|(r, _)| r).collect();
+            }
+        }
+    }
+
+    #[test]
+    fn all_reduce_is_deterministic_across_repeats() {
+        let n = 2 * PIECE_FLOATS + 5;
+        let mut rs = rings(3, 1);
+        let mut first: Option<Vec<f32>> = None;
+        for _ in 0..4 {
+            let out = on_all(rs, move |ring| {
+                let mut b: Vec<f32> = input(ring.rank(), n)
+                    .iter()
+                    .map(|x| x * 1.000_123)
+                    .collect();
+                ring.all_reduce_sum(&mut b).unwrap();
+                b
+            });
+            let got = out[0].1.clone();
+            if let Some(f) = &first {
+                assert_eq!(bytes(f), bytes(&got));
+            }
+            first = Some(got);
+            rs = out.into_iter().map(|(r, _)| r).collect();
+        }
+    }
+
+    #[test]
+    fn broadcast_and_barrier() {
+        for world in 2..=4 {
+            let rs = rings(world, 3);
+            let out = on_all(rs, move |ring| {
+                let root = world - 1;
+                let mut b = if ring.rank() == root {
+                    input(9, 70_000)
+                } else {
+                    vec![0.0; 70_000]
+                };
+                ring.broadcast(&mut b, root).unwrap();
+                ring.barrier().unwrap();
+                b
+            });
+            for (_, b) in &out {
+                assert_eq!(b, &input(9, 70_000));
+            }
+        }
+    }
+
+    #[test]
+    fn connections_from_another_generation_are_dropped() {
+        let l = RingListener::bind("127.0.0.1:0").unwrap();
+        let other = RingListener::bind("127.0.0.1:0").unwrap();
+        let peers = vec![
+            l.local_addr().unwrap().to_string(),
+            other.local_addr().unwrap().to_string(),
+        ];
+        // A stale peer of generation 1 knocks first.
+        let mut stale = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        stale
+            .write_all(
+                &Hello {
+                    run_tag: 7,
+                    generation: 1,
+                    from_rank: 1,
+                    world: 2,
+                }
+                .encode(),
+            )
+            .unwrap();
+        let p2 = peers.clone();
+        let h = std::thread::spawn(move || {
+            Ring::connect(&other, &p2, 1, 7, 2, Duration::from_secs(10)).unwrap()
+        });
+        let mut r0 = Ring::connect(&l, &peers, 0, 7, 2, Duration::from_secs(10)).unwrap();
+        let mut r1 = h.join().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut b = vec![1.0f32; 10];
+            r1.all_reduce_sum(&mut b).unwrap();
+            b
+        });
+        let mut b = vec![2.0f32; 10];
+        r0.all_reduce_sum(&mut b).unwrap();
+        assert_eq!(b, vec![3.0; 10]);
+        assert_eq!(t.join().unwrap(), vec![3.0; 10]);
+    }
+
+    #[test]
+    fn a_dead_peer_fails_the_collective_instead_of_hanging() {
+        let mut rs = rings(3, 1);
+        let dead = rs.pop().unwrap();
+        drop(dead);
+        let out = on_all(rs, |ring| {
+            let mut b = vec![1.0f32; 300_000];
+            ring.all_reduce_sum(&mut b).is_err()
+        });
+        assert!(out.iter().all(|(_, failed)| *failed));
+    }
+
+    #[test]
+    fn abort_unblocks_a_waiting_rank() {
+        let mut rs = rings(2, 1);
+        let _idle = rs.pop().unwrap(); // never joins the collective
+        let mut r0 = rs.pop().unwrap();
+        let abort = r0.abort_handle();
+        let t = std::thread::spawn(move || r0.all_reduce_sum(&mut vec![1.0f32; 4_000_000]));
+        std::thread::sleep(Duration::from_millis(200));
+        abort.abort();
+        assert!(matches!(t.join().unwrap(), Err(CommError::Aborted)));
+    }
+}
