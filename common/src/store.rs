@@ -36,6 +36,24 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Run `fut` to completion on the storage runtime. Callable from plain threads and from
+/// inside another tokio runtime (where a nested `block_on` would panic): there the future
+/// runs from a short-lived helper thread.
+fn block_on<F: std::future::Future + Send>(fut: F) -> F::Output
+where
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(|| runtime().block_on(fut))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    } else {
+        runtime().block_on(fut)
+    }
+}
+
 /// A store plus a prefix inside it; all paths given to its methods are relative to the prefix.
 #[derive(Clone)]
 pub struct Store {
@@ -115,8 +133,7 @@ impl Store {
 
     pub fn put(&self, rel: &str, bytes: Bytes) -> Result<(), StoreError> {
         let p = self.full(rel);
-        runtime()
-            .block_on(self.inner.put(&p, PutPayload::from(bytes)))
+        block_on(self.inner.put(&p, PutPayload::from(bytes)))
             .map(|_| ())
             .map_err(|e| Self::io("put", &p, e))
     }
@@ -128,7 +145,7 @@ impl Store {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match runtime().block_on(self.inner.put_opts(&p, PutPayload::from(bytes), opts)) {
+        match block_on(self.inner.put_opts(&p, PutPayload::from(bytes), opts)) {
             Ok(_) => Ok(()),
             Err(object_store::Error::AlreadyExists { .. }) => {
                 Err(StoreError::AlreadyExists(p.to_string()))
@@ -140,10 +157,8 @@ impl Store {
     /// The object's bytes, or `None` when it does not exist.
     pub fn get(&self, rel: &str) -> Result<Option<Bytes>, StoreError> {
         let p = self.full(rel);
-        let rt = runtime();
-        match rt.block_on(self.inner.get(&p)) {
-            Ok(r) => rt
-                .block_on(r.bytes())
+        match block_on(self.inner.get(&p)) {
+            Ok(r) => block_on(r.bytes())
                 .map(Some)
                 .map_err(|e| Self::io("get", &p, e)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -153,7 +168,7 @@ impl Store {
 
     pub fn delete(&self, rel: &str) -> Result<(), StoreError> {
         let p = self.full(rel);
-        match runtime().block_on(self.inner.delete(&p)) {
+        match block_on(self.inner.delete(&p)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(Self::io("delete", &p, e)),
         }
@@ -162,8 +177,7 @@ impl Store {
     /// Every object under `rel`, as (path relative to this store's root, size in bytes).
     pub fn list(&self, rel: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let p = self.full(rel);
-        let metas: Vec<_> = runtime()
-            .block_on(self.inner.list(Some(&p)).try_collect::<Vec<_>>())
+        let metas: Vec<_> = block_on(self.inner.list(Some(&p)).try_collect::<Vec<_>>())
             .map_err(|e| Self::io("list", &p, e))?;
         let strip = self.prefix.to_string();
         let mut out: Vec<(String, u64)> = metas

@@ -21,6 +21,14 @@ struct Cli {
 enum Command {
     /// Train a model from a YAML config (single process).
     Train(cli::train::TrainArgs),
+    /// Single-node job: a coordinator plus N local workers (the debug mode).
+    Launch(cli::dist::LaunchArgs),
+    /// Serve a job to workers on other processes or machines.
+    Coordinator(cli::dist::CoordinatorArgs),
+    /// Join a coordinator and train what it says.
+    Worker(cli::dist::WorkerArgs),
+    /// Workers, ranks, stage, step, loss and tokens/s of a running job.
+    Status(cli::dist::StatusArgs),
     /// Prepare datasets.
     #[command(subcommand)]
     Data(cli::data::DataCommand),
@@ -45,6 +53,10 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Train(a) => cli::train::run(a),
+        Command::Launch(a) => cli::dist::run_launch(a),
+        Command::Coordinator(a) => cli::dist::run_coordinator(a),
+        Command::Worker(a) => cli::dist::run_worker_cmd(a),
+        Command::Status(a) => cli::dist::run_status(a),
         Command::Data(c) => cli::data::run_data(c),
         Command::Tokenizer(c) => cli::data::run_tokenizer(c),
         Command::Eval(a) => cli::eval::run(a),

@@ -7,4 +7,5 @@ pub mod models;
 pub mod objectives;
 pub mod ops;
 pub mod optim;
+pub mod runtime;
 pub mod train;

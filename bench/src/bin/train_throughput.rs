@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Parser;
 use stackwise_common::rng::Rng;
+use stackwise_worker::comm::Local;
 use stackwise_worker::models::Params;
 use stackwise_worker::models::{RawModelConfig, Transformer};
 use stackwise_worker::objectives::Batch;
@@ -77,7 +78,16 @@ fn main() -> Result<()> {
     let mut loss = 0.0;
     for i in 0..=a.steps {
         let t = Instant::now();
-        loss = train_step(&model, &params, &mut opt, &batch, Some(1.0), 1e-4)?.loss;
+        loss = train_step(
+            &model,
+            &params,
+            &mut opt,
+            &batch,
+            Some(1.0),
+            1e-4,
+            &mut Local,
+        )?
+        .loss;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64());
         }

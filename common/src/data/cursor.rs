@@ -20,6 +20,17 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
     order
 }
 
+/// The rows of a global batch of `batch` rows that rank `rank` of `world` takes: a
+/// contiguous slice, so the ranks' slices in rank order are the global batch.
+pub fn rank_rows(batch: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    assert!(
+        world > 0 && rank < world && batch.is_multiple_of(world),
+        "batch {batch} over {world} ranks"
+    );
+    let per = batch / world;
+    rank * per..(rank + 1) * per
+}
+
 impl Cursor {
     pub fn start() -> Self {
         Self { epoch: 0, index: 0 }
@@ -54,6 +65,39 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rank_slices_concatenate_to_the_global_batch() {
+        for (batch, world) in [(8, 1), (8, 2), (8, 4), (12, 3), (6, 6)] {
+            let joined: Vec<usize> = (0..world)
+                .flat_map(|r| rank_rows(batch, world, r))
+                .collect();
+            assert_eq!(joined, (0..batch).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_resumed_run_sees_the_same_samples_with_any_world_size() {
+        // 1 rank x 3 steps of 4 == 2 ranks x (2 steps, resume, 1 step) of 2 rows each.
+        let (n, seed, batch) = (10, 3, 4);
+        let mut one = (Cursor::start(), None);
+        let single: Vec<usize> = (0..3)
+            .flat_map(|_| one.0.take(batch, n, seed, &mut one.1))
+            .collect();
+        let mut two = (Cursor::start(), None);
+        let mut split = Vec::new();
+        for step in 0..3 {
+            if step == 2 {
+                // "Resume": a fresh order cache from the saved cursor.
+                two.1 = None;
+            }
+            let global = two.0.take(batch, n, seed, &mut two.1);
+            for r in 0..2 {
+                split.extend(global[rank_rows(batch, 2, r)].iter().copied());
+            }
+        }
+        assert_eq!(single, split);
+    }
 
     #[test]
     fn order_is_a_pure_function_and_resume_continues_it() {

@@ -5,6 +5,6 @@ pub mod cursor;
 pub mod dataset;
 pub mod prepare;
 
-pub use cursor::Cursor;
+pub use cursor::{Cursor, rank_rows};
 pub use dataset::{Sample, SplitData, TokenIndex};
 pub use prepare::{PrepareOptions, prepare};

@@ -1,6 +1,7 @@
 //! Subcommands of the `stackwise` binary.
 
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod generate;
 pub mod model_source;
@@ -15,6 +16,10 @@ pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .with_target(false)
         .init();
 }

@@ -2,10 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use stackwise_common::config::{apply_env, apply_sets};
-use stackwise_worker::train::{RunOptions, TrainConfig, Trainer};
+use stackwise_worker::train::{RunOptions, Trainer};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -28,33 +27,7 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-/// Read the YAML file and apply `STACKWISE_*` env vars and `--set` overrides.
-pub fn load_config(path: &PathBuf, sets: &[String]) -> Result<TrainConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
-    let mut raw: serde_yaml::Value =
-        serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-    if raw.is_null() {
-        raw = serde_yaml::Value::Mapping(Default::default());
-    }
-    let applied = apply_env(&mut raw, std::env::vars())?;
-    if !applied.is_empty() {
-        tracing::info!(
-            ?applied,
-            "config keys set from STACKWISE_* environment variables"
-        );
-    }
-    apply_sets(&mut raw, sets)?;
-    let mut cfg: TrainConfig = serde_yaml::from_value(raw)
-        .with_context(|| format!("invalid config {}", path.display()))?;
-    if cfg.run.name == "run" {
-        // Default run name: the config file's stem.
-        cfg.run.name = path
-            .file_stem()
-            .map_or("run".into(), |s| s.to_string_lossy().to_string());
-    }
-    Ok(cfg)
-}
+pub use stackwise_coordinator::spec::load_config;
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = load_config(&a.config, &a.sets)?;
@@ -62,6 +35,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         resume: a.resume,
         until_step: a.until_step,
         progress: !a.no_progress,
+        resume_from: None,
     };
     let mut trainer = Trainer::new(cfg, &opts)?;
     let summary = trainer.run(&opts)?;

@@ -109,7 +109,7 @@ fn tune(s: &TcpStream) -> std::io::Result<()> {
 impl Ring {
     /// Form the ring of one generation: connect to rank+1's listener and accept rank-1's
     /// connection. Connections from another run or generation (e.g. a late peer of an
-    /// aborted generation) are dropped. Fails after `timeout`.
+    /// aborted generation) are dropped. Fails after `timeout`, or soon after `cancel` is set.
     pub fn connect(
         listener: &RingListener,
         peers: &[String],
@@ -117,6 +117,7 @@ impl Ring {
         run_tag: u64,
         generation: u64,
         timeout: Duration,
+        cancel: Arc<AtomicBool>,
     ) -> Result<Self, CommError> {
         let world = peers.len();
         if world < 2 || rank >= world {
@@ -132,6 +133,7 @@ impl Ring {
             from_rank: rank as u32,
             world: world as u32,
         };
+        let dial_cancel = cancel.clone();
         let dialer = std::thread::spawn(move || -> Result<TcpStream, CommError> {
             let addrs: Vec<SocketAddr> = next_addr
                 .to_socket_addrs()
@@ -150,6 +152,9 @@ impl Ring {
                     return Err(CommError::Setup(format!(
                         "could not connect to the next rank at {next_addr} within {timeout:?}"
                     )));
+                }
+                if dial_cancel.load(Ordering::SeqCst) {
+                    return Err(CommError::Aborted);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -175,6 +180,9 @@ impl Ring {
                     tracing::debug!("ring: dropped a connection from another run or generation");
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if cancel.load(Ordering::SeqCst) {
+                        return Err(CommError::Aborted);
+                    }
                     if Instant::now() > deadline {
                         return Err(CommError::Setup(format!(
                             "rank {want_from} did not connect within {timeout:?}"
@@ -446,7 +454,16 @@ mod tests {
             .map(|(rank, l)| {
                 let peers = peers.clone();
                 std::thread::spawn(move || {
-                    Ring::connect(&l, &peers, rank, 7, generation, Duration::from_secs(20)).unwrap()
+                    Ring::connect(
+                        &l,
+                        &peers,
+                        rank,
+                        7,
+                        generation,
+                        Duration::from_secs(20),
+                        Default::default(),
+                    )
+                    .unwrap()
                 })
             })
             .collect();
@@ -574,9 +591,27 @@ mod tests {
             .unwrap();
         let p2 = peers.clone();
         let h = std::thread::spawn(move || {
-            Ring::connect(&other, &p2, 1, 7, 2, Duration::from_secs(10)).unwrap()
+            Ring::connect(
+                &other,
+                &p2,
+                1,
+                7,
+                2,
+                Duration::from_secs(10),
+                Default::default(),
+            )
+            .unwrap()
         });
-        let mut r0 = Ring::connect(&l, &peers, 0, 7, 2, Duration::from_secs(10)).unwrap();
+        let mut r0 = Ring::connect(
+            &l,
+            &peers,
+            0,
+            7,
+            2,
+            Duration::from_secs(10),
+            Default::default(),
+        )
+        .unwrap();
         let mut r1 = h.join().unwrap();
         let t = std::thread::spawn(move || {
             let mut b = vec![1.0f32; 10];

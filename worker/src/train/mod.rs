@@ -7,4 +7,4 @@ pub mod step;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{RunOptions, TrainSummary, Trainer};
+pub use trainer::{Aborted, RunOptions, TrainEvent, TrainSummary, Trainer};

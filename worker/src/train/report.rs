@@ -22,8 +22,14 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// `run`: the run's store; metrics go to `metrics.jsonl` there.
-    pub fn new(run: &Store, total_steps: u64, start_step: u64, progress: bool) -> Self {
+    /// `run`: the run's store; metrics go to `metrics.jsonl` there when `write_metrics`.
+    pub fn new(
+        run: &Store,
+        total_steps: u64,
+        start_step: u64,
+        progress: bool,
+        write_metrics: bool,
+    ) -> Self {
         let bar = (progress && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new(total_steps);
             b.set_style(
@@ -35,8 +41,11 @@ impl Reporter {
             b.set_position(start_step);
             b
         });
-        let metrics_path = run.local_path().map(|p| p.join("metrics.jsonl"));
-        let remote = metrics_path.is_none().then(|| (run.clone(), Vec::new()));
+        let metrics_path = run
+            .local_path()
+            .filter(|_| write_metrics)
+            .map(|p| p.join("metrics.jsonl"));
+        let remote = (write_metrics && metrics_path.is_none()).then(|| (run.clone(), Vec::new()));
         Self {
             bar,
             metrics_path,

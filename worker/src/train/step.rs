@@ -1,33 +1,54 @@
 //! One optimizer step, shared by the trainer and the benchmarks: micro-batches → gradients
 //! summed across them (each scaled by its share of the global target count, so accumulation
-//! equals one big batch) → global-norm clip → AdamW, or a skip when anything is non-finite.
+//! equals one big batch) → all-reduce across ranks → global-norm clip → AdamW, or a skip
+//! when anything is non-finite on any rank.
 
 use std::collections::HashMap;
 
-use candle_core::{Result, Tensor};
+use anyhow::Result;
+use candle_core::Tensor;
 
+use crate::comm::Comm;
 use crate::models::{Params, Transformer};
 use crate::objectives::{Batch, nll_sum};
 use crate::optim::AdamW;
 use crate::optim::adamw::clip_grad_norm;
 
+/// Gradients are all-reduced in buckets of at most this many floats (32 MiB), which bounds
+/// the staging memory of the exchange.
+pub const BUCKET_FLOATS: usize = 8 << 20;
+
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
-    /// Mean loss over the step's target tokens.
+    /// Mean loss over the step's target tokens (all ranks).
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Tokens this rank processed.
     pub tokens: usize,
     pub skipped: bool,
 }
 
-/// Loss and summed gradients (by parameter name) of `batches`.
+/// Loss, global target count and gradients (by parameter name) of `batches` on this rank,
+/// summed over all ranks of `comm`: every rank returns the same values.
 pub fn gradients(
     model: &Transformer,
     params: &Params,
     batches: &[Batch],
+    comm: &mut dyn Comm,
 ) -> Result<(f64, f64, HashMap<String, Tensor>)> {
-    let total_weight: f64 = batches.iter().map(Batch::weight).sum::<Result<f64>>()?;
+    let local_weight: f64 = batches
+        .iter()
+        .map(Batch::weight)
+        .sum::<candle_core::Result<f64>>()?;
+    let total_weight = if comm.world_size() > 1 {
+        // Target counts are integers; f32 holds them exactly up to 2^24 per step.
+        let mut w = [local_weight as f32];
+        comm.all_reduce_sum(&mut w)?;
+        w[0] as f64
+    } else {
+        local_weight
+    };
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss = 0f64;
     if total_weight == 0.0 {
@@ -47,10 +68,69 @@ pub fn gradients(
             }
         }
     }
+    if comm.world_size() > 1 {
+        loss = all_reduce_gradients(params, &mut grads, loss, comm)?;
+    }
     Ok((loss, total_weight, grads))
 }
 
-/// Gradients, clipping and the AdamW update with learning rate `lr`.
+/// Sum `grads` (and the scalar `loss`) over all ranks, packed into buckets of about
+/// `BUCKET_FLOATS` in parameter order; the loss rides in the last bucket. A parameter
+/// without a gradient on this rank contributes zeros.
+fn all_reduce_gradients(
+    params: &Params,
+    grads: &mut HashMap<String, Tensor>,
+    loss: f64,
+    comm: &mut dyn Comm,
+) -> Result<f64> {
+    let vars: Vec<(&String, &Tensor)> = params
+        .vars
+        .iter()
+        .map(|(n, v)| (n, v.as_tensor()))
+        .collect();
+    let mut buckets: Vec<std::ops::Range<usize>> = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, (_, v)) in vars.iter().enumerate() {
+        size += v.elem_count();
+        if size >= BUCKET_FLOATS || i + 1 == vars.len() {
+            buckets.push(start..i + 1);
+            (start, size) = (i + 1, 0);
+        }
+    }
+    if buckets.is_empty() {
+        buckets.push(0..0);
+    }
+    let last = buckets.len() - 1;
+    let mut total_loss = loss;
+    let mut buf: Vec<f32> = Vec::new();
+    for (b, range) in buckets.into_iter().enumerate() {
+        buf.clear();
+        for (name, var) in &vars[range.clone()] {
+            match grads.get(*name) {
+                Some(g) => buf.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                None => buf.resize(buf.len() + var.elem_count(), 0.0),
+            }
+        }
+        if b == last {
+            buf.push(loss as f32);
+        }
+        comm.all_reduce_sum(&mut buf)?;
+        if b == last {
+            total_loss = buf.pop().expect("loss slot") as f64;
+        }
+        let mut off = 0;
+        for (name, var) in &vars[range] {
+            let n = var.elem_count();
+            let t = Tensor::from_slice(&buf[off..off + n], var.shape(), var.device())?;
+            grads.insert((*name).clone(), t);
+            off += n;
+        }
+    }
+    Ok(total_loss)
+}
+
+/// Gradients, clipping and the AdamW update with learning rate `lr`. The skip decision is
+/// taken on all-reduced values, so every rank skips together.
 pub fn train_step(
     model: &Transformer,
     params: &Params,
@@ -58,9 +138,10 @@ pub fn train_step(
     batches: &[Batch],
     grad_clip: Option<f64>,
     lr: f64,
+    comm: &mut dyn Comm,
 ) -> Result<StepStats> {
     let tokens = batches.iter().map(Batch::tokens).sum();
-    let (loss, weight, mut grads) = gradients(model, params, batches)?;
+    let (loss, weight, mut grads) = gradients(model, params, batches, comm)?;
     let grad_norm = clip_grad_norm(&mut grads, grad_clip)?;
     let skipped = weight == 0.0 || !loss.is_finite() || !grad_norm.is_finite();
     if !skipped {

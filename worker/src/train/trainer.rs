@@ -1,8 +1,16 @@
-//! The single-process trainer (world size 1): data → micro-batches → gradients → clip →
-//! AdamW, with evaluation, early stopping, EMA and exact checkpoint/resume.
+//! The trainer: data → micro-batches → gradients → all-reduce → clip → AdamW, with
+//! evaluation, early stopping, EMA and exact checkpoint/resume.
+//!
+//! Data parallel: every rank draws the same global batch from the global cursor and takes its
+//! slice (rows `rank*b/w .. (rank+1)*b/w` of each micro-batch), so `w` ranks with batch `b/w`
+//! see exactly the samples of one rank with batch `b`, and a run resumes at the same data
+//! position with any world size that divides the batch. Rank 0 writes checkpoints and
+//! metrics; all ranks hold the same weights.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -10,7 +18,7 @@ use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 use stackwise_common::checkpoint::{CheckpointMeta, CheckpointStore, LoadedCheckpoint};
-use stackwise_common::data::{Cursor, SplitData, TokenIndex};
+use stackwise_common::data::{Cursor, SplitData, TokenIndex, rank_rows};
 use stackwise_common::rng::Rng;
 use stackwise_common::store::Store;
 use stackwise_common::tokenizer::Tok;
@@ -19,6 +27,7 @@ use super::config::TrainConfig;
 use super::report::{Reporter, peak_rss_bytes};
 use super::state::TrainerState;
 use super::step::{self, StepStats};
+use crate::comm::{Comm, Local};
 use crate::models::{Params, Transformer, hf};
 use crate::objectives::{Batch, Objective, nll_sum};
 use crate::optim::{AdamW, AdamWConfig, Ema, Schedule};
@@ -32,7 +41,26 @@ pub struct RunOptions {
     pub until_step: Option<u64>,
     /// Show a progress bar when stderr is a terminal.
     pub progress: bool,
+    /// Continue from this checkpoint of the run (chosen by the coordinator, so every rank
+    /// loads the same one).
+    pub resume_from: Option<String>,
 }
+
+/// What the trainer reports as it goes (the worker forwards these to the coordinator).
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    Step(stackwise_proto::model::StepMetrics),
+    Checkpoint {
+        step: u64,
+        name: String,
+        uri: String,
+    },
+}
+
+/// The training was stopped from outside (`Trainer::set_abort`).
+#[derive(Debug, thiserror::Error)]
+#[error("training aborted")]
+pub struct Aborted;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainSummary {
@@ -66,6 +94,9 @@ pub struct Trainer {
     device: Device,
     order: Option<(u64, Vec<u32>)>,
     last_checkpoint: Option<String>,
+    comm: Box<dyn Comm>,
+    observer: Option<Box<dyn FnMut(TrainEvent) + Send>>,
+    abort: Option<Arc<AtomicBool>>,
 }
 
 fn device_from(name: &str) -> Result<Device> {
@@ -84,8 +115,22 @@ fn device_from(name: &str) -> Result<Device> {
 }
 
 impl Trainer {
+    /// A single-process trainer (world size 1).
     pub fn new(cfg: TrainConfig, opts: &RunOptions) -> Result<Self> {
+        Self::with_comm(cfg, opts, Box::new(Local))
+    }
+
+    /// A trainer that is one rank of `comm`'s group.
+    pub fn with_comm(cfg: TrainConfig, opts: &RunOptions, comm: Box<dyn Comm>) -> Result<Self> {
         cfg.training.validate()?;
+        let world = comm.world_size();
+        if !cfg.training.batch_size.is_multiple_of(world) {
+            bail!(
+                "training.batch_size ({}) is the global batch and must divide by the number of workers ({world}); \
+                 change one of them",
+                cfg.training.batch_size
+            );
+        }
         let device = device_from(&cfg.run.device)?;
         let data_store = Store::open(&cfg.data.path)?;
         let (index, tok) = TokenIndex::open(&data_store)?;
@@ -207,9 +252,18 @@ impl Trainer {
             device,
             order: None,
             last_checkpoint: None,
+            comm,
+            observer: None,
+            abort: None,
         };
         let existing = trainer.ckpt.list_names()?;
-        if opts.resume {
+        if let Some(name) = &opts.resume_from {
+            let c = trainer
+                .ckpt
+                .load(name)
+                .with_context(|| format!("load checkpoint {name} of {}", trainer.run.uri()))?;
+            trainer.restore(&c)?;
+        } else if opts.resume {
             match trainer.ckpt.load_latest()? {
                 Some(c) => trainer.restore(&c)?,
                 None => {
@@ -223,8 +277,10 @@ impl Trainer {
                 existing.join(", ")
             );
         }
-        let resolved = serde_yaml::to_string(&trainer.cfg).context("serialize config")?;
-        trainer.run.put("config.yaml", Bytes::from(resolved))?;
+        if trainer.is_leader() {
+            let resolved = serde_yaml::to_string(&trainer.cfg).context("serialize config")?;
+            trainer.run.put("config.yaml", Bytes::from(resolved))?;
+        }
         Ok(trainer)
     }
 
@@ -266,6 +322,27 @@ impl Trainer {
         Ok(())
     }
 
+    /// Rank 0 writes checkpoints, metrics and the resolved config.
+    pub fn is_leader(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// Receive step metrics and checkpoint reports.
+    pub fn set_observer(&mut self, f: Box<dyn FnMut(TrainEvent) + Send>) {
+        self.observer = Some(f);
+    }
+
+    /// Stop at the next step boundary once `flag` is set (`run` returns `Aborted`).
+    pub fn set_abort(&mut self, flag: Arc<AtomicBool>) {
+        self.abort = Some(flag);
+    }
+
+    fn emit(&mut self, e: TrainEvent) {
+        if let Some(f) = &mut self.observer {
+            f(e);
+        }
+    }
+
     pub fn model(&self) -> &Transformer {
         &self.model
     }
@@ -294,8 +371,11 @@ impl Trainer {
                     .sample(i, self.seq_len, self.packed, self.pad_id, self.all_tokens)
             })
             .collect();
+        // This rank's slice of each global micro-batch.
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let mine = rank_rows(t.batch_size, world, rank);
         rows.chunks(t.batch_size)
-            .map(|c| Ok(Batch::from_rows(c, &self.device)?))
+            .map(|c| Ok(Batch::from_rows(&c[mine.clone()], &self.device)?))
             .collect()
     }
 
@@ -309,6 +389,7 @@ impl Trainer {
             &batches,
             self.cfg.training.grad_clip,
             lr,
+            self.comm.as_mut(),
         )?;
         if stats.skipped {
             self.state.skipped_steps += 1;
@@ -327,7 +408,7 @@ impl Trainer {
     }
 
     /// Mean masked next-token loss on the validation split (first `eval_batches` batches),
-    /// with the EMA weights when enabled.
+    /// with the EMA weights when enabled. The batches are shared out across ranks.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let n = self.val.num_samples(self.seq_len, self.packed);
         if n == 0 {
@@ -345,7 +426,9 @@ impl Trainer {
             None => None,
         };
         let (mut sum, mut weight) = (0f64, 0f64);
-        for chunk in (0..count).collect::<Vec<_>>().chunks(t.batch_size) {
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let all: Vec<usize> = (0..count).collect();
+        for chunk in all.chunks(t.batch_size).skip(rank).step_by(world) {
             let rows: Vec<_> = chunk
                 .iter()
                 .map(|&i| {
@@ -360,10 +443,20 @@ impl Trainer {
         if let Some(raw) = raw {
             self.params.load(&raw.into_iter().collect())?;
         }
+        if world > 1 {
+            let mut b = [sum as f32, weight as f32];
+            self.comm.all_reduce_sum(&mut b)?;
+            (sum, weight) = (b[0] as f64, b[1] as f64);
+        }
         Ok((weight > 0.0).then(|| sum / weight))
     }
 
     fn save_checkpoint(&mut self) -> Result<String> {
+        if !self.is_leader() {
+            let name = stackwise_common::checkpoint::step_dir(self.state.step);
+            self.last_checkpoint = Some(name.clone());
+            return Ok(name);
+        }
         let mut files: Vec<(String, Bytes)> = vec![
             (
                 "model.safetensors".into(),
@@ -399,6 +492,12 @@ impl Trainer {
             tracing::debug!(?dropped, "retention removed old checkpoints");
         }
         self.last_checkpoint = Some(name.clone());
+        let uri = format!("{}/checkpoints/{name}", self.run.uri());
+        self.emit(TrainEvent::Checkpoint {
+            step: self.state.step,
+            name: name.clone(),
+            uri,
+        });
         Ok(name)
     }
 
@@ -406,11 +505,20 @@ impl Trainer {
     pub fn run(&mut self, opts: &RunOptions) -> Result<TrainSummary> {
         let t = self.cfg.training.clone();
         let stop_at = opts.until_step.unwrap_or(t.steps).min(t.steps);
-        let mut rep = Reporter::new(&self.run, t.steps, self.state.step, opts.progress);
+        let leader = self.is_leader();
+        let mut rep = Reporter::new(
+            &self.run,
+            t.steps,
+            self.state.step,
+            opts.progress && leader,
+            leader,
+        );
         let trainable = self.params.count();
         rep.line(&format!(
-            "run {} | {} parameters, all trainable | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
+            "run {} | rank {}/{} | {} parameters, all trainable | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
             self.run.uri(),
+            self.comm.rank(),
+            self.comm.world_size(),
             trainable,
             self.train.tokens.len(),
             self.val.tokens.len(),
@@ -424,6 +532,13 @@ impl Trainer {
         let mut last_loss = None;
         let mut total_tokens = 0usize;
         while self.state.step < stop_at && !self.state.stopped_early {
+            if self
+                .abort
+                .as_ref()
+                .is_some_and(|a| a.load(Ordering::SeqCst))
+            {
+                return Err(Aborted.into());
+            }
             let lr = self.state.schedule.at(self.state.step);
             let stats = self.train_step(lr)?;
             window_tokens += stats.tokens;
@@ -446,6 +561,18 @@ impl Trainer {
             // Diagnostics only below this line.
             let tokens_per_s =
                 window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+            self.emit(TrainEvent::Step(stackwise_proto::model::StepMetrics {
+                stage: 0,
+                step,
+                total_steps: t.steps,
+                loss: stats.loss,
+                lr,
+                grad_norm: stats.grad_norm,
+                tokens: stats.tokens as u64,
+                tokens_per_s,
+                val_loss: val,
+                skipped: stats.skipped,
+            }));
             if step.is_multiple_of(t.log_every.max(1)) || val.is_some() || step == stop_at {
                 let mut rec = json!({
                     "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
@@ -465,7 +592,7 @@ impl Trainer {
                     line.push_str(&format!(" | val {v:.4} ppl {:.2}", v.exp()));
                 }
                 rep.record(&rec);
-                if !rep.is_bar() || val.is_some() {
+                if leader && (!rep.is_bar() || val.is_some()) {
                     rep.line(&line);
                 }
                 window_tokens = 0;

@@ -1,0 +1,351 @@
+//! The distributed commands: `coordinator`, `worker`, `launch`, `status`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use stackwise_coordinator::launch::{LaunchDevice, LaunchError, LaunchOptions, launch};
+use stackwise_coordinator::spec::{SpecOptions, job_spec, load_config};
+use stackwise_coordinator::{Coordinator, OnWorkerLoss, Phase, TlsFiles};
+use stackwise_proto::pb;
+use stackwise_worker::runtime::{Target, WorkerOptions, run_worker};
+use tokio::time::Duration;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// The training config (YAML); workers receive it resolved, with absolute paths.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key, e.g. --set training.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub bind: String,
+    /// Start training once this many workers are registered.
+    #[arg(long, default_value_t = 1)]
+    pub min_workers: usize,
+    /// Use at most this many workers (default: min-workers).
+    #[arg(long)]
+    pub max_workers: Option<usize>,
+    /// Once min-workers are there, wait this long for more before starting.
+    #[arg(long, default_value_t = 2000)]
+    pub rendezvous_grace_ms: u64,
+    /// File holding the shared token (else STACKWISE_TOKEN). Every RPC must carry it.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Serve without a token (trusted networks only).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// TLS certificate (PEM); with --tls-key, the coordinator serves https.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A worker silent for this long is dropped.
+    #[arg(long, default_value_t = 10_000)]
+    pub lease_ms: u64,
+    /// How often workers send heartbeats.
+    #[arg(long, default_value_t = 1_000)]
+    pub heartbeat_ms: u64,
+    /// Continue the run from its newest valid checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop every rank at this step, with a checkpoint.
+    #[arg(long, value_name = "STEP")]
+    pub until_step: Option<u64>,
+    /// What to do when a worker of the running group is lost.
+    #[arg(long, value_enum, default_value_t = OnWorkerLoss::Stop)]
+    pub on_worker_loss: OnWorkerLoss,
+}
+
+pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
+    let token = Target::token_from(a.token_file.as_deref())?;
+    if token.is_none() && !a.insecure_no_auth {
+        bail!(
+            "no token: pass --token-file FILE or set STACKWISE_TOKEN (or --insecure-no-auth on a trusted network)"
+        );
+    }
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(TlsFiles {
+            cert_pem: std::fs::read(c).with_context(|| format!("read {}", c.display()))?,
+            key_pem: std::fs::read(k).with_context(|| format!("read {}", k.display()))?,
+        }),
+        _ => None,
+    };
+    let cfg = load_config(&a.config, &a.sets)?;
+    let spec = job_spec(
+        cfg,
+        SpecOptions {
+            min_workers: a.min_workers,
+            max_workers: a.max_workers.unwrap_or(a.min_workers),
+            lease: Duration::from_millis(a.lease_ms),
+            heartbeat: Duration::from_millis(a.heartbeat_ms),
+            rendezvous_grace: Duration::from_millis(a.rendezvous_grace_ms),
+            resume: a.resume,
+            on_worker_loss: a.on_worker_loss,
+            until_step: a.until_step,
+        },
+    )?;
+    let run_id = spec.run_id.clone();
+    runtime()?.block_on(async move {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let coord = Coordinator::start(spec, &a.bind, token, tls).await?;
+        eprintln!(
+            "coordinator for run {run_id} listening on {scheme}://{} (waiting for {} worker(s))",
+            coord.addr, a.min_workers
+        );
+        let phase = tokio::select! {
+            p = coord.wait_over() => p,
+            _ = tokio::signal::ctrl_c() => {
+                coord.stop_job("interrupted (Ctrl-C)".into());
+                coord.phase()
+            }
+        };
+        let status = coord.status();
+        coord.shutdown(Duration::from_secs(10)).await;
+        match phase {
+            Phase::Finished => {
+                eprintln!(
+                    "done: run {run_id} | step {} | loss {:.4}",
+                    status.step, status.loss
+                );
+                Ok(())
+            }
+            Phase::Failed(m) | Phase::Stopped(m) => bail!("{m}"),
+            _ => Ok(()),
+        }
+    })
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// The coordinator, e.g. http://10.0.0.1:50051 (https:// with TLS).
+    #[arg(long)]
+    pub coordinator: String,
+    /// File holding the shared token (else STACKWISE_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) for an https coordinator with a private CA.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name shown in logs and `stackwise status` (default: host name and pid).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Where to accept ring connections from the previous rank.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub ring_bind: String,
+    /// Host other workers use to reach this one (default: this machine's address toward the coordinator).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+    /// Give up after this many seconds without reaching the coordinator.
+    #[arg(long, default_value_t = 300)]
+    pub rejoin_timeout_s: u64,
+}
+
+pub fn run_worker_cmd(a: WorkerArgs) -> Result<()> {
+    let target = Target {
+        url: a.coordinator,
+        token: Target::token_from(a.token_file.as_deref())?,
+        tls_ca: a.tls_ca,
+    };
+    let name = a.name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    runtime()?.block_on(run_worker(WorkerOptions {
+        target,
+        name,
+        device: a.device,
+        ring_bind: a.ring_bind,
+        advertise_host: a.advertise_host,
+        rejoin_timeout: Duration::from_secs(a.rejoin_timeout_s),
+    }))
+}
+
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// The training config (YAML).
+    pub config: PathBuf,
+    /// Number of workers (with --device cuda: one per GPU).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    #[arg(long, value_enum, default_value_t = LaunchDevice::Cpu)]
+    pub device: LaunchDevice,
+    /// Run the coordinator and workers as tasks of this process (for a debugger).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Override a config key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue the run from its newest valid checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop at this step with a checkpoint (the LR schedule still spans training.steps).
+    #[arg(long, value_name = "STEP")]
+    pub until_step: Option<u64>,
+    /// CPU threads per worker (default: this machine's threads / workers).
+    #[arg(long)]
+    pub threads_per_worker: Option<usize>,
+    /// A worker silent for this long is dropped.
+    #[arg(long, default_value_t = 10_000)]
+    pub lease_ms: u64,
+    /// stop: end the job when a worker dies; recover: restart it and continue from the last checkpoint.
+    #[arg(long, value_enum, default_value_t = OnWorkerLoss::Stop)]
+    pub on_worker_loss: OnWorkerLoss,
+    /// With --on-worker-loss recover: restarts per worker.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: usize,
+    /// Plain log lines even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_launch(a: LaunchArgs) -> Result<()> {
+    let opts = LaunchOptions {
+        config: a.config,
+        sets: a.sets,
+        workers: a.workers,
+        device: a.device,
+        in_process: a.in_process,
+        resume: a.resume,
+        until_step: a.until_step,
+        threads_per_worker: a.threads_per_worker,
+        lease: Duration::from_millis(a.lease_ms),
+        on_worker_loss: a.on_worker_loss,
+        max_restarts: a.max_restarts,
+        progress: !a.no_progress,
+    };
+    let json = a.json;
+    let result = runtime()?.block_on(launch(opts));
+    match result {
+        Ok(s) => {
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                eprintln!(
+                    "done: run {} | {} worker(s) | step {} | loss {:.4} | val {} | {:.1} s | checkpoint {}",
+                    s.run_id,
+                    s.workers,
+                    s.step,
+                    s.loss,
+                    s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                    s.seconds,
+                    s.last_checkpoint.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(LaunchError::Interrupted) = e.downcast_ref::<LaunchError>() {
+                eprintln!("error: {e}");
+                std::process::exit(130);
+            }
+            Err(e)
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The coordinator, e.g. http://10.0.0.1:50051.
+    #[arg(long)]
+    pub coordinator: String,
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_status(a: StatusArgs) -> Result<()> {
+    let target = Target {
+        url: a.coordinator,
+        token: Target::token_from(a.token_file.as_deref())?,
+        tls_ca: a.tls_ca,
+    };
+    let s: pb::JobStatus = runtime()?.block_on(async {
+        let mut c = target.connect().await?;
+        anyhow::Ok(
+            c.status(pb::StatusRequest {})
+                .await
+                .context("status")?
+                .into_inner(),
+        )
+    })?;
+    if a.json {
+        let workers: Vec<_> = s
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({"worker_id": w.worker_id, "name": w.name, "rank": w.rank, "host": w.host,
+                "device": w.device, "state": w.state, "step": w.step, "loss": w.loss,
+                "tokens_per_s": w.tokens_per_s, "last_seen_ms_ago": w.last_seen_ms_ago})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"run_id": s.run_id, "state": s.state, "generation": s.generation,
+                "stage": s.stage_name, "step": s.step, "total_steps": s.total_steps, "loss": s.loss,
+                "val_loss": s.val_loss, "tokens_per_s": s.tokens_per_s, "message": s.message, "workers": workers})
+        );
+        return Ok(());
+    }
+    println!(
+        "run {} | {} | generation {} | stage {} | step {}/{} | loss {:.4} | {:.0} tok/s{}",
+        s.run_id,
+        s.state,
+        s.generation,
+        s.stage_name,
+        s.step,
+        s.total_steps,
+        s.loss,
+        s.tokens_per_s,
+        if s.message.is_empty() {
+            String::new()
+        } else {
+            format!(" | {}", s.message)
+        }
+    );
+    println!(
+        "{:<8} {:<16} {:>4} {:<16} {:<8} {:<9} {:>7} {:>8} {:>9} {:>8}",
+        "WORKER", "NAME", "RANK", "HOST", "DEVICE", "STATE", "STEP", "LOSS", "TOK/S", "SEEN"
+    );
+    for w in &s.workers {
+        println!(
+            "{:<8} {:<16} {:>4} {:<16} {:<8} {:<9} {:>7} {:>8.4} {:>9.0} {:>6}ms",
+            w.worker_id,
+            w.name,
+            if w.rank < 0 {
+                "-".to_string()
+            } else {
+                w.rank.to_string()
+            },
+            w.host,
+            w.device,
+            w.state,
+            w.step,
+            w.loss,
+            w.tokens_per_s,
+            w.last_seen_ms_ago
+        );
+    }
+    Ok(())
+}

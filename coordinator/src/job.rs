@@ -1,0 +1,483 @@
+//! The job: intent (what to run, how many workers, the current generation) and observed
+//! state (members, their progress). The service feeds it reports; a reconcile tick moves
+//! observed toward intent: forms generations, notices lost workers, finishes the job.
+
+use std::collections::{BTreeMap, HashMap};
+
+use stackwise_common::checkpoint::CheckpointStore;
+use stackwise_common::store::Store;
+use stackwise_proto::model::{
+    Backend, Command, DeviceKind, Fence, ProtoError, Registration, Report, RunStage, StageDone,
+    WorkerReport,
+};
+use stackwise_proto::pb;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::{Duration, Instant};
+
+use crate::membership::Membership;
+
+/// What happens when a worker of the running generation is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnWorkerLoss {
+    /// Stop the job with an error naming the worker.
+    Stop,
+    /// Abort the generation, re-form the group from the live workers and continue from the
+    /// last committed checkpoint.
+    Recover,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub run_id: String,
+    /// The resolved config every worker runs (paths made absolute).
+    pub config_yaml: String,
+    /// Where the run's checkpoints are (`<output>/runs/<name>`).
+    pub run_uri: String,
+    pub total_steps: u64,
+    /// The global batch; the world size must divide it.
+    pub batch_size: usize,
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    /// Once `min_workers` are there, wait this long for more (up to `max_workers`).
+    pub rendezvous_grace: Duration,
+    /// Continue the run from its newest valid checkpoint.
+    pub resume: bool,
+    pub on_worker_loss: OnWorkerLoss,
+    /// Stop every rank at this step (with a checkpoint).
+    pub until_step: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    Waiting {
+        enough_since: Option<Instant>,
+    },
+    Running {
+        ranks: Vec<String>,
+        done: BTreeMap<String, StageDone>,
+    },
+    Finished,
+    Failed(String),
+    Stopped(String),
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Waiting { .. } => "waiting",
+            Phase::Running { .. } => "running",
+            Phase::Finished => "finished",
+            Phase::Failed(_) => "failed",
+            Phase::Stopped(_) => "stopped",
+        }
+    }
+
+    pub fn is_over(&self) -> bool {
+        matches!(self, Phase::Finished | Phase::Failed(_) | Phase::Stopped(_))
+    }
+}
+
+pub type Downlink = UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+pub struct Job {
+    pub spec: JobSpec,
+    pub members: Membership,
+    pub generation: u64,
+    pub phase: Phase,
+    /// Open session streams by worker, with a session number so that the end of an old
+    /// stream does not drop a worker that already reconnected.
+    links: HashMap<String, (u64, Downlink)>,
+    sessions: u64,
+    pub step: u64,
+    pub loss: f64,
+    pub val_loss: Option<f64>,
+    pub last_checkpoint: Option<String>,
+    /// Human-readable events for the launcher and logs ("generation 2 formed ...").
+    pub events: Vec<String>,
+    /// Also log events with `tracing` (off when the launcher prints them itself).
+    pub log_events: bool,
+    pub generations_formed: u64,
+}
+
+impl Job {
+    pub fn new(spec: JobSpec) -> Self {
+        Self {
+            members: Membership::new(spec.lease),
+            spec,
+            generation: 0,
+            phase: Phase::Waiting { enough_since: None },
+            links: HashMap::new(),
+            sessions: 0,
+            step: 0,
+            loss: f64::NAN,
+            val_loss: None,
+            last_checkpoint: None,
+            events: Vec::new(),
+            log_events: true,
+            generations_formed: 0,
+        }
+    }
+
+    fn fence(&self) -> Fence {
+        Fence {
+            run_id: self.spec.run_id.clone(),
+            generation: self.generation,
+        }
+    }
+
+    fn event(&mut self, msg: String) {
+        if self.log_events {
+            tracing::info!("{msg}");
+        }
+        self.events.push(msg);
+    }
+
+    pub fn register(&mut self, reg: Registration, now: Instant) -> Result<String, ProtoError> {
+        if self.phase.is_over() {
+            return Err(ProtoError::JobOver(self.phase.name().into()));
+        }
+        let name = reg.name.clone();
+        let host = reg.capabilities.host.clone();
+        let id = self.members.register(reg, now);
+        self.event(format!("worker {id} ({name} on {host}) registered"));
+        Ok(id)
+    }
+
+    /// A session stream opened: commands for `id` go to `link`. Returns the session number.
+    pub fn attach(&mut self, id: &str, link: Downlink, now: Instant) -> Result<u64, ProtoError> {
+        self.members.touch(id, now)?;
+        self.sessions += 1;
+        self.links.insert(id.to_string(), (self.sessions, link));
+        if self.phase.is_over() {
+            let reason = self.phase.name().to_string();
+            self.send(id, Command::Shutdown { reason });
+        }
+        Ok(self.sessions)
+    }
+
+    /// Workers with an open session stream.
+    pub fn connected(&self) -> usize {
+        self.links.len()
+    }
+
+    fn send(&mut self, id: &str, cmd: Command) {
+        let msg = cmd.into_pb(&self.fence());
+        if let Some((_, link)) = self.links.get(id)
+            && link.send(Ok(msg)).is_err()
+        {
+            self.links.remove(id);
+        }
+    }
+
+    fn broadcast(&mut self, cmd: Command) {
+        let ids: Vec<String> = self.links.keys().cloned().collect();
+        for id in ids {
+            self.send(&id, cmd.clone());
+        }
+    }
+
+    /// Check a report's fence and apply it.
+    pub fn on_report(&mut self, r: WorkerReport, now: Instant) -> Result<(), ProtoError> {
+        if r.fence.run_id != self.spec.run_id {
+            return Err(ProtoError::WrongRun {
+                got: r.fence.run_id,
+                expected: self.spec.run_id.clone(),
+            });
+        }
+        let member = self.members.touch(&r.worker_id, now)?;
+        let rank = member.rank;
+        if r.report.is_fenced() && (r.fence.generation != self.generation || rank.is_none()) {
+            return Err(ProtoError::StaleGeneration {
+                got: r.fence.generation,
+                current: self.generation,
+            });
+        }
+        match r.report {
+            Report::Hello | Report::Heartbeat { .. } => {}
+            Report::Step(s) => {
+                let m = self.members.get_mut(&r.worker_id).expect("touched above");
+                m.step = s.step;
+                m.loss = s.loss;
+                m.tokens_per_s = s.tokens_per_s;
+                if rank == Some(0) {
+                    self.step = s.step;
+                    self.loss = s.loss;
+                    if s.val_loss.is_some() {
+                        self.val_loss = s.val_loss;
+                    }
+                }
+            }
+            Report::Checkpoint { name, .. } => self.last_checkpoint = Some(name),
+            Report::StageDone(d) => {
+                if let Phase::Running { done, .. } = &mut self.phase {
+                    done.insert(r.worker_id, d);
+                }
+            }
+            Report::NcclId(id) => {
+                if rank == Some(0)
+                    && let Phase::Running { ranks, .. } = &self.phase
+                {
+                    for other in ranks.clone().iter().skip(1) {
+                        self.send(other, Command::NcclId(id.clone()));
+                    }
+                }
+            }
+            Report::Failed { message } => {
+                let name = self
+                    .members
+                    .get(&r.worker_id)
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default();
+                self.generation_lost(format!(
+                    "worker {} ({name}, rank {}) failed: {message}",
+                    r.worker_id,
+                    rank.unwrap_or(0)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Session `session` of `id` ended (the process died or the network broke).
+    pub fn stream_closed(&mut self, id: &str, session: u64) {
+        if self.links.get(id).is_some_and(|(s, _)| *s != session) {
+            return; // an older stream of a worker that has reconnected
+        }
+        self.links.remove(id);
+        if self.phase.is_over() {
+            self.members.remove(id);
+            return;
+        }
+        if let Some(m) = self.members.remove(id) {
+            self.lost(
+                m.id,
+                m.name,
+                m.rank,
+                "its stream closed (process exited or network lost)",
+            );
+        }
+    }
+
+    fn lost(&mut self, id: String, name: String, rank: Option<u32>, why: &str) {
+        self.links.remove(&id);
+        match rank {
+            Some(r) if matches!(self.phase, Phase::Running { .. }) => {
+                self.generation_lost(format!("worker {id} ({name}, rank {r}) lost: {why}"));
+            }
+            _ => self.event(format!("worker {id} ({name}) left: {why}")),
+        }
+    }
+
+    fn generation_lost(&mut self, why: String) {
+        match self.spec.on_worker_loss {
+            OnWorkerLoss::Stop => {
+                let msg = format!("{why}; stopping the job");
+                self.finish(Phase::Failed(msg));
+            }
+            OnWorkerLoss::Recover => {
+                self.event(format!(
+                    "{why}; aborting generation {} and re-forming the group",
+                    self.generation
+                ));
+                self.broadcast(Command::Abort { reason: why });
+                for m in self.members_mut_ids() {
+                    if let Some(m) = self.members.get_mut(&m) {
+                        m.rank = None;
+                    }
+                }
+                self.phase = Phase::Waiting { enough_since: None };
+            }
+        }
+    }
+
+    fn members_mut_ids(&self) -> Vec<String> {
+        self.members.members().map(|m| m.id.clone()).collect()
+    }
+
+    /// End the job; every worker is told to shut down.
+    pub fn finish(&mut self, phase: Phase) {
+        if self.phase.is_over() {
+            return;
+        }
+        let reason = match &phase {
+            Phase::Failed(m) | Phase::Stopped(m) => m.clone(),
+            _ => "the job is finished".into(),
+        };
+        self.event(format!("job {}: {reason}", phase.name()));
+        self.phase = phase;
+        self.broadcast(Command::Shutdown { reason });
+    }
+
+    /// Move toward the intent: expire leases, form a generation, notice completion.
+    pub fn reconcile(&mut self, now: Instant) {
+        for m in self.members.expire(now) {
+            let why = format!(
+                "missed its lease ({:?} without a heartbeat)",
+                self.spec.lease
+            );
+            self.lost(m.id, m.name, m.rank, &why);
+        }
+        match &self.phase {
+            Phase::Waiting { enough_since } => {
+                let n = self.members.len();
+                if n < self.spec.min_workers {
+                    self.phase = Phase::Waiting { enough_since: None };
+                    return;
+                }
+                let since = enough_since.unwrap_or(now);
+                self.phase = Phase::Waiting {
+                    enough_since: Some(since),
+                };
+                if n >= self.spec.max_workers
+                    || now.duration_since(since) >= self.spec.rendezvous_grace
+                {
+                    self.start_generation();
+                }
+            }
+            Phase::Running { ranks, done } if done.len() == ranks.len() => {
+                let step = done.values().map(|d| d.step).max().unwrap_or(0);
+                self.step = step;
+                self.finish(Phase::Finished);
+            }
+            _ => {}
+        }
+    }
+
+    fn newest_checkpoint(&self) -> Result<Option<String>, String> {
+        let store = Store::open(&self.spec.run_uri).map_err(|e| e.to_string())?;
+        CheckpointStore::new(&store)
+            .load_latest()
+            .map(|c| c.map(|c| c.name))
+            .map_err(|e| e.to_string())
+    }
+
+    fn start_generation(&mut self) {
+        let Some(ranks) = self.members.form(
+            self.spec.min_workers,
+            self.spec.max_workers,
+            self.spec.batch_size,
+        ) else {
+            let n = self.members.len();
+            let msg = format!(
+                "no group of {}..={} of the {n} workers divides the global batch {}",
+                self.spec.min_workers, self.spec.max_workers, self.spec.batch_size
+            );
+            self.finish(Phase::Failed(msg));
+            return;
+        };
+        // A re-formed group, or a resumed run, continues from the newest valid checkpoint.
+        let resume = if self.spec.resume || self.generations_formed > 0 {
+            match self.newest_checkpoint() {
+                Ok(c) => c,
+                Err(e) => {
+                    self.finish(Phase::Failed(format!(
+                        "cannot read the run's checkpoints: {e}"
+                    )));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        self.generation += 1;
+        self.generations_formed += 1;
+        let world = ranks.len() as u32;
+        let cuda = ranks
+            .iter()
+            .filter_map(|id| self.members.get(id))
+            .all(|m| m.caps.device_kind == DeviceKind::Cuda);
+        let backend = match (world, cuda) {
+            (1, _) => Backend::Local,
+            (_, true) => Backend::Nccl,
+            _ => Backend::Ring,
+        };
+        let peers: Vec<String> = ranks
+            .iter()
+            .filter_map(|id| self.members.get(id).map(|m| m.ring_address.clone()))
+            .collect();
+        self.event(format!(
+            "generation {} formed: {world} worker(s) [{}], {} backend, {}",
+            self.generation,
+            ranks.join(", "),
+            backend.as_str(),
+            resume
+                .as_deref()
+                .map_or("from the start".to_string(), |c| format!(
+                    "resuming from {c}"
+                )),
+        ));
+        for (rank, id) in ranks.clone().iter().enumerate() {
+            let cmd = RunStage {
+                rank: rank as u32,
+                world_size: world,
+                peers: peers.clone(),
+                backend,
+                stage: 0,
+                stage_name: "train".into(),
+                config_yaml: self.spec.config_yaml.clone(),
+                resume_checkpoint: resume.clone(),
+                until_step: self.spec.until_step,
+            };
+            self.send(id, Command::RunStage(Box::new(cmd)));
+        }
+        self.phase = Phase::Running {
+            ranks,
+            done: BTreeMap::new(),
+        };
+    }
+
+    /// The status RPC's answer.
+    pub fn status(&self, now: Instant) -> pb::JobStatus {
+        let workers = self
+            .members
+            .members()
+            .map(|m| pb::WorkerStatus {
+                worker_id: m.id.clone(),
+                name: m.name.clone(),
+                rank: m.rank.map_or(-1, |r| r as i32),
+                host: m.caps.host.clone(),
+                device: m.caps.device.clone(),
+                state: match (&self.phase, m.rank) {
+                    (Phase::Running { done, .. }, Some(_)) if done.contains_key(&m.id) => "done",
+                    (Phase::Running { .. }, Some(_)) => "training",
+                    _ => "idle",
+                }
+                .into(),
+                step: m.step,
+                loss: m.loss,
+                tokens_per_s: m.tokens_per_s,
+                last_seen_ms_ago: now.duration_since(m.last_seen).as_millis() as u64,
+            })
+            .collect::<Vec<_>>();
+        let tokens_per_s = workers
+            .iter()
+            .filter(|w| w.rank >= 0)
+            .map(|w| w.tokens_per_s)
+            .sum();
+        pb::JobStatus {
+            run_id: self.spec.run_id.clone(),
+            generation: self.generation,
+            state: self.phase.name().into(),
+            stage: 0,
+            stage_name: "train".into(),
+            step: self.step,
+            total_steps: self
+                .spec
+                .until_step
+                .unwrap_or(self.spec.total_steps)
+                .min(self.spec.total_steps),
+            loss: self.loss,
+            tokens_per_s,
+            val_loss: self.val_loss,
+            workers,
+            message: match &self.phase {
+                Phase::Failed(m) | Phase::Stopped(m) => m.clone(),
+                _ => String::new(),
+            },
+            min_workers: self.spec.min_workers as u32,
+            max_workers: self.spec.max_workers as u32,
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The gRPC service: a thin tonic layer over `Job`, the shared-token check, TLS, and the
+//! reconcile ticker.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use stackwise_proto::model::{ProtoError, Registration, Report, WorkerReport};
+use stackwise_proto::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use stackwise_proto::{AUTH_HEADER, pb};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{Duration, Instant};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::job::{Job, JobSpec, Phase};
+
+pub type SharedJob = Arc<Mutex<Job>>;
+
+fn lock(job: &SharedJob) -> std::sync::MutexGuard<'_, Job> {
+    // A panic while holding the lock is a bug; keep serving the state as it is.
+    job.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Service {
+    job: SharedJob,
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Service {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let reg: Registration = req.into_inner().try_into()?;
+        let mut job = lock(&self.job);
+        let worker_id = job.register(reg, Instant::now())?;
+        Ok(Response::new(pb::RegisterResponse {
+            run_id: job.spec.run_id.clone(),
+            worker_id,
+            lease_ms: job.spec.lease.as_millis() as u64,
+            heartbeat_ms: job.spec.heartbeat.as_millis() as u64,
+        }))
+    }
+
+    type SessionStream = UnboundedReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the session ended before its hello"))?;
+        let hello = WorkerReport::try_from(first)?;
+        if hello.report != Report::Hello {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be hello",
+            ));
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = hello.worker_id.clone();
+        let session = {
+            let mut job = lock(&self.job);
+            job.on_report(hello, Instant::now())?;
+            job.attach(&id, tx.clone(), Instant::now())?
+        };
+        let job = self.job.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => {
+                        let applied = WorkerReport::try_from(m).and_then(|r| {
+                            if r.worker_id != id {
+                                return Err(ProtoError::Invalid {
+                                    field: "worker_id",
+                                    msg: format!("{} on the session of {id}", r.worker_id),
+                                });
+                            }
+                            lock(&job).on_report(r, Instant::now())
+                        });
+                        if let Err(e) = applied {
+                            tracing::warn!(worker = %id, "refused a report: {e}");
+                            // Ends this stream with the error; the worker re-syncs.
+                            let _ = tx.send(Err(e.into()));
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        lock(&job).stream_closed(&id, session);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        Ok(Response::new(lock(&self.job).status(Instant::now())))
+    }
+
+    async fn stop(
+        &self,
+        req: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::StopResponse>, Status> {
+        let reason = req.into_inner().reason;
+        let reason = if reason.is_empty() {
+            "stopped by request".to_string()
+        } else {
+            reason
+        };
+        lock(&self.job).finish(Phase::Stopped(reason));
+        Ok(Response::new(pb::StopResponse {}))
+    }
+}
+
+/// The shared-token check run before every RPC.
+#[derive(Clone)]
+pub struct TokenCheck {
+    expected: Option<Arc<str>>,
+}
+
+impl TokenCheck {
+    /// `None`: no authentication (only with `--insecure-no-auth`).
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            expected: token.map(|t| Arc::from(format!("Bearer {t}").as_str())),
+        }
+    }
+}
+
+/// Compare without an early exit, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get(AUTH_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if constant_time_eq(given, expected.as_bytes()) {
+            Ok(req)
+        } else {
+            Err(ProtoError::Unauthenticated.into())
+        }
+    }
+}
+
+/// TLS material for the server (PEM).
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+/// A running coordinator: the gRPC server plus the reconcile ticker.
+pub struct Coordinator {
+    pub job: SharedJob,
+    pub addr: SocketAddr,
+    stop_server: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    ticker: JoinHandle<()>,
+}
+
+impl Coordinator {
+    /// Bind `bind` (e.g. `0.0.0.0:50051`, or port 0 for any) and start serving the job.
+    pub async fn start(
+        spec: JobSpec,
+        bind: &str,
+        token: Option<String>,
+        tls: Option<TlsFiles>,
+    ) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("bind the coordinator to {bind}"))?;
+        let addr = listener.local_addr()?;
+        let job: SharedJob = Arc::new(Mutex::new(Job::new(spec)));
+        let service = CoordinatorServer::with_interceptor(
+            Service { job: job.clone() },
+            TokenCheck::new(token),
+        );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = tls {
+            let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .context("TLS configuration")?;
+        }
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            builder
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                }),
+        );
+        let tick_job = job.clone();
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                every.tick().await;
+                lock(&tick_job).reconcile(Instant::now());
+            }
+        });
+        Ok(Self {
+            job,
+            addr,
+            stop_server: Some(stop_tx),
+            server,
+            ticker,
+        })
+    }
+
+    pub fn phase(&self) -> Phase {
+        lock(&self.job).phase.clone()
+    }
+
+    pub fn status(&self) -> pb::JobStatus {
+        lock(&self.job).status(Instant::now())
+    }
+
+    pub fn stop_job(&self, reason: String) {
+        lock(&self.job).finish(Phase::Stopped(reason));
+    }
+
+    /// Wait until the job is over.
+    pub async fn wait_over(&self) -> Phase {
+        loop {
+            let p = self.phase();
+            if p.is_over() {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Give workers up to `grace` to close their streams after Shutdown, then stop serving.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && lock(&self.job).connected() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.ticker.abort();
+        if let Some(tx) = self.stop_server.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.server).await;
+        self.server.abort();
+    }
+}

@@ -1,0 +1,502 @@
+//! The distributed runtime on real processes and real sockets over 127.0.0.1: data-parallel
+//! equivalence, the shared token, generation fencing, leases, and a killed worker.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use stackwise_coordinator::{Coordinator, JobSpec, OnWorkerLoss, Phase};
+use stackwise_proto::model::{Fence, Report, StepMetrics, WorkerReport};
+use stackwise_proto::{PROTOCOL_VERSION, pb};
+use stackwise_worker::runtime::Target;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stackwise"));
+    c.env("STACKWISE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("STACKWISE_TOKEN");
+    c
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run stackwise")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// A byte-level dataset of part of Macbeth, prepared once per test directory.
+fn dataset(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/macbeth.txt");
+    let text = std::fs::read_to_string(src).unwrap();
+    let corpus = dir.join("m.txt");
+    std::fs::write(&corpus, &text[..40_000]).unwrap();
+    let data = dir.join("data");
+    let o = run(bin()
+        .args(["data", "prepare"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&data)
+        .args(["--train-tokenizer", "byte"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    data
+}
+
+fn config(dir: &Path, data: &Path, steps: u64, batch: usize) -> PathBuf {
+    let p = dir.join("dp.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "run: {{name: dp, output: {out}, seed: 11}}
+model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}
+data: {{path: {data}}}
+training: {{steps: {steps}, batch_size: {batch}, lr: 1.0e-3, warmup_steps: 1, eval_every: 5, eval_batches: 2, checkpoint_every: 5, log_every: 1}}
+",
+            out = dir.join("out").display(),
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn losses(run_dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn two_workers_with_half_batches_equal_one_worker_with_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = config(dir.path(), &data, 5, 8);
+    for (workers, name) in [(1, "one"), (2, "two")] {
+        let o = run(bin()
+            .arg("launch")
+            .arg(&cfg)
+            .args(["--workers", &workers.to_string(), "--json", "--set"])
+            .arg(format!("run.name={name}")));
+        assert!(o.status.success(), "{workers} worker(s): {}", stderr(&o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(summary["step"], 5);
+        assert_eq!(summary["workers"], workers);
+        if workers == 2 {
+            // Log lines carry the rank; the ring was used.
+            let err = stderr(&o);
+            assert!(
+                err.contains("[rank 1]") && err.contains("ring backend"),
+                "{err}"
+            );
+        }
+    }
+    let runs = dir.path().join("out/runs");
+    let (one, two) = (
+        weights(&runs.join("one/checkpoints/step-00000005/model.safetensors")),
+        weights(&runs.join("two/checkpoints/step-00000005/model.safetensors")),
+    );
+    assert_eq!(one.len(), two.len());
+    let mut worst = 0f32;
+    for ((n1, a), (n2, b)) in one.iter().zip(&two) {
+        assert_eq!(n1, n2);
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst <= 1e-6, "weights differ by {worst}");
+    let (l1, l2) = (losses(&runs.join("one")), losses(&runs.join("two")));
+    assert_eq!(l1.len(), 5);
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "loss curves differ: {l1:?} vs {l2:?}"
+        );
+    }
+    // The workers really ran as one group: rank 1 wrote nothing of its own.
+    assert_eq!(
+        std::fs::read_to_string(runs.join("two/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        5
+    );
+}
+
+#[test]
+fn in_process_mode_trains_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = config(dir.path(), &data, 3, 4);
+    let o = run(bin()
+        .arg("launch")
+        .arg(&cfg)
+        .args(["--workers", "2", "--in-process", "--json"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["step"], 3);
+}
+
+#[test]
+fn a_killed_worker_stops_the_job_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = config(dir.path(), &data, 100_000, 4);
+    let mut child = KillOnDrop(
+        bin()
+            .arg("launch")
+            .arg(&cfg)
+            .args(["--workers", "2"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut pid = None;
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.strip_prefix("launch: started worker local-1 (pid ") {
+            pid = Some(rest.trim_end_matches(')').to_string());
+        }
+        if line.starts_with("[rank 0] step") && line.contains("step      3/") {
+            break;
+        }
+    }
+    let pid = pid.unwrap_or_else(|| panic!("no pid in:\n{log}"));
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.0.wait().unwrap();
+    let rest = rest.join("\n");
+    assert!(!status.success());
+    // Ranks follow registration order, so local-1 may be rank 0 or 1.
+    assert!(
+        rest.contains("error: worker local-1 (rank ")
+            && rest.contains(&format!(
+                "pid {pid}) was killed by signal 9 (SIGKILL); stopping the job"
+            )),
+        "{rest}"
+    );
+    assert!(rest.contains("error:"), "{rest}");
+}
+
+/// Kills the process when the test ends, also when it panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spec(dir: &Path, min: usize, lease_ms: u64) -> JobSpec {
+    JobSpec {
+        run_id: "fence".into(),
+        config_yaml: "data: {path: nowhere}".into(),
+        run_uri: dir.display().to_string(),
+        total_steps: 10,
+        batch_size: 4,
+        min_workers: min,
+        max_workers: min,
+        lease: Duration::from_millis(lease_ms),
+        heartbeat: Duration::from_millis(lease_ms / 5),
+        rendezvous_grace: Duration::ZERO,
+        resume: false,
+        on_worker_loss: OnWorkerLoss::Stop,
+        until_step: None,
+    }
+}
+
+fn register_request() -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        name: "fake".into(),
+        capabilities: Some(pb::Capabilities {
+            device_kind: "cpu".into(),
+            device: "cpu".into(),
+            ..Default::default()
+        }),
+        ring_address: "127.0.0.1:9".into(),
+    }
+}
+
+fn msg(generation: u64, worker: &str, report: Report) -> pb::WorkerMessage {
+    WorkerReport {
+        fence: Fence {
+            run_id: "fence".into(),
+            generation,
+        },
+        worker_id: worker.into(),
+        report,
+    }
+    .into_pb()
+}
+
+fn step_report(step: u64) -> Report {
+    Report::Step(StepMetrics {
+        stage: 0,
+        step,
+        total_steps: 10,
+        loss: 1.0,
+        lr: 1e-3,
+        grad_norm: 1.0,
+        tokens: 10,
+        tokens_per_s: 10.0,
+        val_loss: None,
+        skipped: false,
+    })
+}
+
+#[tokio::test]
+async fn calls_without_the_token_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(
+        spec(dir.path(), 1, 5000),
+        "127.0.0.1:0",
+        Some("s3cret".into()),
+        None,
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", coord.addr);
+    for token in [None, Some("wrong".to_string())] {
+        let mut c = Target {
+            url: url.clone(),
+            token,
+            tls_ca: None,
+        }
+        .connect()
+        .await
+        .unwrap();
+        let e = c.status(pb::StatusRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let e = c.register(register_request()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+    let mut ok = Target {
+        url,
+        token: Some("s3cret".into()),
+        tls_ca: None,
+    }
+    .connect()
+    .await
+    .unwrap();
+    assert_eq!(
+        ok.status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .state,
+        "waiting"
+    );
+    coord.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn stale_generation_and_foreign_run_reports_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(spec(dir.path(), 1, 5000), "127.0.0.1:0", None, None)
+        .await
+        .unwrap();
+    let target = Target {
+        url: format!("http://{}", coord.addr),
+        token: None,
+        tls_ca: None,
+    };
+    let mut c = target.connect().await.unwrap();
+    let id = c
+        .register(register_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.send(msg(0, &id, Report::Hello)).unwrap();
+    let mut down = c
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // The group of one forms: generation 1.
+    let first = down.message().await.unwrap().unwrap();
+    assert_eq!(first.generation, 1);
+    assert!(matches!(
+        first.body,
+        Some(pb::coordinator_message::Body::RunStage(_))
+    ));
+    // A report of the current generation is accepted...
+    up.send(msg(1, &id, step_report(1))).unwrap();
+    // ...one from generation 0 is refused and ends the stream.
+    up.send(msg(0, &id, step_report(2))).unwrap();
+    let e = down.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("stale generation 0"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(coord.status().step, 1, "the stale report was not applied");
+
+    // Another run's report is refused too.
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.send(msg(0, &id, Report::Hello)).unwrap();
+    let mut down = c
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut foreign = msg(1, &id, step_report(3));
+    foreign.run_id = "other-run".into();
+    up.send(foreign).unwrap();
+    let e = down.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    coord.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_heartbeating_is_dropped_within_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let lease = Duration::from_millis(600);
+    let coord = Coordinator::start(spec(dir.path(), 2, 600), "127.0.0.1:0", None, None)
+        .await
+        .unwrap();
+    let target = Target {
+        url: format!("http://{}", coord.addr),
+        token: None,
+        tls_ca: None,
+    };
+    let mut c = target.connect().await.unwrap();
+    let id = c
+        .register(register_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    // Open the session and then say nothing more (the stream stays open).
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.send(msg(0, &id, Report::Hello)).unwrap();
+    let _down = c
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    tokio::time::sleep(lease / 2).await;
+    assert_eq!(
+        coord.status().workers.len(),
+        1,
+        "dropped before its lease ran out"
+    );
+    while !coord.status().workers.is_empty() {
+        assert!(
+            t0.elapsed() < lease + Duration::from_millis(400),
+            "still listed after its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(t0.elapsed() >= lease);
+    assert!(matches!(coord.phase(), Phase::Waiting { .. }));
+    drop(up);
+    coord.shutdown(Duration::ZERO).await;
+}
+
+#[test]
+fn a_worker_with_a_wrong_token_is_refused_and_status_lists_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = config(dir.path(), &data, 5, 4);
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "right-token\n").unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let _coordinator = KillOnDrop(
+        bin()
+            .arg("coordinator")
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--bind", &format!("127.0.0.1:{port}"), "--min-workers", "2"])
+            .arg("--token-file")
+            .arg(&token_file)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let wrong = run(bin()
+        .args(["worker", "--coordinator", &url, "--rejoin-timeout-s", "20"])
+        .env("STACKWISE_TOKEN", "wrong-token"));
+    assert!(!wrong.status.success());
+    let err = stderr(&wrong);
+    assert!(
+        err.contains("UNAUTHENTICATED: missing or wrong token"),
+        "{err}"
+    );
+
+    // One good worker joins (the job waits for two); status shows it.
+    let _good = KillOnDrop(
+        bin()
+            .args(["worker", "--coordinator", &url, "--name", "good-one"])
+            .arg("--token-file")
+            .arg(&token_file)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut listed = String::new();
+    for _ in 0..100 {
+        let o = run(bin()
+            .args(["status", "--coordinator", &url])
+            .arg("--token-file")
+            .arg(&token_file));
+        listed = String::from_utf8_lossy(&o.stdout).to_string();
+        if listed.contains("good-one") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        listed.contains("run dp | waiting") && listed.contains("good-one"),
+        "{listed}"
+    );
+    let o = run(bin().args(["status", "--coordinator", &url]));
+    assert!(!o.status.success(), "status without the token must fail");
+}
