@@ -99,6 +99,9 @@ pub struct Job {
     /// Also log events with `tracing` (off when the launcher prints them itself).
     pub log_events: bool,
     pub generations_formed: u64,
+    /// Tokens processed by all ranks, and when the first and last step reports arrived.
+    pub tokens_total: u64,
+    pub steps_window: Option<(Instant, Instant)>,
 }
 
 impl Job {
@@ -117,6 +120,8 @@ impl Job {
             events: Vec::new(),
             log_events: true,
             generations_formed: 0,
+            tokens_total: 0,
+            steps_window: None,
         }
     }
 
@@ -197,6 +202,11 @@ impl Job {
         match r.report {
             Report::Hello | Report::Heartbeat { .. } => {}
             Report::Step(s) => {
+                self.tokens_total += s.tokens;
+                self.steps_window = Some(
+                    self.steps_window
+                        .map_or((now, now), |(first, _)| (first, now)),
+                );
                 let m = self.members.get_mut(&r.worker_id).expect("touched above");
                 m.step = s.step;
                 m.loss = s.loss;
@@ -426,6 +436,13 @@ impl Job {
             ranks,
             done: BTreeMap::new(),
         };
+    }
+
+    /// Mean training throughput of the job so far (all ranks), from the step reports.
+    pub fn mean_tokens_per_s(&self) -> Option<f64> {
+        let (first, last) = self.steps_window?;
+        let secs = last.duration_since(first).as_secs_f64();
+        (secs > 0.0).then(|| self.tokens_total as f64 / secs)
     }
 
     /// The status RPC's answer.

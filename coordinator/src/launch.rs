@@ -53,6 +53,8 @@ pub struct LaunchSummary {
     pub last_checkpoint: Option<String>,
     pub generations: u64,
     pub seconds: f64,
+    /// Mean training tokens/s of all workers together (from the first to the last step).
+    pub tokens_per_s: Option<f64>,
 }
 
 /// Why the job did not finish.
@@ -355,9 +357,13 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         }
     }
     let status = coord.status();
-    let (last_checkpoint, generations) = {
+    let (last_checkpoint, generations, tokens_per_s) = {
         let job = coord.job.lock().unwrap_or_else(|p| p.into_inner());
-        (job.last_checkpoint.clone(), job.generations_formed)
+        (
+            job.last_checkpoint.clone(),
+            job.generations_formed,
+            job.mean_tokens_per_s(),
+        )
     };
     coord.shutdown(Duration::from_secs(2)).await;
     match phase {
@@ -370,6 +376,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
             last_checkpoint,
             generations,
             seconds: started.elapsed().as_secs_f64(),
+            tokens_per_s,
         }),
         Phase::Stopped(_) if interrupted => Err(LaunchError::Interrupted.into()),
         Phase::Failed(m) | Phase::Stopped(m) => Err(LaunchError::Failed(m).into()),

@@ -270,6 +270,10 @@ fn every_subcommand_has_help() {
         &["eval"],
         &["generate"],
         &["quickstart"],
+        &["launch"],
+        &["coordinator"],
+        &["worker"],
+        &["status"],
     ] {
         let out = run_ok(bin().args(sub).arg("--help"));
         assert!(

@@ -500,3 +500,52 @@ fn a_worker_with_a_wrong_token_is_refused_and_status_lists_workers() {
     let o = run(bin().args(["status", "--coordinator", &url]));
     assert!(!o.status.success(), "status without the token must fail");
 }
+
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let tls = stackwise_coordinator::TlsFiles {
+        cert_pem: ck.cert.pem().into_bytes(),
+        key_pem: ck.signing_key.serialize_pem().into_bytes(),
+    };
+    let coord = Coordinator::start(
+        spec(dir.path(), 1, 5000),
+        "127.0.0.1:0",
+        Some("t".into()),
+        Some(tls),
+    )
+    .await
+    .unwrap();
+    let port = coord.addr.port();
+    let mut c = Target {
+        url: format!("https://localhost:{port}"),
+        token: Some("t".into()),
+        tls_ca: Some(ca),
+    }
+    .connect()
+    .await
+    .unwrap();
+    assert_eq!(
+        c.status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .run_id,
+        "fence"
+    );
+    // Plain http to the TLS port does not get an answer.
+    let plain = Target {
+        url: format!("http://127.0.0.1:{port}"),
+        token: Some("t".into()),
+        tls_ca: None,
+    };
+    let answered = match plain.connect().await {
+        Ok(mut c) => c.status(pb::StatusRequest {}).await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!answered);
+    coord.shutdown(Duration::ZERO).await;
+}

@@ -239,13 +239,14 @@ pub fn run_launch(a: LaunchArgs) -> Result<()> {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
                 eprintln!(
-                    "done: run {} | {} worker(s) | step {} | loss {:.4} | val {} | {:.1} s | checkpoint {}",
+                    "done: run {} | {} worker(s) | step {} | loss {:.4} | val {} | {:.1} s | {} tok/s | checkpoint {}",
                     s.run_id,
                     s.workers,
                     s.step,
                     s.loss,
                     s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
                     s.seconds,
+                    s.tokens_per_s.map_or("-".into(), |t| format!("{t:.0}")),
                     s.last_checkpoint.as_deref().unwrap_or("-")
                 );
             }
