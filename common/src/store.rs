@@ -1,5 +1,8 @@
-//! Object storage behind one URI: a plain path or `file://…` (local filesystem, the default).
-//! A small synchronous facade over `object_store` for the trainer's blocking code.
+//! Object storage behind one URI: a plain path or `file://…` (local filesystem, the default),
+//! or `s3://bucket/prefix` (any S3-compatible store; endpoint, region and credentials from the
+//! standard `AWS_*` environment variables, e.g. `AWS_ENDPOINT_URL=http://127.0.0.1:9000`).
+//! A small synchronous facade over `object_store` for the trainer's blocking code. Large
+//! objects are uploaded in parts; transient errors are retried with backoff by the client.
 
 use std::sync::{Arc, OnceLock};
 
@@ -54,6 +57,10 @@ where
     }
 }
 
+/// Objects larger than this are uploaded in parts.
+const MULTIPART_THRESHOLD: usize = 32 << 20;
+const PART_BYTES: usize = 16 << 20;
+
 /// A store plus a prefix inside it; all paths given to its methods are relative to the prefix.
 #[derive(Clone)]
 pub struct Store {
@@ -77,9 +84,11 @@ impl Store {
         };
         let local = if let Some(rest) = uri.strip_prefix("file://") {
             rest.to_string()
+        } else if let Some(rest) = uri.strip_prefix("s3://") {
+            return Self::open_s3(uri, rest);
         } else if let Some((scheme, _)) = uri.split_once("://") {
             return Err(bad(format!(
-                "scheme {scheme}:// is not supported by this build; use a local path or file://"
+                "scheme {scheme}:// is not supported; use a local path, file:// or s3://bucket/prefix"
             )));
         } else {
             uri.to_string()
@@ -94,6 +103,57 @@ impl Store {
             prefix: ObjPath::default(),
             uri: uri.to_string(),
         })
+    }
+
+    /// `s3://bucket/prefix`. Path-style requests (the default) and plain http for local
+    /// endpoints. Error messages name the URI and the missing setting, never a credential.
+    fn open_s3(uri: &str, rest: &str) -> Result<Self, StoreError> {
+        use object_store::aws::AmazonS3Builder;
+        let bad = |msg: String| StoreError::Uri {
+            uri: uri.to_string(),
+            msg,
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket: use s3://bucket/prefix".into()));
+        }
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .unwrap_or_default();
+        if endpoint.starts_with("http://") {
+            b = b.with_allow_http(true);
+        }
+        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            b = b.with_region("us-east-1");
+        }
+        if std::env::var("AWS_ACCESS_KEY_ID").is_err() && !endpoint.is_empty() {
+            return Err(bad(
+                "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the endpoint"
+                    .into(),
+            ));
+        }
+        b = b.with_retry(object_store::RetryConfig {
+            max_retries: 8,
+            retry_timeout: std::time::Duration::from_secs(120),
+            ..Default::default()
+        });
+        let s3 = b
+            .build()
+            .map_err(|e| bad(format!("S3 configuration: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(s3),
+            prefix: prefix
+                .split('/')
+                .filter(|p| !p.is_empty())
+                .fold(ObjPath::default(), |p, part| p.join(part)),
+            uri: format!("s3://{}", rest.trim_end_matches('/')),
+        })
+    }
+
+    /// True for object stores (no local path).
+    pub fn is_remote(&self) -> bool {
+        self.local_path().is_none()
     }
 
     /// The same store, rooted at `self/sub`.
@@ -133,9 +193,23 @@ impl Store {
 
     pub fn put(&self, rel: &str, bytes: Bytes) -> Result<(), StoreError> {
         let p = self.full(rel);
+        if bytes.len() > MULTIPART_THRESHOLD {
+            return block_on(self.put_multipart(&p, bytes)).map_err(|e| Self::io("put", &p, e));
+        }
         block_on(self.inner.put(&p, PutPayload::from(bytes)))
             .map(|_| ())
             .map_err(|e| Self::io("put", &p, e))
+    }
+
+    /// Upload in parts of `PART_BYTES`, several in flight at once.
+    async fn put_multipart(&self, p: &ObjPath, bytes: Bytes) -> object_store::Result<()> {
+        let upload = self.inner.put_multipart(p).await?;
+        let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        for chunk in bytes.chunks(PART_BYTES) {
+            w.wait_for_capacity(4).await?;
+            w.write(chunk);
+        }
+        w.finish().await.map(|_| ())
     }
 
     /// Create-only put: fails with `AlreadyExists` when the object is there.

@@ -79,6 +79,18 @@ impl Phase {
     }
 }
 
+fn instance_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 pub type Downlink = UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
 
 pub struct Job {
@@ -102,6 +114,9 @@ pub struct Job {
     /// Tokens processed by all ranks, and when the first and last step reports arrived.
     pub tokens_total: u64,
     pub steps_window: Option<(Instant, Instant)>,
+    /// Random per coordinator instance: ring handshakes of a restarted coordinator's
+    /// generations never match connections left over from before the restart.
+    instance: u64,
 }
 
 impl Job {
@@ -122,6 +137,7 @@ impl Job {
             generations_formed: 0,
             tokens_total: 0,
             steps_window: None,
+            instance: instance_nonce(),
         }
     }
 
@@ -331,7 +347,12 @@ impl Job {
         }
         match &self.phase {
             Phase::Waiting { enough_since } => {
-                let n = self.members.len();
+                // Only workers whose session stream is open can be told what to run.
+                let n = self
+                    .members
+                    .members()
+                    .filter(|m| self.links.contains_key(&m.id))
+                    .count();
                 if n < self.spec.min_workers {
                     self.phase = Phase::Waiting { enough_since: None };
                     return;
@@ -364,10 +385,12 @@ impl Job {
     }
 
     fn start_generation(&mut self) {
+        let links = &self.links;
         let Some(ranks) = self.members.form(
             self.spec.min_workers,
             self.spec.max_workers,
             self.spec.batch_size,
+            |id| links.contains_key(id),
         ) else {
             let n = self.members.len();
             let msg = format!(
@@ -429,6 +452,7 @@ impl Job {
                 config_yaml: self.spec.config_yaml.clone(),
                 resume_checkpoint: resume.clone(),
                 until_step: self.spec.until_step,
+                ring_tag: self.instance ^ self.generation.rotate_left(32),
             };
             self.send(id, Command::RunStage(Box::new(cmd)));
         }

@@ -29,6 +29,9 @@ enum Command {
     Worker(cli::dist::WorkerArgs),
     /// Workers, ranks, stage, step, loss and tokens/s of a running job.
     Status(cli::dist::StatusArgs),
+    /// List, inspect and verify checkpoints in any store (path, file://, s3://).
+    #[command(subcommand)]
+    Ckpt(cli::ckpt::CkptCommand),
     /// Prepare datasets.
     #[command(subcommand)]
     Data(cli::data::DataCommand),
@@ -57,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(a) => cli::dist::run_coordinator(a),
         Command::Worker(a) => cli::dist::run_worker_cmd(a),
         Command::Status(a) => cli::dist::run_status(a),
+        Command::Ckpt(c) => cli::ckpt::run(c),
         Command::Data(c) => cli::data::run_data(c),
         Command::Tokenizer(c) => cli::data::run_tokenizer(c),
         Command::Eval(a) => cli::eval::run(a),

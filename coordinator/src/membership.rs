@@ -110,16 +110,33 @@ impl Membership {
         self.members.is_empty()
     }
 
-    /// The group for a new generation: the first `w` live workers in registration order,
+    /// The group for a new generation: the first `w` eligible workers in registration order,
     /// where `w` is the largest size in `min..=max` (and at most the live count) that
     /// divides the global batch. Ranks are assigned in that order. None if no such group.
-    pub fn form(&mut self, min: usize, max: usize, batch: usize) -> Option<Vec<String>> {
-        let n = self.members.len().min(max);
+    pub fn form(
+        &mut self,
+        min: usize,
+        max: usize,
+        batch: usize,
+        eligible: impl Fn(&str) -> bool,
+    ) -> Option<Vec<String>> {
+        let n = self
+            .members
+            .keys()
+            .filter(|id| eligible(id))
+            .count()
+            .min(max);
         let world = (min.max(1)..=n).rev().find(|w| batch.is_multiple_of(*w))?;
         for m in self.members.values_mut() {
             m.rank = None;
         }
-        let ids: Vec<String> = self.members.keys().take(world).cloned().collect();
+        let ids: Vec<String> = self
+            .members
+            .keys()
+            .filter(|id| eligible(id))
+            .take(world)
+            .cloned()
+            .collect();
         for (rank, id) in ids.iter().enumerate() {
             let m = self.members.get_mut(id).expect("listed above");
             m.rank = Some(rank as u32);
@@ -181,16 +198,21 @@ mod tests {
             .iter()
             .map(|n| m.register(reg(n), Instant::now()))
             .collect();
-        assert_eq!(m.form(1, 4, 8).unwrap(), ids);
+        assert_eq!(m.form(1, 4, 8, |_| true).unwrap(), ids);
         // 4 live, at most 3 wanted, batch 8: 3 does not divide 8, so 2.
-        assert_eq!(m.form(1, 3, 8).unwrap(), ids[..2].to_vec());
+        assert_eq!(m.form(1, 3, 8, |_| true).unwrap(), ids[..2].to_vec());
         assert_eq!(m.get(&ids[1]).unwrap().rank, Some(1));
         assert_eq!(m.get(&ids[2]).unwrap().rank, None);
         // Nothing between min and the live count divides the batch.
-        assert_eq!(m.form(3, 3, 8), None);
+        assert_eq!(m.form(3, 3, 8, |_| true), None);
         m.remove(&ids[0]);
-        assert_eq!(m.form(2, 4, 6).unwrap(), ids[1..].to_vec());
+        assert_eq!(m.form(2, 4, 6, |_| true).unwrap(), ids[1..].to_vec());
         assert_eq!(m.get(&ids[1]).unwrap().rank, Some(0));
-        assert_eq!(m.form(4, 4, 8), None);
+        assert_eq!(m.form(4, 4, 8, |_| true), None);
+        // Only workers with an open session are eligible.
+        assert_eq!(
+            m.form(1, 4, 6, |id| id != ids[1]).unwrap(),
+            ids[2..].to_vec()
+        );
     }
 }

@@ -183,6 +183,7 @@ impl Coordinator {
         token: Option<String>,
         tls: Option<TlsFiles>,
     ) -> Result<Self> {
+        stackwise_proto::install_tls_provider();
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("bind the coordinator to {bind}"))?;

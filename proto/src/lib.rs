@@ -13,3 +13,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The metadata key of the shared token (`authorization: Bearer <token>`).
 pub const AUTH_HEADER: &str = "authorization";
+
+/// Pick rustls' crypto provider (ring) for gRPC TLS. The S3 client links a second provider
+/// (aws-lc-rs), and with two linked rustls cannot choose on its own. Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

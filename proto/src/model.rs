@@ -222,6 +222,7 @@ pub struct RunStage {
     pub config_yaml: String,
     pub resume_checkpoint: Option<String>,
     pub until_step: Option<u64>,
+    pub ring_tag: u64,
 }
 
 impl TryFrom<pb::RunStage> for RunStage {
@@ -263,6 +264,7 @@ impl TryFrom<pb::RunStage> for RunStage {
             config_yaml: r.config_yaml,
             resume_checkpoint: (!r.resume_checkpoint.is_empty()).then_some(r.resume_checkpoint),
             until_step: (r.until_step > 0).then_some(r.until_step),
+            ring_tag: r.ring_tag,
         })
     }
 }
@@ -279,6 +281,7 @@ impl From<RunStage> for pb::RunStage {
             config_yaml: r.config_yaml,
             resume_checkpoint: r.resume_checkpoint.unwrap_or_default(),
             until_step: r.until_step.unwrap_or(0),
+            ring_tag: r.ring_tag,
         }
     }
 }
@@ -518,6 +521,7 @@ mod tests {
             config_yaml: "data: {path: x}".into(),
             resume_checkpoint: None,
             until_step: None,
+            ring_tag: 0,
         }
         .into()
     }

@@ -47,6 +47,11 @@ impl CheckpointStore {
         }
     }
 
+    /// The `checkpoints/` store itself.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Write `files`, then the manifest (create-only). Returns the checkpoint's name.
     pub fn save(
         &self,

@@ -1,5 +1,6 @@
 //! Subcommands of the `stackwise` binary.
 
+pub mod ckpt;
 pub mod data;
 pub mod dist;
 pub mod eval;

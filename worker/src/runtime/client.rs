@@ -47,6 +47,7 @@ impl Target {
     }
 
     pub async fn connect(&self) -> Result<Client> {
+        stackwise_proto::install_tls_provider();
         let mut ep = Endpoint::from_shared(self.url.clone())
             .with_context(|| format!("coordinator address {:?}", self.url))?
             .connect_timeout(std::time::Duration::from_secs(5))

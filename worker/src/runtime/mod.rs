@@ -407,7 +407,7 @@ fn run_stage(
                 listener,
                 &rs.peers,
                 rank,
-                run_tag(&fence.run_id),
+                run_tag(&fence.run_id) ^ rs.ring_tag,
                 fence.generation,
                 Duration::from_secs(120),
                 abort.clone(),

@@ -97,6 +97,17 @@ pub struct Trainer {
     comm: Box<dyn Comm>,
     observer: Option<Box<dyn FnMut(TrainEvent) + Send>>,
     abort: Option<Arc<AtomicBool>>,
+    pending_save: Option<(u64, std::thread::JoinHandle<Result<String>>)>,
+    stall_seconds: f64,
+}
+
+impl Drop for Trainer {
+    /// An aborted trainer still finishes its upload, so no writer outlives it.
+    fn drop(&mut self) {
+        if let Some((_, h)) = self.pending_save.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 fn device_from(name: &str) -> Result<Device> {
@@ -255,6 +266,8 @@ impl Trainer {
             comm,
             observer: None,
             abort: None,
+            pending_save: None,
+            stall_seconds: 0.0,
         };
         let existing = trainer.ckpt.list_names()?;
         if let Some(name) = &opts.resume_from {
@@ -451,12 +464,17 @@ impl Trainer {
         Ok((weight > 0.0).then(|| sum / weight))
     }
 
+    /// Stage a checkpoint in memory and upload it on a background thread while training
+    /// goes on (DESIGN §6): the step stalls only for the serialization. One upload at a time;
+    /// the checkpoint counts (and is reported) once its manifest is written.
     fn save_checkpoint(&mut self) -> Result<String> {
         if !self.is_leader() {
             let name = stackwise_common::checkpoint::step_dir(self.state.step);
             self.last_checkpoint = Some(name.clone());
             return Ok(name);
         }
+        self.wait_pending_save()?;
+        let staged = Instant::now();
         let mut files: Vec<(String, Bytes)> = vec![
             (
                 "model.safetensors".into(),
@@ -486,19 +504,51 @@ impl Trainer {
             val_loss: self.state.last_val_loss,
             stage: None,
         };
-        let name = self.ckpt.save(self.state.step, meta, files)?;
-        let dropped = self.ckpt.apply_retention(self.cfg.training.keep_last)?;
-        if !dropped.is_empty() {
-            tracing::debug!(?dropped, "retention removed old checkpoints");
-        }
+        let step = self.state.step;
+        let name = stackwise_common::checkpoint::step_dir(step);
+        let (ckpt, keep) = (self.ckpt.clone(), self.cfg.training.keep_last);
+        let handle = std::thread::Builder::new()
+            .name(format!("upload-{name}"))
+            .spawn(move || -> Result<String> {
+                let name = ckpt.save(step, meta, files)?;
+                let dropped = ckpt.apply_retention(keep)?;
+                if !dropped.is_empty() {
+                    tracing::debug!(?dropped, "retention removed old checkpoints");
+                }
+                Ok(name)
+            })
+            .context("start the checkpoint upload thread")?;
+        self.stall_seconds += staged.elapsed().as_secs_f64();
+        tracing::debug!(checkpoint = %name, stall_ms = staged.elapsed().as_millis() as u64, "staged; uploading in the background");
+        self.pending_save = Some((step, handle));
+        Ok(name)
+    }
+
+    /// Wait for the background upload, if any; report the committed checkpoint.
+    pub fn wait_pending_save(&mut self) -> Result<()> {
+        let Some((step, handle)) = self.pending_save.take() else {
+            return Ok(());
+        };
+        let name = match handle.join() {
+            Ok(Ok(name)) => name,
+            Ok(Err(e)) => {
+                return Err(e.context(format!(
+                    "checkpoint at step {step} could not be written to {}; the last complete checkpoint is {}",
+                    self.run.uri(),
+                    self.last_checkpoint.as_deref().unwrap_or("none")
+                )));
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         self.last_checkpoint = Some(name.clone());
         let uri = format!("{}/checkpoints/{name}", self.run.uri());
-        self.emit(TrainEvent::Checkpoint {
-            step: self.state.step,
-            name: name.clone(),
-            uri,
-        });
-        Ok(name)
+        self.emit(TrainEvent::Checkpoint { step, name, uri });
+        Ok(())
+    }
+
+    /// Seconds the training loop spent staging checkpoints (the stall the upload costs).
+    pub fn checkpoint_stall_seconds(&self) -> f64 {
+        self.stall_seconds
     }
 
     /// Train until `training.steps` (or `until_step`, or early stopping).
@@ -557,6 +607,13 @@ impl Trainer {
             {
                 self.save_checkpoint()?;
             }
+            if self
+                .pending_save
+                .as_ref()
+                .is_some_and(|(_, h)| h.is_finished())
+            {
+                self.wait_pending_save()?;
+            }
 
             // Diagnostics only below this line.
             let tokens_per_s =
@@ -603,6 +660,7 @@ impl Trainer {
                 format!("loss {:.4} {tokens_per_s:.0} tok/s", stats.loss),
             );
         }
+        self.wait_pending_save()?;
         rep.finish();
         if self.state.stopped_early {
             rep.line(&format!(
