@@ -34,6 +34,6 @@ s, t = "stackwise", "torch.save"
 print(f"state: {rows[0]['params']/1e6:.1f}M parameters + AdamW moments, {m(s,'bytes')/1e9:.2f} GB")
 print(f"save: stackwise -> S3 {m(s,'save_gbps'):.2f} GB/s ({m(s,'save_s'):.2f} s) | torch.save -> disk {m(t,'save_gbps'):.2f} GB/s ({m(t,'save_s'):.2f} s) | ratio {m(s,'save_gbps')/m(t,'save_gbps'):.2f}x")
 print(f"load: stackwise <- S3 {m(s,'load_gbps'):.2f} GB/s ({m(s,'load_s'):.2f} s, sha256-verified) | torch.load <- disk {m(t,'load_gbps'):.2f} GB/s ({m(t,'load_s'):.2f} s) | ratio {m(s,'load_gbps')/m(t,'load_gbps'):.2f}x")
-print(f"training stall per checkpoint: {m(s,'stall_s'):.2f} s = {100*m(s,'stall_over_save'):.1f} % of the save time")
+print(f"training stall per checkpoint: {m(s,'stall_s'):.2f} s = {100*m(s,'stall_over_save'):.1f} % of the save time (first checkpoint of a process: {m(s,'first_stall_s'):.2f} s)")
 PY
 rm -f "$out"

@@ -60,11 +60,22 @@ impl CheckpointStore {
         files: Vec<(String, Bytes)>,
     ) -> Result<String, CheckpointError> {
         let name = step_dir(step);
-        let mut entries = Vec::new();
-        for (file, bytes) in &files {
-            self.store.put(&format!("{name}/{file}"), bytes.clone())?;
-            entries.push(ManifestEntry::of(file, bytes));
-        }
+        // Files upload (and hash) concurrently; the manifest waits for all of them.
+        let entries: Vec<ManifestEntry> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = files
+                .iter()
+                .map(|(file, bytes)| {
+                    let (store, name) = (&self.store, &name);
+                    scope.spawn(move || -> Result<ManifestEntry, CheckpointError> {
+                        store.put(&format!("{name}/{file}"), bytes.clone())?;
+                        Ok(ManifestEntry::of(file, bytes))
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect::<Result<_, _>>()
+        })?;
         let manifest = Manifest::new(step, meta, entries);
         // A manifest from an earlier, interrupted attempt at this step is stale: replace it.
         self.store.delete(&format!("{name}/MANIFEST.json"))?;

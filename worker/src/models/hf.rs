@@ -112,10 +112,59 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<(Transformer, Param
 pub fn params_to_safetensors(params: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
     let tensors: Vec<(&String, Tensor)> = params
         .iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.contiguous()?)))
+        .map(|(k, t)| {
+            let t = if t.dtype() == DType::F32 {
+                t.clone()
+            } else {
+                t.to_dtype(DType::F32)?
+            };
+            Ok((k, t.contiguous()?))
+        })
         .collect::<Result<_>>()?;
+    if tensors
+        .iter()
+        .all(|(_, t)| matches!(t.device(), Device::Cpu))
+    {
+        return f32_safetensors(&tensors);
+    }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     Ok(safetensors::tensor::serialize(tensors, Some(meta))?)
+}
+
+/// The safetensors format written with one copy per tensor straight from candle's CPU
+/// storage (the generic path converts through intermediate vectors). This is the training
+/// stall of a checkpoint: 1.5 GB of GPT-2-small weights and AdamW state in well under a second.
+fn f32_safetensors(tensors: &[(&String, Tensor)]) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let bytes = t.elem_count() * 4;
+        header.insert(
+            (*name).clone(),
+            serde_json::json!({"dtype": "F32", "shape": t.dims(), "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    // The data starts 8-byte aligned: pad the header with spaces, as safetensors does.
+    while (8 + head.len()) % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    for (_, t) in tensors {
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            bail!("expected a CPU tensor");
+        };
+        let data = crate::ops::cpu::f32_slice(cpu, layout, "safetensors")?;
+        // SAFETY: f32 has no padding and any alignment suits u8.
+        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), data.len() * 4) };
+        out.extend_from_slice(raw);
+    }
+    Ok(out)
 }
 
 /// Write `config.json` + `model.safetensors` (+ `tokenizer.json` when given) into `dir`.
@@ -142,4 +191,50 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod safetensors_tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_writer_reads_back_with_the_safetensors_crate() {
+        let dev = candle_core::Device::Cpu;
+        let mut m = BTreeMap::new();
+        m.insert(
+            "b.weight".to_string(),
+            Tensor::arange(0f32, 12., &dev)
+                .unwrap()
+                .reshape((3, 4))
+                .unwrap(),
+        );
+        m.insert(
+            "a".to_string(),
+            Tensor::new(&[1.5f32, -2.0, 7.0], &dev).unwrap(),
+        );
+        // A transposed (strided) tensor is written in its logical order.
+        m.insert(
+            "c".to_string(),
+            Tensor::arange(0f32, 6., &dev)
+                .unwrap()
+                .reshape((2, 3))
+                .unwrap()
+                .t()
+                .unwrap(),
+        );
+        let bytes = params_to_safetensors(&m).unwrap();
+        assert_eq!(bytes.len() % 4, 0);
+        let back = candle_core::safetensors::load_buffer(&bytes, &dev).unwrap();
+        for (k, v) in &m {
+            let got = back[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(
+                got,
+                v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{k}"
+            );
+            assert_eq!(back[k].dims(), v.dims());
+        }
+        let meta = safetensors::SafeTensors::read_metadata(&bytes).unwrap().1;
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+    }
 }

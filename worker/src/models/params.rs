@@ -106,6 +106,15 @@ impl Params {
     }
 
     /// A snapshot of every tensor (detached copies are cheap: they share storage until `set`).
+    /// The current values without copying (for serializing them right away, before the
+    /// next optimizer step changes them).
+    pub fn snapshot(&self) -> BTreeMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
+    }
+
     pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         self.vars
             .iter()

@@ -4,7 +4,7 @@
 
 mod attention;
 mod bias;
-mod cpu;
+pub(crate) mod cpu;
 mod cross_entropy;
 mod fastmath;
 mod fused;

@@ -478,7 +478,7 @@ impl Trainer {
         let mut files: Vec<(String, Bytes)> = vec![
             (
                 "model.safetensors".into(),
-                Bytes::from(hf::params_to_safetensors(&self.params.tensors()?)?),
+                Bytes::from(hf::params_to_safetensors(&self.params.snapshot())?),
             ),
             (
                 "config.json".into(),
