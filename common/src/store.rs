@@ -151,6 +151,15 @@ impl Store {
         })
     }
 
+    /// Wrap any `object_store` implementation (tests use it to inject faults).
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, uri: &str) -> Self {
+        Self {
+            inner,
+            prefix: ObjPath::default(),
+            uri: uri.to_string(),
+        }
+    }
+
     /// True for object stores (no local path).
     pub fn is_remote(&self) -> bool {
         self.local_path().is_none()

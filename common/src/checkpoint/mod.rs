@@ -228,3 +228,157 @@ mod tests {
         );
     }
 }
+
+/// Storage faults: a wrapper store that fails chosen calls.
+#[cfg(test)]
+mod fault_tests {
+    use std::ops::Range;
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use futures::stream::BoxStream;
+    use object_store::local::LocalFileSystem;
+    use object_store::path::Path;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
+    };
+
+    use super::*;
+
+    /// Fails every put whose path contains one of `fail_puts` (while it is listed).
+    #[derive(Debug)]
+    struct Faulty {
+        inner: LocalFileSystem,
+        fail_puts: Mutex<Vec<String>>,
+    }
+
+    impl std::fmt::Display for Faulty {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Faulty({})", self.inner)
+        }
+    }
+
+    impl Faulty {
+        fn check(&self, location: &Path) -> Result<()> {
+            let failing = self.fail_puts.lock().unwrap();
+            if failing
+                .iter()
+                .any(|f| location.as_ref().contains(f.as_str()))
+            {
+                return Err(object_store::Error::Generic {
+                    store: "faulty",
+                    source: format!("injected failure writing {location}").into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Faulty {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> Result<PutResult> {
+            self.check(location)?;
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> Result<Box<dyn MultipartUpload>> {
+            self.check(location)?;
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+            self.inner.get_ranges(location, ranges).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, Result<Path>>,
+        ) -> BoxStream<'static, Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        fn list_with_offset(
+            &self,
+            prefix: Option<&Path>,
+            offset: &Path,
+        ) -> BoxStream<'static, Result<ObjectMeta>> {
+            self.inner.list_with_offset(prefix, offset)
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+        async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
+            self.inner.rename_opts(from, to, options).await
+        }
+    }
+
+    #[test]
+    fn a_failed_save_never_replaces_the_last_good_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = Arc::new(Faulty {
+            inner: LocalFileSystem::new_with_prefix(dir.path()).unwrap(),
+            fail_puts: Mutex::new(Vec::new()),
+        });
+        let store = Store::from_object_store(faulty.clone(), "faulty://run");
+        let ckpts = CheckpointStore::new(&store);
+        let files = |tag: &str| {
+            vec![(
+                "model.safetensors".to_string(),
+                Bytes::from(tag.to_string()),
+            )]
+        };
+        ckpts
+            .save(1, CheckpointMeta::default(), files("one"))
+            .unwrap();
+
+        // A tensor file fails: the save fails, no manifest, step 1 stays the newest valid one.
+        faulty
+            .fail_puts
+            .lock()
+            .unwrap()
+            .push("step-00000002/model".into());
+        let e = ckpts
+            .save(2, CheckpointMeta::default(), files("two"))
+            .unwrap_err();
+        assert!(e.to_string().contains("injected failure"), "{e}");
+        assert_eq!(ckpts.load_latest().unwrap().unwrap().name, "step-00000001");
+
+        // The manifest itself fails: still not a checkpoint.
+        faulty.fail_puts.lock().unwrap().clear();
+        faulty
+            .fail_puts
+            .lock()
+            .unwrap()
+            .push("step-00000003/MANIFEST".into());
+        assert!(
+            ckpts
+                .save(3, CheckpointMeta::default(), files("three"))
+                .is_err()
+        );
+        let latest = ckpts.load_latest().unwrap().unwrap();
+        assert_eq!(latest.name, "step-00000001");
+        assert_eq!(&latest.files["model.safetensors"][..], b"one");
+
+        // Once the store recovers, the next save commits.
+        faulty.fail_puts.lock().unwrap().clear();
+        ckpts
+            .save(4, CheckpointMeta::default(), files("four"))
+            .unwrap();
+        assert_eq!(ckpts.load_latest().unwrap().unwrap().name, "step-00000004");
+    }
+}
