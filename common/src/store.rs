@@ -133,10 +133,16 @@ impl Store {
                     .into(),
             ));
         }
+        // Patient enough to ride out a store restart: 0.25 s doubling to 10 s, about a
+        // minute of retries in all, before a save fails.
         b = b.with_retry(object_store::RetryConfig {
-            max_retries: 8,
-            retry_timeout: std::time::Duration::from_secs(120),
-            ..Default::default()
+            max_retries: 12,
+            retry_timeout: std::time::Duration::from_secs(180),
+            backoff: object_store::BackoffConfig {
+                init_backoff: std::time::Duration::from_millis(250),
+                max_backoff: std::time::Duration::from_secs(10),
+                base: 2.0,
+            },
         });
         let s3 = b
             .build()

@@ -546,3 +546,39 @@ fn a_restarted_coordinator_reloads_the_run_and_workers_reconnect() {
         "the restarted run must end with the weights of the clean run"
     );
 }
+
+#[test]
+fn an_s3_outage_during_training_is_retried_and_the_run_completes() {
+    let mut s3 = S3::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = config(dir.path(), &data, "s3://bucket/exp", 300, 10);
+    let mut c = launch(&cfg, 2, &["--set", "run.name=clean"]);
+    s3.env(&mut c);
+    ok(&mut c);
+
+    let mut c = launch(&cfg, 2, &["--set", "run.name=outage"]);
+    s3.env(&mut c);
+    let (mut child, rx) = start_until(c, "step     40/");
+    s3.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    s3.restart();
+    let status = child.0.wait().unwrap();
+    let log: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "{}", log.join("\n"));
+    // The outage hit an upload, which backed off and retried.
+    assert!(
+        log.iter().any(|l| l.contains("backing off")),
+        "{}",
+        log.join("\n")
+    );
+    let mut v = bin();
+    v.args(["ckpt", "verify", "s3://bucket/exp/runs/outage"]);
+    s3.env(&mut v);
+    ok(&mut v);
+    assert_eq!(
+        final_weights(Some(&s3), Path::new(""), "clean", 300),
+        final_weights(Some(&s3), Path::new(""), "outage", 300),
+        "an outage must not change the result"
+    );
+}
