@@ -13,6 +13,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 pub const EOS: &str = "<|endoftext|>";
+/// The mask token StackWise adds for masked objectives when a tokenizer has none.
+pub const MASK: &str = "<|mask|>";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -182,6 +184,23 @@ impl Tok {
             .find_map(|t| self.inner.token_to_id(t))
     }
 
+    /// The mask token of masked objectives (`<mask>`, `[MASK]` or `<|mask|>`); when the
+    /// tokenizer has none, `<|mask|>` is added as a special token (at id `vocab_size`).
+    pub fn ensure_mask_token(&mut self) -> Result<u32, TokenizerError> {
+        if let Some(id) = ["<mask>", "[MASK]", MASK]
+            .iter()
+            .find_map(|t| self.inner.token_to_id(t))
+        {
+            return Ok(id);
+        }
+        self.inner
+            .add_special_tokens(vec![AddedToken::from(MASK, true)])
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        self.inner
+            .token_to_id(MASK)
+            .ok_or_else(|| TokenizerError::Encode("adding the mask token failed".into()))
+    }
+
     /// Token ids of `text`; `special`: add the tokenizer's own special tokens (BOS…), as HF's
     /// `tokenizer(text)` does by default.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizerError> {
@@ -239,6 +258,19 @@ mod tests {
         let text = "To be, or not to be, that is the question";
         assert_eq!(byte.vocab_size(), 257);
         assert!(bpe.encode(text, false).unwrap().len() < byte.encode(text, false).unwrap().len());
+    }
+
+    #[test]
+    fn a_mask_token_is_added_once_when_missing() {
+        let mut tok = Tok::train(TokenizerKind::Byte, &corpus(), 0).unwrap();
+        let n = tok.vocab_size();
+        let id = tok.ensure_mask_token().unwrap();
+        assert_eq!((id as usize, tok.vocab_size()), (n, n + 1));
+        assert_eq!(tok.ensure_mask_token().unwrap(), id);
+        // Decoding skips it like any special token.
+        let mut ids = tok.encode("ab", false).unwrap();
+        ids.insert(1, id);
+        assert_eq!(tok.decode(&ids).unwrap(), "ab");
     }
 
     #[test]

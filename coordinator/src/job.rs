@@ -31,6 +31,8 @@ pub struct JobSpec {
     pub run_id: String,
     /// The resolved config every worker runs (paths made absolute).
     pub config_yaml: String,
+    /// The planner's stages (JSON), sent to every worker with the config.
+    pub plan_json: String,
     /// Where the run's checkpoints are (`<output>/runs/<name>`).
     pub run_uri: String,
     pub total_steps: u64,
@@ -453,6 +455,7 @@ impl Job {
                 resume_checkpoint: resume.clone(),
                 until_step: self.spec.until_step,
                 ring_tag: self.instance ^ self.generation.rotate_left(32),
+                plan_json: (!self.spec.plan_json.is_empty()).then(|| self.spec.plan_json.clone()),
             };
             self.send(id, Command::RunStage(Box::new(cmd)));
         }

@@ -4,6 +4,7 @@
 pub mod job;
 pub mod launch;
 pub mod membership;
+pub mod plan;
 pub mod service;
 pub mod spec;
 

@@ -21,6 +21,9 @@ struct Cli {
 enum Command {
     /// Train a model from a YAML config (single process).
     Train(cli::train::TrainArgs),
+    /// Print the stage plan of a config: what trains, what is frozen and at which precision,
+    /// adapters, objective, attention, mask fractions, steps.
+    Plan(cli::train::PlanArgs),
     /// Single-node job: a coordinator plus N local workers (the debug mode).
     Launch(cli::dist::LaunchArgs),
     /// Serve a job to workers on other processes or machines.
@@ -56,6 +59,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Train(a) => cli::train::run(a),
+        Command::Plan(a) => cli::train::run_plan(a),
         Command::Launch(a) => cli::dist::run_launch(a),
         Command::Coordinator(a) => cli::dist::run_coordinator(a),
         Command::Worker(a) => cli::dist::run_worker_cmd(a),

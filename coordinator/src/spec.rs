@@ -108,11 +108,13 @@ pub fn job_spec(mut cfg: TrainConfig, o: SpecOptions) -> Result<JobSpec> {
             existing.join(", ")
         );
     }
+    let plan = crate::plan::plan_config(&cfg)?;
     Ok(JobSpec {
         run_id: cfg.run.name.clone(),
         config_yaml: serde_yaml::to_string(&cfg).context("serialize the config")?,
+        plan_json: serde_json::to_string(&plan)?,
         run_uri,
-        total_steps: cfg.training.steps,
+        total_steps: plan.total_steps(),
         batch_size: batch,
         min_workers: o.min_workers,
         max_workers: o.max_workers,

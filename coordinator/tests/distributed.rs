@@ -229,6 +229,7 @@ fn spec(dir: &Path, min: usize, lease_ms: u64) -> JobSpec {
     JobSpec {
         run_id: "fence".into(),
         config_yaml: "data: {path: nowhere}".into(),
+        plan_json: String::new(),
         run_uri: dir.display().to_string(),
         total_steps: 10,
         batch_size: 4,

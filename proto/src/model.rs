@@ -223,6 +223,8 @@ pub struct RunStage {
     pub resume_checkpoint: Option<String>,
     pub until_step: Option<u64>,
     pub ring_tag: u64,
+    /// The stage plan as JSON (none = one end-to-end stage).
+    pub plan_json: Option<String>,
 }
 
 impl TryFrom<pb::RunStage> for RunStage {
@@ -265,6 +267,7 @@ impl TryFrom<pb::RunStage> for RunStage {
             resume_checkpoint: (!r.resume_checkpoint.is_empty()).then_some(r.resume_checkpoint),
             until_step: (r.until_step > 0).then_some(r.until_step),
             ring_tag: r.ring_tag,
+            plan_json: (!r.plan_json.is_empty()).then_some(r.plan_json),
         })
     }
 }
@@ -282,6 +285,7 @@ impl From<RunStage> for pb::RunStage {
             resume_checkpoint: r.resume_checkpoint.unwrap_or_default(),
             until_step: r.until_step.unwrap_or(0),
             ring_tag: r.ring_tag,
+            plan_json: r.plan_json.unwrap_or_default(),
         }
     }
 }
@@ -522,6 +526,7 @@ mod tests {
             resume_checkpoint: None,
             until_step: None,
             ring_tag: 0,
+            plan_json: Some("{}".into()),
         }
         .into()
     }

@@ -12,6 +12,10 @@ pub struct ManifestEntry {
     pub path: String,
     pub bytes: u64,
     pub sha256: String,
+    /// Where the bytes are when they are shared with other checkpoints instead of written
+    /// again (a path under `checkpoints/`, e.g. a stage's full-precision backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 impl ManifestEntry {
@@ -20,6 +24,7 @@ impl ManifestEntry {
             path: path.to_string(),
             bytes: data.len() as u64,
             sha256: hex::encode(Sha256::digest(data)),
+            object: None,
         }
     }
 

@@ -59,6 +59,33 @@ impl CheckpointStore {
         meta: CheckpointMeta,
         files: Vec<(String, Bytes)>,
     ) -> Result<String, CheckpointError> {
+        self.save_with_refs(step, meta, files, Vec::new())
+    }
+
+    /// Write an object several checkpoints share (`object`, a path under `checkpoints/`
+    /// outside the `step-*` folders) and return the manifest entry that references it as
+    /// `file`. Checkpoints list it without writing it again; retention never deletes it.
+    pub fn put_shared(
+        &self,
+        object: &str,
+        file: &str,
+        bytes: Bytes,
+    ) -> Result<ManifestEntry, CheckpointError> {
+        self.store.put(object, bytes.clone())?;
+        Ok(ManifestEntry {
+            object: Some(object.to_string()),
+            ..ManifestEntry::of(file, &bytes)
+        })
+    }
+
+    /// `save`, with `refs` (from `put_shared`) listed in the manifest as they are.
+    pub fn save_with_refs(
+        &self,
+        step: u64,
+        meta: CheckpointMeta,
+        files: Vec<(String, Bytes)>,
+        refs: Vec<ManifestEntry>,
+    ) -> Result<String, CheckpointError> {
         let name = step_dir(step);
         // Files upload (and hash) concurrently; the manifest waits for all of them.
         let entries: Vec<ManifestEntry> = std::thread::scope(|scope| {
@@ -76,6 +103,8 @@ impl CheckpointStore {
                 .map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect::<Result<_, _>>()
         })?;
+        let mut entries = entries;
+        entries.extend(refs);
         let manifest = Manifest::new(step, meta, entries);
         // A manifest from an earlier, interrupted attempt at this step is stale: replace it.
         self.store.delete(&format!("{name}/MANIFEST.json"))?;
@@ -114,10 +143,14 @@ impl CheckpointStore {
             Manifest::from_json(&raw).map_err(|e| invalid(format!("MANIFEST.json: {e}")))?;
         let mut files = BTreeMap::new();
         for entry in &manifest.files {
+            let location = match &entry.object {
+                Some(o) => o.clone(),
+                None => format!("{name}/{}", entry.path),
+            };
             let bytes = self
                 .store
-                .get(&format!("{name}/{}", entry.path))?
-                .ok_or_else(|| invalid(format!("{} is missing", entry.path)))?;
+                .get(&location)?
+                .ok_or_else(|| invalid(format!("{} is missing ({location})", entry.path)))?;
             entry.verify(&bytes).map_err(invalid)?;
             files.insert(entry.path.clone(), bytes);
         }

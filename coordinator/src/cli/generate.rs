@@ -44,9 +44,25 @@ pub struct GenerateArgs {
     /// Use the EMA weights when the checkpoint has them.
     #[arg(long)]
     pub ema: bool,
+    /// `auto`: mask-diffusion for a bidirectional model trained with a masked objective,
+    /// autoregressive otherwise.
+    #[arg(long, value_enum, default_value_t = Sampler::Auto)]
+    pub sampler: Sampler,
+    /// Denoising steps of the diffusion sampler (more = slower, better).
+    #[arg(long, default_value_t = 16)]
+    pub diffusion_steps: usize,
     /// Print {"text", "tokens", "tokens_per_s"} as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sampler {
+    Auto,
+    /// Left to right with a KV cache.
+    Ar,
+    /// Start fully masked, predict all, re-mask the least confident.
+    Diffusion,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -85,7 +101,34 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         use_cache: !a.no_cache,
         eos_token_id: m.tok.eos_id().or(m.model.cfg.eos_token_id),
     };
-    let out = generate(&m.model, &prompt, &cfg)?;
+    let bidirectional = m.model.cfg.attention_mode
+        == stackwise_worker::models::config::AttentionMode::Bidirectional;
+    let diffusion = match a.sampler {
+        Sampler::Ar => false,
+        Sampler::Diffusion => true,
+        Sampler::Auto => bidirectional && m.model.cfg.mask_token_id.is_some(),
+    };
+    let out = if diffusion {
+        let Some(mask_id) = m.model.cfg.mask_token_id else {
+            bail!(
+                "--sampler diffusion needs a model trained with a masked objective (its config.json has no mask_token_id)"
+            );
+        };
+        stackwise_worker::generate::diffusion_generate(
+            &m.model,
+            &prompt,
+            mask_id,
+            a.diffusion_steps,
+            &cfg,
+        )?
+    } else {
+        if bidirectional {
+            tracing::warn!(
+                "this model uses bidirectional attention; left-to-right sampling is not what it was trained for"
+            );
+        }
+        generate(&m.model, &prompt, &cfg)?
+    };
     let text = m.tok.decode(&out.tokens)?;
     if a.json {
         println!(
@@ -99,7 +142,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "{} tokens at {:.1} tok/s ({})",
             out.tokens.len(),
             out.tokens_per_s,
-            if a.no_cache { "no cache" } else { "KV cache" }
+            if diffusion {
+                format!("diffusion, {} steps", a.diffusion_steps)
+            } else if a.no_cache {
+                "no cache".into()
+            } else {
+                "KV cache".into()
+            }
         );
     }
     Ok(())

@@ -139,6 +139,8 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         seed: 0,
         no_cache: false,
         ema: false,
+        sampler: super::generate::Sampler::Auto,
+        diffusion_steps: 16,
         json: false,
     })
 }

@@ -31,11 +31,13 @@ pub use stackwise_coordinator::spec::load_config;
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = load_config(&a.config, &a.sets)?;
+    let plan = stackwise_coordinator::plan::plan_config(&cfg)?;
     let opts = RunOptions {
         resume: a.resume,
         until_step: a.until_step,
         progress: !a.no_progress,
         resume_from: None,
+        plan: Some(plan),
     };
     let mut trainer = Trainer::new(cfg, &opts)?;
     let summary = trainer.run(&opts)?;
@@ -56,6 +58,30 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     summary.run_dir
                 )),
         );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// The YAML config.
+    pub config: PathBuf,
+    /// Override a config key, e.g. --set training.mode=layerwise (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Print the plan as JSON (what the coordinator sends the workers).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `stackwise plan CONFIG`: the stage table, computed without touching data or stores.
+pub fn run_plan(a: PlanArgs) -> Result<()> {
+    let cfg = load_config(&a.config, &a.sets)?;
+    let plan = stackwise_coordinator::plan::plan_config(&cfg)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", stackwise_coordinator::plan::table(&plan));
     }
     Ok(())
 }

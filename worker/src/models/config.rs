@@ -73,6 +73,13 @@ pub struct ModelConfig {
     pub bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The mask token of a model trained with a masked objective (the diffusion sampler
+    /// starts from it).
+    #[serde(default)]
+    pub mask_token_id: Option<u32>,
+    /// `alpha / r` of the LoRA adapters a checkpoint carries.
+    #[serde(default)]
+    pub lora_scale: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +209,8 @@ impl RawModelConfig {
             bias: self.bias.unwrap_or(gpt2),
             bos_token_id: None,
             eos_token_id: None,
+            mask_token_id: None,
+            lora_scale: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -333,6 +342,8 @@ impl ModelConfig {
                     bias: true,
                     bos_token_id: token("bos_token_id"),
                     eos_token_id: token("eos_token_id"),
+                    mask_token_id: None,
+                    lora_scale: None,
                 }
             }
             "llama" | "mistral" | "qwen2" => {
@@ -396,6 +407,8 @@ impl ModelConfig {
                     bias: attention_bias,
                     bos_token_id: token("bos_token_id"),
                     eos_token_id: token("eos_token_id"),
+                    mask_token_id: None,
+                    lora_scale: None,
                 }
             }
             other => return Err(ConfigError::UnsupportedModelType(other.to_string())),

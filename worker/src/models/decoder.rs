@@ -6,18 +6,27 @@
 use candle_core::{D, Device, Module, Result, Tensor};
 
 use super::config::{Activation, AttentionMode, Family, ModelConfig, NormKind, Positions};
-use super::params::{Init, ParamBuilder, Params};
+use super::params::{Init, ParamBuilder, Params, Weight};
 use crate::ops;
 
 const INIT_STD: f64 = 0.02;
 
 /// A projection. GPT-2's `Conv1D` stores `[in, out]` and computes `x @ W + b`; `nn.Linear`
-/// stores `[out, in]` and computes `x @ W^T + b`.
+/// stores `[out, in]` and computes `x @ W^T + b`. A frozen weight may be stored at reduced
+/// precision, and may carry LoRA factors (`A (r, in)`, `B (out, r)`, PEFT's layout for both).
 #[derive(Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
     pub conv1d: bool,
+    pub lora: Option<Lora>,
+}
+
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
 }
 
 impl Linear {
@@ -31,37 +40,63 @@ impl Linear {
     ) -> Result<Self> {
         let conv1d = cfg.family == Family::Gpt2;
         let shape = if conv1d { [d_in, d_out] } else { [d_out, d_in] };
-        let weight = p.get(&format!("{name}.weight"), &shape, Init::Normal(std))?;
+        let weight = p.linear_weight(&format!("{name}.weight"), &shape, Init::Normal(std))?;
         let bias = if cfg.bias {
             Some(p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?)
         } else {
             None
         };
+        let lora = p
+            .lora(name, d_in, d_out)?
+            .map(|(a, b, scale)| Lora { a, b, scale });
         Ok(Self {
             weight,
             bias,
             conv1d,
+            lora,
         })
     }
-}
 
-impl Linear {
+    /// This projection with its weight as a dense f32 tensor (dequantized once).
+    fn materialized(&self) -> Result<Self> {
+        Ok(match &self.weight {
+            Weight::Dense(_) => self.clone(),
+            Weight::Frozen(f) => Self {
+                weight: Weight::Dense(f.dense()?),
+                ..self.clone()
+            },
+        })
+    }
+
     /// The projection onto output features `start..start + len`, sharing this one's weights.
     fn columns(&self, start: usize, len: usize) -> Result<Self> {
+        let w = self.weight.dense()?;
         let weight = if self.conv1d {
-            self.weight.narrow(1, start, len)?
+            w.narrow(1, start, len)?
         } else {
-            self.weight.narrow(0, start, len)?
+            w.narrow(0, start, len)?
         };
         let bias = self
             .bias
             .as_ref()
             .map(|b| b.narrow(0, start, len))
             .transpose()?;
+        let lora = self
+            .lora
+            .as_ref()
+            .map(|l| -> Result<Lora> {
+                Ok(Lora {
+                    a: l.a.clone(),
+                    b: l.b.narrow(0, start, len)?,
+                    scale: l.scale,
+                })
+            })
+            .transpose()?;
         Ok(Self {
-            weight,
+            weight: Weight::Dense(weight),
             bias,
             conv1d: self.conv1d,
+            lora,
         })
     }
 }
@@ -71,11 +106,16 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
         let x2 = x.reshape(((), d_in))?; // (B*T, in)
-        let y = if self.conv1d {
-            x2.matmul(&self.weight)?
+        let w = self.weight.dense()?;
+        let mut y = if self.conv1d {
+            x2.matmul(&w)?
         } else {
-            x2.matmul(&self.weight.t()?)?
+            x2.matmul(&w.t()?)?
         };
+        if let Some(l) = &self.lora {
+            let delta = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            y = (y + (delta * l.scale)?)?;
+        }
         let y = match &self.bias {
             Some(b) => ops::add_bias(&y, b)?,
             None => y,
@@ -287,11 +327,14 @@ impl Attention {
             // Split the fused [q | k | v] projection on its weight, not on its output: the
             // gradient of a narrow is padded to the full tensor, which is far smaller for the
             // (d, q + 2kv) weight than for the (B, T, q + 2kv) activation.
-            Qkv::Fused(l) => (
-                l.columns(0, nh * hd)?.forward(x)?,
-                l.columns(nh * hd, nkv * hd)?.forward(x)?,
-                l.columns((nh + nkv) * hd, nkv * hd)?.forward(x)?,
-            ),
+            Qkv::Fused(l) => {
+                let l = l.materialized()?;
+                (
+                    l.columns(0, nh * hd)?.forward(x)?,
+                    l.columns(nh * hd, nkv * hd)?.forward(x)?,
+                    l.columns((nh + nkv) * hd, nkv * hd)?.forward(x)?,
+                )
+            }
             Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
         };
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, nh, T, hd)
@@ -491,6 +534,17 @@ pub mod names {
 
 impl Transformer {
     pub fn build(cfg: &ModelConfig, p: &mut ParamBuilder, device: &Device) -> Result<Self> {
+        Self::build_layers(cfg, p, device, cfg.n_layers)
+    }
+
+    /// A model of the first `active` layers of `cfg` (a layer-wise stage): the same
+    /// parameter names and initialisation as the full model, the later layers left out.
+    pub fn build_layers(
+        cfg: &ModelConfig,
+        p: &mut ParamBuilder,
+        device: &Device,
+        active: usize,
+    ) -> Result<Self> {
         let f = cfg.family;
         let tok_emb = p.get(
             names::tok_emb(f),
@@ -505,7 +559,7 @@ impl Transformer {
             )?),
             Positions::Rope => None,
         };
-        let blocks = (0..cfg.n_layers)
+        let blocks = (0..active.min(cfg.n_layers))
             .map(|i| Block::load(p, i, cfg))
             .collect::<Result<Vec<_>>>()?;
         let norm_f = Norm::load(p, names::norm_f(f), cfg)?;
@@ -580,6 +634,11 @@ impl Transformer {
         let last = out.len() - 1;
         out[last] = self.cfg.vocab_size;
         y.reshape(out)
+    }
+
+    /// Layers in the forward pass (fewer than `cfg.n_layers` in a layer-wise stage).
+    pub fn active_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     /// The device the weights live on.

@@ -92,6 +92,7 @@ pub fn model_from_tensors(
         loaded.remove(names::LM_HEAD);
     }
     let mut p = ParamBuilder::from_tensors(loaded, device);
+    p.set_lora_scale(cfg.lora_scale);
     let model = Transformer::build(cfg, &mut p, device)?;
     let (params, unused) = p.finish();
     if !unused.is_empty() {

@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod hf;
 pub mod params;
+pub mod quant;
 
 pub use config::{ModelConfig, RawModelConfig};
 pub use decoder::{KvCache, Transformer};

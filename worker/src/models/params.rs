@@ -3,8 +3,125 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use stackwise_common::rng::Rng;
+
+use super::quant::Frozen;
+use crate::train::plan::{LoraSpec, Precision, StagePlan};
+
+/// What a parameter belongs to, read from its checkpoint key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Token and position embeddings (and a tied head).
+    Embeddings,
+    /// Layer `i`'s weights (and its adapters).
+    Layer(usize),
+    /// The final norm and an untied LM head.
+    Head,
+}
+
+pub fn group_of(name: &str) -> Group {
+    for prefix in ["transformer.h.", "model.layers."] {
+        if let Some(rest) = name.strip_prefix(prefix)
+            && let Some(i) = rest.split('.').next().and_then(|i| i.parse().ok())
+        {
+            return Group::Layer(i);
+        }
+    }
+    if name.contains(".wte.")
+        || name.contains(".wpe.")
+        || name.contains("embed_tokens")
+        || name.contains("embed_positions")
+    {
+        Group::Embeddings
+    } else {
+        Group::Head
+    }
+}
+
+/// Which parameters of a stage train, how frozen linears are stored, and their adapters.
+#[derive(Debug, Clone)]
+pub struct StagePolicy {
+    pub trainable_layers: Vec<usize>,
+    pub train_embeddings: bool,
+    pub train_head: bool,
+    pub precision: Precision,
+    pub lora: Option<LoraSpec>,
+}
+
+impl StagePolicy {
+    pub fn of(stage: &StagePlan) -> Self {
+        Self {
+            trainable_layers: stage.trainable.clone(),
+            train_embeddings: stage.train_embeddings,
+            train_head: stage.train_head,
+            precision: stage.frozen_precision,
+            lora: stage.adapters,
+        }
+    }
+
+    pub fn trains(&self, name: &str) -> bool {
+        if name.contains(".lora_") {
+            return true;
+        }
+        match group_of(name) {
+            Group::Embeddings => self.train_embeddings,
+            Group::Head => self.train_head,
+            Group::Layer(i) => self.trainable_layers.contains(&i),
+        }
+    }
+}
+
+/// A linear weight: trainable (or frozen at fp32) as a plain tensor, or frozen at a lower
+/// precision and dequantized on the fly.
+#[derive(Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Frozen(Arc<Frozen>),
+}
+
+impl Weight {
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Frozen(f) => f.dense(),
+        }
+    }
+}
+
+/// The frozen part of a stage's model: plain tensors (norms, biases, embeddings, fp32
+/// linears) and reduced-precision linears.
+#[derive(Clone, Default)]
+pub struct FrozenSet {
+    pub plain: BTreeMap<String, Tensor>,
+    pub stored: BTreeMap<String, Arc<Frozen>>,
+}
+
+impl FrozenSet {
+    /// Every frozen tensor as f32 (reduced-precision ones dequantized).
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = self.plain.clone();
+        for (k, f) in &self.stored {
+            out.insert(k.clone(), f.dense()?);
+        }
+        Ok(out)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.plain
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum::<usize>()
+            + self.stored.values().map(|f| f.bytes()).sum::<usize>()
+    }
+
+    /// Names of the weights stored at reduced precision.
+    pub fn quantized_names(&self) -> Vec<String> {
+        self.stored.keys().cloned().collect()
+    }
+}
 
 /// How a parameter is initialised when it is not loaded from a checkpoint.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +140,11 @@ pub struct ParamBuilder {
     device: Device,
     /// When true every parameter must come from `loaded`.
     require_loaded: bool,
+    /// A stage's freezing rules (none: everything trains).
+    policy: Option<StagePolicy>,
+    frozen: FrozenSet,
+    /// LoRA scale of adapters found in `loaded` (inference on an adapted checkpoint).
+    lora_scale: Option<f64>,
 }
 
 impl ParamBuilder {
@@ -33,22 +155,113 @@ impl ParamBuilder {
             seed,
             device: device.clone(),
             require_loaded: false,
+            policy: None,
+            frozen: FrozenSet::default(),
+            lora_scale: None,
         }
+    }
+
+    /// Build a stage's model: tensors come from `loaded` when present (a checkpoint, the
+    /// previous stage) and from the seeded init otherwise; `policy` says what trains.
+    pub fn for_stage(
+        loaded: HashMap<String, Tensor>,
+        seed: u64,
+        policy: StagePolicy,
+        device: &Device,
+    ) -> Self {
+        let lora_scale = policy.lora.map(|l| l.scale());
+        Self {
+            loaded,
+            lora_scale,
+            policy: Some(policy),
+            ..Self::init(seed, device)
+        }
+    }
+
+    /// The scale of LoRA adapters present in the loaded tensors.
+    pub fn set_lora_scale(&mut self, scale: Option<f64>) {
+        self.lora_scale = scale;
+    }
+
+    fn trains(&self, name: &str) -> bool {
+        self.policy.as_ref().is_none_or(|p| p.trains(name))
+    }
+
+    /// A linear weight: a trainable `Var`, or frozen (at the stage's precision).
+    pub fn linear_weight(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Weight> {
+        let t = self.get(name, shape, init)?;
+        if self.trains(name) {
+            return Ok(Weight::Dense(t));
+        }
+        let precision = self
+            .policy
+            .as_ref()
+            .map_or(Precision::Fp32, |p| p.precision);
+        if precision == Precision::Fp32 {
+            return Ok(Weight::Dense(t));
+        }
+        self.frozen.plain.remove(name);
+        let f = Arc::new(Frozen::new(&t, precision)?);
+        self.frozen.stored.insert(name.to_string(), f.clone());
+        Ok(Weight::Frozen(f))
+    }
+
+    /// LoRA factors `A (r, d_in)` and `B (d_out, r)` and their scale for the linear `name`
+    /// (without `.weight`): created for a frozen linear when the stage has adapters, or taken
+    /// from the loaded tensors when they hold them.
+    pub fn lora(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Option<(Tensor, Tensor, f64)>> {
+        let (a_name, b_name) = (
+            format!("{name}.lora_A.weight"),
+            format!("{name}.lora_B.weight"),
+        );
+        let wanted = match &self.policy {
+            Some(p) => p.lora.is_some() && !p.trains(&format!("{name}.weight")),
+            None => false,
+        };
+        let present = self.loaded.contains_key(&a_name) || self.vars.contains_key(&a_name);
+        if !wanted && !present {
+            return Ok(None);
+        }
+        let rank = match (&self.policy, self.loaded.get(&a_name)) {
+            (Some(policy), _) if wanted => policy.lora.map_or(0, |l| l.rank),
+            (_, Some(t)) => t.dim(0)?,
+            _ => 0,
+        };
+        let Some(scale) = self.lora_scale else {
+            candle_core::bail!(
+                "{a_name}: the checkpoint has LoRA adapters but its config.json has no lora_scale"
+            )
+        };
+        // PEFT's init: A random (kaiming-uniform there, normal 1/sqrt(d_in) here), B zero, so
+        // the adapted model starts equal to the base.
+        let a = self.get(
+            &a_name,
+            &[rank, d_in],
+            Init::Normal(1.0 / (d_in as f64).sqrt()),
+        )?;
+        let b = self.get(&b_name, &[d_out, rank], Init::Zeros)?;
+        Ok(Some((a, b, scale)))
     }
 
     pub fn from_tensors(loaded: HashMap<String, Tensor>, device: &Device) -> Self {
         Self {
             loaded,
-            vars: BTreeMap::new(),
-            seed: 0,
-            device: device.clone(),
             require_loaded: true,
+            ..Self::init(0, device)
         }
     }
 
     pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         if let Some(v) = self.vars.get(name) {
             return Ok(v.as_tensor().clone());
+        }
+        if let Some(t) = self.frozen.plain.get(name) {
+            return Ok(t.clone());
         }
         let t = match self.loaded.remove(name) {
             Some(t) => {
@@ -76,6 +289,11 @@ impl ParamBuilder {
                 Tensor::from_vec(data, shape, &self.device)?
             }
         };
+        if !self.trains(name) {
+            let t = t.detach();
+            self.frozen.plain.insert(name.to_string(), t.clone());
+            return Ok(t);
+        }
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         self.vars.insert(name.to_string(), var);
@@ -84,9 +302,15 @@ impl ParamBuilder {
 
     /// The parameters, and the names of loaded tensors the model did not use.
     pub fn finish(self) -> (Params, Vec<String>) {
+        let (params, _, unused) = self.finish_stage();
+        (params, unused)
+    }
+
+    /// The trainable parameters, the frozen tensors, and the unused loaded names.
+    pub fn finish_stage(self) -> (Params, FrozenSet, Vec<String>) {
         let mut unused: Vec<String> = self.loaded.into_keys().collect();
         unused.sort();
-        (Params { vars: self.vars }, unused)
+        (Params { vars: self.vars }, self.frozen, unused)
     }
 }
 

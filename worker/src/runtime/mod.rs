@@ -425,6 +425,12 @@ fn run_stage(
         until_step: rs.until_step,
         progress: false,
         resume_from: rs.resume_checkpoint.clone(),
+        plan: rs
+            .plan_json
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .context("the stage plan sent by the coordinator")?,
     };
     let mut trainer = Trainer::with_comm(cfg, &opts, comm)?;
     trainer.set_abort(abort.clone());

@@ -6,6 +6,79 @@ use serde::{Deserialize, Serialize};
 use crate::models::RawModelConfig;
 use crate::objectives::Objective;
 use crate::optim::ScheduleKind;
+use crate::train::plan::Precision;
+
+/// How the layers are trained (DESIGN §3, "The plan").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingMode {
+    /// All layers at once (the baseline).
+    #[default]
+    #[serde(alias = "end-to-end", alias = "e2e")]
+    EndToEnd,
+    /// One stage per layer: layer k trains, layers < k are frozen.
+    Layerwise,
+    /// One stage per block of `block_size` layers.
+    Blockwise,
+    /// `total_blocks` blocks of `block_size`, trained one after another with the earlier
+    /// blocks `frozen` (optionally quantized, with QLoRA) or `trainable`.
+    #[serde(alias = "fusion")]
+    Fused,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FusionMode {
+    #[default]
+    Frozen,
+    Trainable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleShape {
+    #[default]
+    Linear,
+    Exponential,
+    Cosine,
+}
+
+/// Per-layer mask fractions from `min` (first layer) to `max` (last layer).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskSchedule {
+    #[serde(default)]
+    pub kind: ScheduleShape,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Default for MaskSchedule {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleShape::Linear,
+            min: 0.15,
+            max: 0.90,
+        }
+    }
+}
+
+/// A fine-tune stage after pre-training: causal attention, `clm` or `sft`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneStage {
+    pub objective: Objective,
+    pub steps: u64,
+    /// Default: training.lr.
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// `lora`: train adapters on every (frozen) linear; none: full fine-tune.
+    #[serde(default)]
+    pub adapters: Option<String>,
+    /// Storage precision of the frozen base with `adapters: lora` (QLoRA with nf4).
+    #[serde(default)]
+    pub precision: Option<Precision>,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,13 +136,43 @@ pub struct DataSection {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainingSection {
     pub objective: Objective,
+    /// Total optimizer steps (of all pre-training stages unless `steps_per_stage` is set).
+    #[serde(alias = "max_steps")]
     pub steps: u64,
+    /// `end_to_end` (default), `layerwise`, `blockwise` or `fused`.
+    pub mode: TrainingMode,
+    /// Fused mode: the blocks before the one training are `frozen` or `trainable`.
+    pub fusion_mode: FusionMode,
+    /// Fused mode: number of blocks (total_blocks * block_size = model.n_layers).
+    pub total_blocks: Option<usize>,
+    /// Layers per block (blockwise, fused).
+    pub block_size: Option<usize>,
+    /// Steps of every pre-training stage (default: `steps` shared out evenly).
+    pub steps_per_stage: Option<u64>,
+    /// Storage precision of frozen layers: fp32, bf16, fp16, fp8 or nf4.
+    #[serde(alias = "frozen_precision")]
+    pub quantization_type: Precision,
+    /// LoRA adapters on frozen layers (QLoRA when they are quantized).
+    pub qlora_enabled: bool,
+    pub qlora_rank: usize,
+    pub qlora_alpha: f64,
+    /// Each layer (or block) trains at its own mask fraction.
+    pub time_step_masking: bool,
+    /// Explicit per-layer mask fractions (one per layer), for time-step masking.
+    pub mask_fractions: Option<Vec<f64>>,
+    /// Per-layer mask fractions from a schedule when `mask_fractions` is absent.
+    pub mask_schedule: MaskSchedule,
+    /// The mask fraction of `mlm` without time-step masking.
+    pub mask_fraction: f64,
+    /// Stages run after pre-training.
+    pub finetune: Vec<FinetuneStage>,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
     /// Tokens per sequence (default: the model's seq_len).
     pub seq_len: Option<usize>,
+    #[serde(alias = "learning_rate")]
     pub lr: f64,
     pub schedule: ScheduleKind,
     pub warmup_steps: u64,
@@ -97,6 +200,20 @@ impl Default for TrainingSection {
         Self {
             objective: Objective::Clm,
             steps: 1000,
+            mode: TrainingMode::EndToEnd,
+            fusion_mode: FusionMode::Frozen,
+            total_blocks: None,
+            block_size: None,
+            steps_per_stage: None,
+            quantization_type: Precision::Fp32,
+            qlora_enabled: false,
+            qlora_rank: 8,
+            qlora_alpha: 16.0,
+            time_step_masking: false,
+            mask_fractions: None,
+            mask_schedule: MaskSchedule::default(),
+            mask_fraction: 0.15,
+            finetune: Vec::new(),
             batch_size: 8,
             grad_accum: 1,
             seq_len: None,

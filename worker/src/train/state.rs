@@ -1,6 +1,7 @@
 //! `trainer_state.json`: everything besides tensors that resume needs to continue exactly.
 
 use serde::{Deserialize, Serialize};
+use stackwise_common::checkpoint::ManifestEntry;
 use stackwise_common::data::Cursor;
 use stackwise_common::rng::Rng;
 
@@ -22,4 +23,11 @@ pub struct TrainerState {
     pub evals_since_best: u64,
     pub ema: bool,
     pub stopped_early: bool,
+    /// The stage of the plan being trained.
+    #[serde(default)]
+    pub stage: usize,
+    /// The current stage's full-precision backup (taken before frozen weights were
+    /// quantized), referenced by each of its checkpoints.
+    #[serde(default)]
+    pub backup: Option<ManifestEntry>,
 }

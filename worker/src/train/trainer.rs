@@ -7,7 +7,7 @@
 //! position with any world size that divides the batch. Rank 0 writes checkpoints and
 //! metrics; all ranks hold the same weights.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,12 +24,16 @@ use stackwise_common::store::Store;
 use stackwise_common::tokenizer::Tok;
 
 use super::config::TrainConfig;
+use super::config::TrainingMode;
+use super::plan::{Plan, Precision, StagePlan};
 use super::report::{Reporter, peak_rss_bytes};
 use super::state::TrainerState;
 use super::step::{self, StepStats};
 use crate::comm::{Comm, Local};
-use crate::models::{Params, Transformer, hf};
-use crate::objectives::{Batch, Objective, nll_sum};
+use crate::models::config::AttentionMode;
+use crate::models::params::{FrozenSet, StagePolicy};
+use crate::models::{ModelConfig, ParamBuilder, Params, Transformer, hf};
+use crate::objectives::{Batch, Masking, Objective, nll_and_hits};
 use crate::optim::{AdamW, AdamWConfig, Ema, Schedule};
 
 #[derive(Debug, Clone, Default)]
@@ -44,6 +48,8 @@ pub struct RunOptions {
     /// Continue from this checkpoint of the run (chosen by the coordinator, so every rank
     /// loads the same one).
     pub resume_from: Option<String>,
+    /// The stage plan (from the coordinator's planner); none = one end-to-end stage.
+    pub plan: Option<Plan>,
 }
 
 /// What the trainer reports as it goes (the worker forwards these to the coordinator).
@@ -76,8 +82,14 @@ pub struct TrainSummary {
 
 pub struct Trainer {
     cfg: TrainConfig,
+    plan: Plan,
+    /// The full model's config (all layers, vocabulary with the mask token).
+    model_cfg: ModelConfig,
+    /// Weights of an `init_from` model (layers a stage has not reached yet come from here).
+    initial: HashMap<String, Tensor>,
     model: Transformer,
     params: Params,
+    frozen: FrozenSet,
     opt: AdamW,
     ema: Option<Ema>,
     state: TrainerState,
@@ -86,6 +98,8 @@ pub struct Trainer {
     packed: bool,
     /// `clm` trains on every token; `sft` only on the response tokens marked at prepare time.
     all_tokens: bool,
+    mask_id: Option<u32>,
+    last_val_accuracy: Option<f64>,
     seq_len: usize,
     pad_id: u32,
     tok: Tok,
@@ -125,6 +139,67 @@ fn device_from(name: &str) -> Result<Device> {
     }
 }
 
+fn adamw_config(cfg: &TrainConfig) -> AdamWConfig {
+    let t = &cfg.training;
+    AdamWConfig {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    }
+}
+
+/// The LR schedule of one stage: warmup and decay over the stage's own steps.
+fn stage_schedule(cfg: &TrainConfig, stage: &StagePlan) -> Schedule {
+    let t = &cfg.training;
+    Schedule {
+        kind: t.schedule,
+        lr: stage.lr,
+        warmup_steps: t.warmup_steps.min(stage.steps),
+        total_steps: stage.steps,
+        min_lr_ratio: t.min_lr_ratio,
+        cycles: t.cycles,
+    }
+}
+
+/// The plan of a config without stages: one end-to-end stage. Staged configs are planned
+/// by the coordinator (`stackwise train`, `launch` and `worker` pass the plan in).
+fn single_stage_plan(cfg: &TrainConfig, model: &ModelConfig) -> Result<Plan> {
+    let t = &cfg.training;
+    if t.mode != TrainingMode::EndToEnd || !t.finetune.is_empty() || t.time_step_masking {
+        bail!(
+            "training.mode {:?} (or finetune / time_step_masking) needs a stage plan; run it with `stackwise train`,              `launch` or a coordinator, which plan it",
+            t.mode
+        );
+    }
+    let masked = t.objective.is_masked();
+    Ok(Plan {
+        mode: "end_to_end".into(),
+        stages: vec![StagePlan {
+            name: "end-to-end".into(),
+            active_layers: model.n_layers,
+            trainable: (0..model.n_layers).collect(),
+            frozen: vec![],
+            frozen_precision: Precision::Fp32,
+            adapters: None,
+            train_embeddings: true,
+            train_head: true,
+            objective: t.objective,
+            attention: if masked {
+                AttentionMode::Bidirectional
+            } else {
+                model.attention_mode
+            },
+            mask_fractions: match t.objective {
+                Objective::Mlm => vec![t.mask_fraction],
+                _ => vec![],
+            },
+            steps: t.steps,
+            lr: t.lr,
+        }],
+    })
+}
+
 impl Trainer {
     /// A single-process trainer (world size 1).
     pub fn new(cfg: TrainConfig, opts: &RunOptions) -> Result<Self> {
@@ -144,62 +219,87 @@ impl Trainer {
         }
         let device = device_from(&cfg.run.device)?;
         let data_store = Store::open(&cfg.data.path)?;
-        let (index, tok) = TokenIndex::open(&data_store)?;
+        let (index, mut tok) = TokenIndex::open(&data_store)?;
         let train = index.load_split(&data_store, &index.train)?;
         let val = index.load_split(&data_store, &index.validation)?;
 
-        let (model, params) = match &cfg.init_from {
+        // The full model's config, and its weights when it starts from an HF folder.
+        let (mut model_cfg, initial) = match &cfg.init_from {
             Some(dir) => {
-                let (mut model_cfg, tensors) = (
-                    hf::read_config(Path::new(dir))?,
-                    hf::read_safetensors_dir(Path::new(dir), &device)?,
-                );
+                let mut model_cfg = hf::read_config(Path::new(dir))?;
+                let tensors = hf::read_safetensors_dir(Path::new(dir), &device)?;
                 if let Some(mode) = cfg.model.attention_mode {
                     model_cfg.attention_mode = mode;
                 }
-                if model_cfg.vocab_size < index.vocab_size {
-                    bail!(
-                        "init_from {dir}: the model's vocab_size ({}) is smaller than the dataset tokenizer's ({}); \
-                         prepare the data with the model's tokenizer (`stackwise data prepare --tokenizer {dir}`)",
-                        model_cfg.vocab_size,
-                        index.vocab_size
-                    );
-                }
-                hf::model_from_tensors(&model_cfg, tensors, &device)
-                    .with_context(|| format!("load init_from {dir}"))?
+                let (_, params) = hf::model_from_tensors(&model_cfg, tensors, &device)
+                    .with_context(|| format!("load init_from {dir}"))?;
+                let initial: HashMap<String, Tensor> = params.tensors()?.into_iter().collect();
+                (model_cfg, initial)
             }
-            None => {
-                let mut model_cfg = cfg.model.resolve(Some(index.vocab_size))?;
-                if model_cfg.vocab_size < index.vocab_size {
-                    bail!(
-                        "model.vocab_size ({}) is smaller than the tokenizer's ({})",
-                        model_cfg.vocab_size,
-                        index.vocab_size
-                    );
-                }
-                model_cfg.eos_token_id = tok.eos_id();
-                model_cfg.bos_token_id = tok.eos_id();
-                Transformer::init(&model_cfg, cfg.run.seed, &device)?
-            }
+            None => (cfg.model.resolve(Some(index.vocab_size))?, HashMap::new()),
         };
-        if !model.cfg.is_hf_compatible() {
+        let plan = match &opts.plan {
+            Some(p) => p.clone(),
+            None => single_stage_plan(&cfg, &model_cfg)?,
+        };
+        if plan.stages.is_empty() {
+            bail!("the training plan has no stages");
+        }
+        let masked = plan.stages.iter().any(|s| s.objective.is_masked());
+        let mask_id = if masked {
+            let id = tok.ensure_mask_token()?;
+            if cfg.init_from.is_none() && cfg.model.vocab_size.is_none() {
+                model_cfg.vocab_size = model_cfg.vocab_size.max(id as usize + 1);
+            }
+            if id as usize >= model_cfg.vocab_size {
+                bail!(
+                    "a masked objective needs a mask token: the tokenizer has none, and the model's vocab_size ({}) \
+                     has no room for one at id {id}; raise model.vocab_size",
+                    model_cfg.vocab_size
+                );
+            }
+            model_cfg.mask_token_id = Some(id);
+            Some(id)
+        } else {
+            None
+        };
+        if cfg.init_from.is_none() {
+            if model_cfg.vocab_size < index.vocab_size {
+                bail!(
+                    "model.vocab_size ({}) is smaller than the tokenizer's ({})",
+                    model_cfg.vocab_size,
+                    index.vocab_size
+                );
+            }
+            model_cfg.eos_token_id = tok.eos_id();
+            model_cfg.bos_token_id = tok.eos_id();
+        } else if model_cfg.vocab_size < index.vocab_size {
+            bail!(
+                "init_from {}: the model's vocab_size ({}) is smaller than the dataset tokenizer's ({}); \
+                 prepare the data with the model's tokenizer (`stackwise data prepare --tokenizer {0}`)",
+                cfg.init_from.as_deref().unwrap_or_default(),
+                model_cfg.vocab_size,
+                index.vocab_size
+            );
+        }
+        if !model_cfg.is_hf_compatible() {
             tracing::info!(
                 "this model uses options transformers has no field for (e.g. bidirectional attention, parallel \
                  residual, non-default norm or positions); its config.json keeps them under \"stackwise\" and only \
                  StackWise reloads it exactly"
             );
         }
-        let seq_len = cfg.training.seq_len.unwrap_or(model.cfg.seq_len);
-        if seq_len > model.cfg.seq_len {
+        let seq_len = cfg.training.seq_len.unwrap_or(model_cfg.seq_len);
+        if seq_len > model_cfg.seq_len {
             bail!(
                 "training.seq_len ({seq_len}) exceeds the model's seq_len ({}); lower it or raise model.seq_len",
-                model.cfg.seq_len
+                model_cfg.seq_len
             );
         }
         let packed = cfg
             .data
             .packing
-            .unwrap_or(cfg.training.objective == Objective::Clm);
+            .unwrap_or(plan.stages[0].objective != Objective::Sft);
         let n_train = train.num_samples(seq_len, packed);
         if n_train == 0 {
             bail!(
@@ -209,23 +309,6 @@ impl Trainer {
             );
         }
 
-        let t = &cfg.training;
-        let opt_cfg = AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        };
-        let opt = AdamW::new(&params.vars, opt_cfg)?;
-        let ema = t.ema_decay.map(|d| Ema::new(&params, d)).transpose()?;
-        let schedule = Schedule {
-            kind: t.schedule,
-            lr: t.lr,
-            warmup_steps: t.warmup_steps,
-            total_steps: t.steps,
-            min_lr_ratio: t.min_lr_ratio,
-            cycles: t.cycles,
-        };
         let run = Store::open(&cfg.run.output)?.child(&format!("runs/{}", cfg.run.name));
         let ckpt = CheckpointStore::new(&run);
         let state = TrainerState {
@@ -233,28 +316,38 @@ impl Trainer {
             step: 0,
             cursor: Cursor::start(),
             rng: Rng::derive(cfg.run.seed, "trainer"),
-            schedule,
+            schedule: stage_schedule(&cfg, &plan.stages[0]),
             tokens_seen: 0,
             skipped_steps: 0,
             best_val_loss: None,
             last_val_loss: None,
             evals_since_best: 0,
-            ema: ema.is_some(),
+            ema: cfg.training.ema_decay.is_some(),
             stopped_early: false,
+            stage: 0,
+            backup: None,
         };
         let pad_id = tok.eos_id().unwrap_or(0);
-        let all_tokens = cfg.training.objective == Objective::Clm;
+        // Filled by `enter_stage`.
+        let (model, params) = Transformer::init(&model_cfg, cfg.run.seed, &device)?;
+        let opt = AdamW::new(&BTreeMap::new(), adamw_config(&cfg))?;
         let mut trainer = Self {
             cfg,
+            plan,
+            model_cfg,
+            initial,
             model,
             params,
+            frozen: FrozenSet::default(),
             opt,
-            ema,
+            ema: None,
             state,
             train,
             val,
             packed,
-            all_tokens,
+            all_tokens: true,
+            mask_id,
+            last_val_accuracy: None,
             seq_len,
             pad_id,
             tok,
@@ -270,52 +363,79 @@ impl Trainer {
             stall_seconds: 0.0,
         };
         let existing = trainer.ckpt.list_names()?;
-        if let Some(name) = &opts.resume_from {
-            let c = trainer
-                .ckpt
-                .load(name)
-                .with_context(|| format!("load checkpoint {name} of {}", trainer.run.uri()))?;
-            trainer.restore(&c)?;
+        let resume_from = if let Some(name) = &opts.resume_from {
+            Some(
+                trainer
+                    .ckpt
+                    .load(name)
+                    .with_context(|| format!("load checkpoint {name} of {}", trainer.run.uri()))?,
+            )
         } else if opts.resume {
-            match trainer.ckpt.load_latest()? {
-                Some(c) => trainer.restore(&c)?,
-                None => {
-                    tracing::warn!(run = %trainer.run.uri(), "--resume: no valid checkpoint found; starting from step 0")
-                }
+            let latest = trainer.ckpt.load_latest()?;
+            if latest.is_none() {
+                tracing::warn!(run = %trainer.run.uri(), "--resume: no valid checkpoint found; starting from step 0");
             }
+            latest
         } else if !existing.is_empty() {
             bail!(
                 "{} already has checkpoints ({}); pass --resume to continue it, or set run.name to start a new run",
                 trainer.run.uri(),
                 existing.join(", ")
             );
+        } else {
+            None
+        };
+        match resume_from {
+            Some(c) => trainer.restore(&c)?,
+            None => {
+                let weights = trainer.initial.clone();
+                trainer.enter_stage(weights)?;
+            }
         }
         if trainer.is_leader() {
             let resolved = serde_yaml::to_string(&trainer.cfg).context("serialize config")?;
             trainer.run.put("config.yaml", Bytes::from(resolved))?;
+            trainer.run.put(
+                "plan.json",
+                Bytes::from(serde_json::to_vec_pretty(&trainer.plan)?),
+            )?;
         }
         Ok(trainer)
     }
 
     fn restore(&mut self, c: &LoadedCheckpoint) -> Result<()> {
+        let device = self.device.clone();
         let load = |name: &str| -> Result<HashMap<String, Tensor>> {
             let bytes = c
                 .files
                 .get(name)
                 .with_context(|| format!("checkpoint {} has no {name}", c.name))?;
-            Ok(candle_core::safetensors::load_buffer(bytes, &self.device)?)
+            Ok(candle_core::safetensors::load_buffer(bytes, &device)?)
         };
-        self.params
-            .load(&load("model.safetensors")?)
-            .context("restore model weights")?;
         let state: TrainerState = serde_json::from_slice(
             c.files
                 .get("trainer_state.json")
                 .with_context(|| format!("checkpoint {} has no trainer_state.json", c.name))?,
         )
         .context("parse trainer_state.json")?;
+        if state.stage >= self.plan.stages.len() {
+            bail!(
+                "checkpoint {} is at stage {} but the plan has {} stages; resume with the config it was trained with",
+                c.name,
+                state.stage,
+                self.plan.stages.len()
+            );
+        }
+        let mut weights = self.initial.clone();
+        weights.extend(load("model.safetensors")?);
+        self.state = TrainerState {
+            schedule: stage_schedule(&self.cfg, &self.plan.stages[state.stage]),
+            ..state
+        };
+        self.enter_stage(weights).context("restore model weights")?;
+        let stage_step = self.state.step - self.plan.stage_start(self.state.stage);
         self.opt
-            .load_state(&load("optimizer.safetensors")?, state.step)
+            .load_state(&load("optimizer.safetensors")?, stage_step)
             .context("restore optimizer state")?;
         if let Some(ema) = &mut self.ema {
             let t = load("ema.safetensors")?;
@@ -326,13 +446,146 @@ impl Trainer {
                     .clone();
             }
         }
-        self.state = TrainerState {
-            schedule: self.state.schedule,
-            ..state
-        };
         self.last_checkpoint = Some(c.name.clone());
-        tracing::info!(checkpoint = %c.name, step = self.state.step, "resumed from the newest valid checkpoint");
+        tracing::info!(checkpoint = %c.name, step = self.state.step, stage = self.state.stage, "resumed from checkpoint");
         Ok(())
+    }
+
+    /// Build the current stage's model from `weights` (missing ones from the seeded init):
+    /// trainable parameters as `Var`s, frozen ones at the stage's precision, a fresh
+    /// optimizer over the trainable ones. Before frozen weights are quantized, their
+    /// full-precision values go to the store as the stage's backup.
+    fn enter_stage(&mut self, weights: HashMap<String, Tensor>) -> Result<()> {
+        let stage = self.plan.stages[self.state.stage].clone();
+        let lossy = stage.frozen_precision.is_lossy() && !stage.frozen.is_empty();
+        if lossy && self.state.backup.is_none() {
+            self.write_backup(&weights)?;
+        }
+        let mut mcfg = self.model_cfg.clone();
+        mcfg.attention_mode = stage.attention;
+        if let Some(a) = stage.adapters {
+            mcfg.lora_scale = Some(a.scale());
+            self.model_cfg.lora_scale = Some(a.scale());
+        }
+        let mut pb = ParamBuilder::for_stage(
+            weights,
+            self.cfg.run.seed,
+            StagePolicy::of(&stage),
+            &self.device,
+        );
+        pb.set_lora_scale(mcfg.lora_scale);
+        self.model = Transformer::build_layers(&mcfg, &mut pb, &self.device, stage.active_layers)?;
+        let (params, frozen, _later_layers) = pb.finish_stage();
+        self.params = params;
+        self.frozen = frozen;
+        self.opt = AdamW::new(&self.params.vars, adamw_config(&self.cfg))?;
+        self.ema = self
+            .cfg
+            .training
+            .ema_decay
+            .map(|d| Ema::new(&self.params, d))
+            .transpose()?;
+        self.all_tokens = stage.objective != Objective::Sft;
+        let trainable = self.params.count() * 4;
+        tracing::info!(
+            stage = self.state.stage,
+            name = %stage.name,
+            trainable_mib = format!("{:.2}", trainable as f64 / (1 << 20) as f64),
+            frozen_mib = format!("{:.2}", self.frozen.bytes() as f64 / (1 << 20) as f64),
+            optimizer_mib = format!("{:.2}", 2.0 * trainable as f64 / (1 << 20) as f64),
+            frozen_precision = stage.frozen_precision.name(),
+            "stage weights: trainable, frozen and optimizer state"
+        );
+        Ok(())
+    }
+
+    /// Write the full-precision `weights` (before quantizing) as this stage's backup: one
+    /// object under `checkpoints/backups/`, referenced by every checkpoint of the stage.
+    fn write_backup(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
+        let sorted: BTreeMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let bytes = Bytes::from(hf::params_to_safetensors(&sorted)?);
+        let object = format!("backups/stage-{:02}/model.safetensors", self.state.stage);
+        let entry = if self.is_leader() {
+            self.ckpt
+                .put_shared(&object, "backup.safetensors", bytes)
+                .with_context(|| format!("write the full-precision backup {object}"))?
+        } else {
+            stackwise_common::checkpoint::ManifestEntry {
+                object: Some(object),
+                ..stackwise_common::checkpoint::ManifestEntry::of("backup.safetensors", &bytes)
+            }
+        };
+        self.state.backup = Some(entry);
+        Ok(())
+    }
+
+    /// Every weight of the active layers, at full precision where a backup holds it.
+    fn full_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut w: HashMap<String, Tensor> = self.initial.clone();
+        w.extend(self.params.tensors()?);
+        w.extend(self.frozen.tensors()?);
+        let quantized = self.frozen.quantized_names();
+        if !quantized.is_empty() {
+            let entry = self
+                .state
+                .backup
+                .as_ref()
+                .context("quantized weights without a backup")?;
+            let object = entry.object.as_deref().unwrap_or(&entry.path);
+            let bytes = self
+                .ckpt
+                .store()
+                .get(object)?
+                .with_context(|| format!("the backup {object} is missing"))?;
+            entry
+                .verify(&bytes)
+                .map_err(|e| anyhow::anyhow!("backup {object}: {e}"))?;
+            let backup = candle_core::safetensors::load_buffer(&bytes, &self.device)?;
+            for name in quantized {
+                let t = backup
+                    .get(&name)
+                    .with_context(|| format!("backup {object} has no {name}"))?;
+                w.insert(name, t.clone());
+            }
+        }
+        Ok(w)
+    }
+
+    /// Move on to the next stage of the plan.
+    fn next_stage(&mut self) -> Result<()> {
+        let weights = self.full_weights()?;
+        self.state.stage += 1;
+        self.state.backup = None;
+        self.state.schedule = stage_schedule(&self.cfg, &self.plan.stages[self.state.stage]);
+        self.enter_stage(weights)
+    }
+
+    /// The current stage.
+    pub fn stage(&self) -> &StagePlan {
+        &self.plan.stages[self.state.stage]
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Frozen tensors of the current stage.
+    pub fn frozen(&self) -> &FrozenSet {
+        &self.frozen
+    }
+
+    fn masking(&self, fractions: Vec<f64>) -> Option<Masking> {
+        let stage = self.stage();
+        stage.objective.is_masked().then(|| Masking {
+            objective: stage.objective,
+            mask_id: self.mask_id.unwrap_or(0),
+            vocab: self.tok.vocab_size() as u32 - u32::from(self.mask_id.is_some()),
+            fractions,
+            seed: self.cfg.run.seed,
+        })
     }
 
     /// Rank 0 writes checkpoints, metrics and the resolved config.
@@ -387,8 +640,19 @@ impl Trainer {
         // This rank's slice of each global micro-batch.
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let mine = rank_rows(t.batch_size, world, rank);
+        let masking = self.masking(self.stage().mask_fractions.clone());
+        let salt = self.state.step;
         rows.chunks(t.batch_size)
-            .map(|c| Ok(Batch::from_rows(&c[mine.clone()], &self.device)?))
+            .zip(idx.chunks(t.batch_size))
+            .map(|(c, keys)| {
+                Ok(match &masking {
+                    Some(m) => {
+                        let keys: Vec<u64> = keys[mine.clone()].iter().map(|&k| k as u64).collect();
+                        Batch::masked(&c[mine.clone()], &keys, salt, m, &self.device)?
+                    }
+                    None => Batch::from_rows(&c[mine.clone()], &self.device)?,
+                })
+            })
             .collect()
     }
 
@@ -420,8 +684,10 @@ impl Trainer {
         Ok(stats)
     }
 
-    /// Mean masked next-token loss on the validation split (first `eval_batches` batches),
-    /// with the EMA weights when enabled. The batches are shared out across ranks.
+    /// Mean loss on the validation split (first `eval_batches` batches), with the EMA
+    /// weights when enabled. The batches are shared out across ranks. Masked objectives are
+    /// evaluated at the stage's mean mask fraction with fixed masks, and also report the
+    /// masked-token accuracy.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let n = self.val.num_samples(self.seq_len, self.packed);
         if n == 0 {
@@ -438,7 +704,8 @@ impl Trainer {
             }
             None => None,
         };
-        let (mut sum, mut weight) = (0f64, 0f64);
+        let masking = self.masking(self.stage().eval_fraction().into_iter().collect());
+        let (mut sum, mut weight, mut hits, mut predicted) = (0f64, 0f64, 0f64, 0f64);
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let all: Vec<usize> = (0..count).collect();
         for chunk in all.chunks(t.batch_size).skip(rank).step_by(world) {
@@ -449,19 +716,34 @@ impl Trainer {
                         .sample(i, self.seq_len, self.packed, self.pad_id, self.all_tokens)
                 })
                 .collect();
-            let b = Batch::from_rows(&rows, &self.device)?;
-            sum += nll_sum(&self.model, &b)?.detach().to_scalar::<f32>()? as f64;
+            let b = match &masking {
+                Some(m) => {
+                    let keys: Vec<u64> = chunk.iter().map(|&k| k as u64).collect();
+                    Batch::masked(&rows, &keys, u64::MAX, m, &self.device)?
+                }
+                None => Batch::from_rows(&rows, &self.device)?,
+            };
+            let (s, h) = nll_and_hits(&self.model, &b)?;
+            sum += s;
             weight += b.weight()?;
+            hits += h as f64;
+            predicted += b.predicted() as f64;
         }
         if let Some(raw) = raw {
             self.params.load(&raw.into_iter().collect())?;
         }
         if world > 1 {
-            let mut b = [sum as f32, weight as f32];
+            let mut b = [sum as f32, weight as f32, hits as f32, predicted as f32];
             self.comm.all_reduce_sum(&mut b)?;
-            (sum, weight) = (b[0] as f64, b[1] as f64);
+            (sum, weight, hits, predicted) = (b[0] as f64, b[1] as f64, b[2] as f64, b[3] as f64);
         }
+        self.last_val_accuracy = (masking.is_some() && predicted > 0.0).then(|| hits / predicted);
         Ok((weight > 0.0).then(|| sum / weight))
+    }
+
+    /// Masked-token accuracy of the last evaluation (masked objectives).
+    pub fn last_val_accuracy(&self) -> Option<f64> {
+        self.last_val_accuracy
     }
 
     /// Stage a checkpoint in memory and upload it on a background thread while training
@@ -475,14 +757,20 @@ impl Trainer {
         }
         self.wait_pending_save()?;
         let staged = Instant::now();
+        // The active layers' weights (frozen ones as they are used, dequantized), and a
+        // config.json for exactly that model, so `generate` and `eval` load any checkpoint.
+        let mut weights = self.params.snapshot();
+        weights.extend(self.frozen.tensors()?);
+        let mut model_cfg = self.model.cfg.clone();
+        model_cfg.n_layers = self.model.active_layers();
         let mut files: Vec<(String, Bytes)> = vec![
             (
                 "model.safetensors".into(),
-                Bytes::from(hf::params_to_safetensors(&self.params.snapshot())?),
+                Bytes::from(hf::params_to_safetensors(&weights)?),
             ),
             (
                 "config.json".into(),
-                Bytes::from(serde_json::to_vec_pretty(&self.model.cfg.to_hf_json())?),
+                Bytes::from(serde_json::to_vec_pretty(&model_cfg.to_hf_json())?),
             ),
             ("tokenizer.json".into(), Bytes::from(self.tok.to_json()?)),
             (
@@ -502,15 +790,16 @@ impl Trainer {
         }
         let meta = CheckpointMeta {
             val_loss: self.state.last_val_loss,
-            stage: None,
+            stage: Some(format!("{}: {}", self.state.stage, self.stage().name)),
         };
+        let refs: Vec<_> = self.state.backup.iter().cloned().collect();
         let step = self.state.step;
         let name = stackwise_common::checkpoint::step_dir(step);
         let (ckpt, keep) = (self.ckpt.clone(), self.cfg.training.keep_last);
         let handle = std::thread::Builder::new()
             .name(format!("upload-{name}"))
             .spawn(move || -> Result<String> {
-                let name = ckpt.save(step, meta, files)?;
+                let name = ckpt.save_with_refs(step, meta, files, refs)?;
                 let dropped = ckpt.apply_retention(keep)?;
                 if !dropped.is_empty() {
                     tracing::debug!(?dropped, "retention removed old checkpoints");
@@ -554,22 +843,24 @@ impl Trainer {
     /// Train until `training.steps` (or `until_step`, or early stopping).
     pub fn run(&mut self, opts: &RunOptions) -> Result<TrainSummary> {
         let t = self.cfg.training.clone();
-        let stop_at = opts.until_step.unwrap_or(t.steps).min(t.steps);
+        let total = self.plan.total_steps();
+        let stop_at = opts.until_step.unwrap_or(total).min(total);
         let leader = self.is_leader();
         let mut rep = Reporter::new(
             &self.run,
-            t.steps,
+            total,
             self.state.step,
             opts.progress && leader,
             leader,
         );
         let trainable = self.params.count();
         rep.line(&format!(
-            "run {} | rank {}/{} | {} parameters, all trainable | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
+            "run {} | rank {}/{} | {} trainable parameters | {} stage(s) | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
             self.run.uri(),
             self.comm.rank(),
             self.comm.world_size(),
             trainable,
+            self.plan.stages.len(),
             self.train.tokens.len(),
             self.val.tokens.len(),
             self.train.num_samples(self.seq_len, self.packed),
@@ -589,7 +880,30 @@ impl Trainer {
             {
                 return Err(Aborted.into());
             }
-            let lr = self.state.schedule.at(self.state.step);
+            if self.state.step == self.plan.stage_end(self.state.stage)
+                && self.state.stage + 1 < self.plan.stages.len()
+            {
+                self.next_stage()?;
+                let s = self.stage();
+                rep.line(&format!(
+                    "stage {}/{}: {} | {} trainable parameters | {} | {} steps",
+                    self.state.stage + 1,
+                    self.plan.stages.len(),
+                    s.name,
+                    self.params.count(),
+                    match s.eval_fraction() {
+                        Some(f) => format!("{:?} at mask fraction {f:.2}", s.objective),
+                        None => format!("{:?}", s.objective),
+                    }
+                    .to_lowercase(),
+                    s.steps
+                ));
+            }
+            let stage_end = self.plan.stage_end(self.state.stage);
+            let lr = self
+                .state
+                .schedule
+                .at(self.state.step - self.plan.stage_start(self.state.stage));
             let stats = self.train_step(lr)?;
             window_tokens += stats.tokens;
             total_tokens += stats.tokens;
@@ -597,12 +911,14 @@ impl Trainer {
             let step = self.state.step;
 
             let mut val = None;
-            if t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == t.steps) {
+            if t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == stage_end) {
                 val = self.evaluate()?;
                 self.after_eval(val);
             }
+            // Stage boundaries are checkpoints.
             if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every))
                 || step == stop_at
+                || step == stage_end
                 || self.state.stopped_early
             {
                 self.save_checkpoint()?;
@@ -619,9 +935,9 @@ impl Trainer {
             let tokens_per_s =
                 window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
             self.emit(TrainEvent::Step(stackwise_proto::model::StepMetrics {
-                stage: 0,
+                stage: self.state.stage as u32,
                 step,
-                total_steps: t.steps,
+                total_steps: total,
                 loss: stats.loss,
                 lr,
                 grad_norm: stats.grad_norm,
@@ -636,9 +952,14 @@ impl Trainer {
                     "tokens_per_s": tokens_per_s, "tokens_seen": self.state.tokens_seen, "skipped": stats.skipped,
                     "peak_rss_bytes": peak_rss_bytes(),
                 });
+                rec["stage"] = self.state.stage.into();
                 let mut line = format!(
-                    "step {step:>6}/{} | loss {:.4} | lr {lr:.2e} | gnorm {:.3} | {tokens_per_s:.0} tok/s | peak mem {:.0} MiB",
-                    t.steps,
+                    "step {step:>6}/{total}{} | loss {:.4} | lr {lr:.2e} | gnorm {:.3} | {tokens_per_s:.0} tok/s | peak mem {:.0} MiB",
+                    if self.plan.stages.len() > 1 {
+                        format!(" (stage {})", self.state.stage + 1)
+                    } else {
+                        String::new()
+                    },
                     stats.loss,
                     stats.grad_norm,
                     peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
@@ -646,7 +967,13 @@ impl Trainer {
                 if let Some(v) = val {
                     rec["val_loss"] = v.into();
                     rec["val_ppl"] = v.exp().into();
-                    line.push_str(&format!(" | val {v:.4} ppl {:.2}", v.exp()));
+                    match self.last_val_accuracy {
+                        Some(acc) => {
+                            rec["val_masked_accuracy"] = acc.into();
+                            line.push_str(&format!(" | val {v:.4} masked acc {:.3}", acc));
+                        }
+                        None => line.push_str(&format!(" | val {v:.4} ppl {:.2}", v.exp())),
+                    }
                 }
                 rep.record(&rec);
                 if leader && (!rep.is_bar() || val.is_some()) {

@@ -1,0 +1,229 @@
+//! Frozen weights stored at reduced precision and dequantized to f32 on the fly (DESIGN §3).
+//! candle's quantized matmul has no backward and its CPU matmul has no fp8, so a frozen
+//! weight becomes a plain f32 tensor inside the forward: it is a constant, so no gradient is
+//! kept for it, but the gradient still flows through the matmul to the input and on to the
+//! trainable parameters (and adapters) before it.
+//!
+//! NF4 follows QLoRA (Dettmers et al. 2023): 16 levels at the quantiles of a normal
+//! distribution, one f32 absmax per block of 64 weights, two codes per byte.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::train::plan::Precision;
+
+/// The 16 NF4 levels (bitsandbytes' `NF4` table).
+pub const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Weights per absmax block.
+pub const NF4_BLOCK: usize = 64;
+
+/// The largest error of an NF4 round trip relative to its block's absmax: half the widest
+/// gap between adjacent levels.
+pub fn nf4_max_relative_error() -> f32 {
+    NF4_LEVELS
+        .windows(2)
+        .map(|w| (w[1] - w[0]) / 2.0)
+        .fold(0.0, f32::max)
+}
+
+#[derive(Debug, Clone)]
+pub struct Nf4 {
+    /// Two 4-bit codes per byte, low nibble first.
+    pub codes: Vec<u8>,
+    pub absmax: Vec<f32>,
+    pub len: usize,
+}
+
+fn nearest_level(x: f32) -> u8 {
+    // Levels are sorted: the first level above the midpoint decides.
+    let mut best = 0u8;
+    let mut err = f32::INFINITY;
+    for (i, &l) in NF4_LEVELS.iter().enumerate() {
+        let e = (x - l).abs();
+        if e < err {
+            err = e;
+            best = i as u8;
+        }
+    }
+    best
+}
+
+impl Nf4 {
+    pub fn quantize(w: &[f32]) -> Self {
+        let blocks = w.len().div_ceil(NF4_BLOCK);
+        let mut absmax = Vec::with_capacity(blocks);
+        let mut codes = vec![0u8; w.len().div_ceil(2)];
+        for (b, chunk) in w.chunks(NF4_BLOCK).enumerate() {
+            let m = chunk.iter().fold(0f32, |m, x| m.max(x.abs()));
+            absmax.push(m);
+            let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
+            for (j, &x) in chunk.iter().enumerate() {
+                let i = b * NF4_BLOCK + j;
+                let c = nearest_level(x * inv);
+                codes[i / 2] |= if i.is_multiple_of(2) { c } else { c << 4 };
+            }
+        }
+        Self {
+            codes,
+            absmax,
+            len: w.len(),
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.len)
+            .map(|i| {
+                let byte = self.codes[i / 2];
+                let c = if i.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 };
+                NF4_LEVELS[c as usize] * self.absmax[i / NF4_BLOCK]
+            })
+            .collect()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * self.absmax.len()
+    }
+}
+
+/// A frozen linear weight at its storage precision.
+#[derive(Debug, Clone)]
+pub enum Frozen {
+    /// f32, bf16, f16 or fp8 (e4m3) storage.
+    Cast(Tensor),
+    Nf4 {
+        q: Nf4,
+        shape: Vec<usize>,
+        device: Device,
+    },
+}
+
+impl Frozen {
+    pub fn new(w: &Tensor, precision: Precision) -> Result<Self> {
+        let w = w.detach();
+        Ok(match precision {
+            Precision::Fp32 => Frozen::Cast(w.to_dtype(DType::F32)?),
+            Precision::Bf16 => Frozen::Cast(w.to_dtype(DType::BF16)?),
+            Precision::Fp16 => Frozen::Cast(w.to_dtype(DType::F16)?),
+            Precision::Fp8 => Frozen::Cast(w.to_dtype(DType::F8E4M3)?),
+            Precision::Nf4 => Frozen::Nf4 {
+                q: Nf4::quantize(&w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                shape: w.dims().to_vec(),
+                device: w.device().clone(),
+            },
+        })
+    }
+
+    /// The weight as an f32 tensor (a constant: no gradient is kept for it).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Frozen::Cast(t) if t.dtype() == DType::F32 => Ok(t.clone()),
+            Frozen::Cast(t) => t.to_dtype(DType::F32),
+            Frozen::Nf4 { q, shape, device } => {
+                Tensor::from_vec(q.dequantize(), shape.as_slice(), device)
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Frozen::Cast(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Frozen::Nf4 { q, .. } => q.bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stackwise_common::rng::Rng;
+
+    fn weights(n: usize) -> Vec<f32> {
+        let mut rng = Rng::new(3);
+        (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+    }
+
+    #[test]
+    fn nf4_round_trip_stays_within_half_a_level_gap_of_each_block_absmax() {
+        let w = weights(64 * 50 + 17); // a short last block too
+        let q = Nf4::quantize(&w);
+        let back = q.dequantize();
+        let bound = nf4_max_relative_error();
+        assert!((bound - 0.1519).abs() < 1e-3, "{bound}");
+        for (b, (chunk, got)) in w.chunks(NF4_BLOCK).zip(back.chunks(NF4_BLOCK)).enumerate() {
+            let m = q.absmax[b];
+            for (x, y) in chunk.iter().zip(got) {
+                assert!((x - y).abs() <= bound * m * (1.0 + 1e-6), "{x} vs {y}");
+            }
+            // The block's largest weight is exact (it maps to level ±1).
+            let i = (0..chunk.len())
+                .max_by(|&a, &c| chunk[a].abs().total_cmp(&chunk[c].abs()))
+                .unwrap();
+            assert_eq!(chunk[i], got[i]);
+        }
+        // Mean error is far below the bound for normal weights.
+        let rms = (w
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            / w.len() as f32)
+            .sqrt();
+        assert!(rms < 0.004, "rms error {rms}");
+        assert_eq!(q.bytes(), w.len().div_ceil(2) + 4 * w.len().div_ceil(64));
+    }
+
+    #[test]
+    fn requantizing_a_dequantized_weight_is_exact() {
+        // Resume re-quantizes frozen weights from the checkpoint's dequantized values.
+        let w = weights(64 * 8);
+        let once = Nf4::quantize(&w).dequantize();
+        assert_eq!(Nf4::quantize(&once).dequantize(), once);
+        let t = Tensor::from_vec(w, (8, 64), &Device::Cpu).unwrap();
+        for p in [Precision::Bf16, Precision::Fp16, Precision::Fp8] {
+            let a = Frozen::new(&t, p).unwrap().dense().unwrap();
+            let b = Frozen::new(&a, p).unwrap().dense().unwrap();
+            let d: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn storage_shrinks_with_precision() {
+        let t = Tensor::from_vec(weights(64 * 64), (64, 64), &Device::Cpu).unwrap();
+        let bytes: Vec<usize> = [
+            Precision::Fp32,
+            Precision::Fp16,
+            Precision::Fp8,
+            Precision::Nf4,
+        ]
+        .iter()
+        .map(|&p| Frozen::new(&t, p).unwrap().bytes())
+        .collect();
+        assert_eq!(bytes, vec![16384, 8192, 4096, 2048 + 256]);
+    }
+}
