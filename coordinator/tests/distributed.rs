@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use stackwise_coordinator::{Coordinator, JobSpec, OnWorkerLoss, Phase};
@@ -11,37 +11,11 @@ use stackwise_proto::model::{Fence, Report, StepMetrics, WorkerReport};
 use stackwise_proto::{PROTOCOL_VERSION, pb};
 use stackwise_worker::runtime::Target;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_stackwise"));
-    c.env("STACKWISE_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove("STACKWISE_TOKEN");
-    c
-}
+mod common;
+use common::{KillOnDrop, bin, run, stderr};
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().expect("run stackwise")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// A byte-level dataset of part of Macbeth, prepared once per test directory.
 fn dataset(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/macbeth.txt");
-    let text = std::fs::read_to_string(src).unwrap();
-    let corpus = dir.join("m.txt");
-    std::fs::write(&corpus, &text[..40_000]).unwrap();
-    let data = dir.join("data");
-    let o = run(bin()
-        .args(["data", "prepare"])
-        .arg(&corpus)
-        .arg("--out")
-        .arg(&data)
-        .args(["--train-tokenizer", "byte"]));
-    assert!(o.status.success(), "{}", stderr(&o));
-    data
+    common::dataset(dir, 40_000)
 }
 
 fn config(dir: &Path, data: &Path, steps: u64, batch: usize) -> PathBuf {
@@ -213,16 +187,6 @@ fn a_killed_worker_stops_the_job_with_a_clear_message() {
         "{rest}"
     );
     assert!(rest.contains("error:"), "{rest}");
-}
-
-/// Kills the process when the test ends, also when it panics.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn spec(dir: &Path, min: usize, lease_ms: u64) -> JobSpec {

@@ -3,8 +3,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{KillOnDrop, bin, ok, run};
+
+fn dataset(dir: &Path) -> PathBuf {
+    common::dataset(dir, 40_000)
+}
 
 const KEY: &str = "stackwise-test-key";
 const SECRET: &str = "stackwise-test-secret-do-not-log";
@@ -120,48 +127,6 @@ impl Drop for S3 {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_stackwise"));
-    c.env("STACKWISE_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove("STACKWISE_TOKEN");
-    c
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().expect("run stackwise")
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let o = run(cmd);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
-fn dataset(dir: &Path) -> PathBuf {
-    let src = workspace().join("coordinator/assets/corpus/macbeth.txt");
-    let text = std::fs::read_to_string(src).unwrap();
-    let corpus = dir.join("m.txt");
-    std::fs::write(&corpus, &text[..40_000]).unwrap();
-    let data = dir.join("data");
-    ok(bin()
-        .args(["data", "prepare"])
-        .arg(&corpus)
-        .arg("--out")
-        .arg(&data)
-        .args(["--train-tokenizer", "byte"]));
-    data
 }
 
 fn config(dir: &Path, data: &Path, output: &str, steps: u64, every: u64) -> PathBuf {

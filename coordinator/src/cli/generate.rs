@@ -51,7 +51,7 @@ pub struct GenerateArgs {
     /// Denoising steps of the diffusion sampler (more = slower, better).
     #[arg(long, default_value_t = 16)]
     pub diffusion_steps: usize,
-    /// Print {"text", "tokens", "tokens_per_s"} as JSON.
+    /// Print {"text", "tokens", "tokens_per_s", "sampler"} as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -133,7 +133,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"text": text, "tokens": out.tokens, "tokens_per_s": out.tokens_per_s})
+            serde_json::json!({"text": text, "tokens": out.tokens, "tokens_per_s": out.tokens_per_s,
+                "sampler": if diffusion { "diffusion" } else { "autoregressive" }})
         );
     } else {
         let mut stdout = std::io::stdout();

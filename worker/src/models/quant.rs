@@ -91,7 +91,11 @@ impl Nf4 {
         (0..self.len)
             .map(|i| {
                 let byte = self.codes[i / 2];
-                let c = if i.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 };
+                let c = if i.is_multiple_of(2) {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                };
                 NF4_LEVELS[c as usize] * self.absmax[i / NF4_BLOCK]
             })
             .collect()

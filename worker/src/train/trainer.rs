@@ -899,6 +899,28 @@ impl Trainer {
                     s.steps
                 ));
             }
+            if t.eval_every > 0 && self.state.step == self.plan.stage_start(self.state.stage) {
+                // Where the stage starts from: its objective (mask fraction) on the model
+                // before its first step.
+                if let Some(v) = self.evaluate()? {
+                    let mut rec = json!({
+                        "step": self.state.step, "stage": self.state.stage, "stage_start": true,
+                        "val_loss": v,
+                    });
+                    if let Some(acc) = self.last_val_accuracy {
+                        rec["val_masked_accuracy"] = acc.into();
+                    }
+                    rep.record(&rec);
+                    if leader {
+                        rep.line(&format!(
+                            "stage {} starts at val {v:.4}{}",
+                            self.state.stage + 1,
+                            self.last_val_accuracy
+                                .map_or(String::new(), |a| format!(" masked acc {a:.3}"))
+                        ));
+                    }
+                }
+            }
             let stage_end = self.plan.stage_end(self.state.stage);
             let lr = self
                 .state

@@ -1,0 +1,56 @@
+//! Helpers shared by the integration tests: the `stackwise` binary, a byte-level dataset
+//! of part of Macbeth, and a guard that kills a child process when a test ends.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stackwise"));
+    c.env("STACKWISE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("STACKWISE_TOKEN");
+    c
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run stackwise")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Run and assert success, showing stderr otherwise.
+pub fn ok(cmd: &mut Command) -> Output {
+    let o = run(cmd);
+    assert!(o.status.success(), "{}", stderr(&o));
+    o
+}
+
+/// A byte-level dataset of the first `chars` characters of Macbeth in `dir/data`.
+pub fn dataset(dir: &Path, chars: usize) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/macbeth.txt");
+    let text = std::fs::read_to_string(src).unwrap();
+    let corpus = dir.join("m.txt");
+    std::fs::write(&corpus, &text[..chars.min(text.len())]).unwrap();
+    let data = dir.join("data");
+    ok(bin()
+        .args(["data", "prepare"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&data)
+        .args(["--train-tokenizer", "byte"]));
+    data
+}
+
+/// Kills the process when the test ends, also when it panics.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,276 @@
+//! Staged training (the StackWise method) end to end: frozen layers and adapters, a
+//! layer-wise run on two workers, and resume in the middle of a stage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use stackwise_coordinator::plan::plan_config;
+use stackwise_worker::comm::Local;
+use stackwise_worker::objectives::{Batch, Masking, Objective};
+use stackwise_worker::train::{RunOptions, TrainConfig, Trainer};
+
+mod common;
+use common::{bin, ok};
+
+fn config(out: &Path, data: &Path, training: &str) -> TrainConfig {
+    let yaml = format!(
+        "run: {{name: st, output: {}, seed: 5}}
+model: {{d_model: 32, n_layers: 3, n_heads: 4, seq_len: 32}}
+data: {{path: {}}}
+training: {{batch_size: 4, lr: 1.0e-2, warmup_steps: 1, eval_every: 100, eval_batches: 2, checkpoint_every: 100, log_every: 1, {training}}}
+",
+        out.display(),
+        data.display()
+    );
+    serde_yaml::from_str(&yaml).unwrap()
+}
+
+fn trainer(cfg: TrainConfig, opts: &RunOptions) -> Trainer {
+    let plan = plan_config(&cfg).unwrap();
+    let opts = RunOptions {
+        plan: Some(plan),
+        ..opts.clone()
+    };
+    Trainer::new(cfg, &opts).unwrap()
+}
+
+fn values(t: &BTreeMap<String, Tensor>) -> BTreeMap<String, Vec<f32>> {
+    t.iter()
+        .map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
+
+fn until(step: u64) -> RunOptions {
+    RunOptions {
+        until_step: Some(step),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn frozen_layers_stay_bitwise_and_gradients_reach_every_trainable_parameter() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 20_000);
+    let cfg = config(
+        &dir.path().join("out"),
+        &data,
+        "mode: fused, total_blocks: 3, block_size: 1, steps_per_stage: 3, objective: diffusion, \
+         time_step_masking: true, quantization_type: nf4, qlora_enabled: true, qlora_rank: 4",
+    );
+    let mut t = trainer(cfg, &RunOptions::default());
+    t.run(&until(3)).unwrap();
+    let end_of_block_0 = values(&t.params().tensors().unwrap());
+    t.run(&until(5)).unwrap(); // two steps into stage 1 (block 1)
+    assert_eq!(t.stage().trainable, vec![1]);
+    let frozen_before = values(&t.frozen().tensors().unwrap());
+    assert!(frozen_before.contains_key("transformer.h.0.attn.c_attn.weight"));
+    assert!(!frozen_before.contains_key("transformer.h.1.attn.c_attn.weight"));
+    // Block 0 is stored as NF4 (its linears), within NF4's bound of the trained values.
+    let q = &frozen_before["transformer.h.0.mlp.c_fc.weight"];
+    let w = &end_of_block_0["transformer.h.0.mlp.c_fc.weight"];
+    let bound = stackwise_worker::models::quant::nf4_max_relative_error();
+    for (qb, wb) in q.chunks(64).zip(w.chunks(64)) {
+        let m = wb.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(
+            qb.iter()
+                .zip(wb)
+                .all(|(a, b)| (a - b).abs() <= bound * m * 1.0001)
+        );
+    }
+    assert_ne!(q, w, "quantized");
+    // Norms of the frozen block are kept as they are.
+    assert_eq!(
+        frozen_before["transformer.h.0.ln_1.weight"],
+        end_of_block_0["transformer.h.0.ln_1.weight"]
+    );
+    t.run(&until(6)).unwrap();
+    assert_eq!(
+        frozen_before,
+        values(&t.frozen().tensors().unwrap()),
+        "frozen weights changed"
+    );
+
+    // Gradients of one masked batch reach every trainable parameter: block 1, the head and
+    // the adapters on block 0 (whose B factor is no longer zero after the steps above).
+    let names: Vec<String> = t.params().vars.keys().cloned().collect();
+    assert!(names.iter().any(|n| n.contains("h.0.attn.c_attn.lora_A")));
+    assert!(names.iter().any(|n| n.starts_with("transformer.h.1.")));
+    assert!(!names.iter().any(|n| n.starts_with("transformer.wte")));
+    let rows: Vec<(Vec<u32>, Vec<f32>)> = (0..4)
+        .map(|i| {
+            (
+                (0..32).map(|j| (i * 31 + j * 7) % 200).collect(),
+                vec![1.0; 32],
+            )
+        })
+        .collect();
+    let m = Masking {
+        objective: Objective::Diffusion,
+        mask_id: 257,
+        vocab: 257,
+        fractions: vec![0.5],
+        seed: 1,
+    };
+    let batch = Batch::masked(&rows, &[0, 1, 2, 3], 0, &m, &Device::Cpu).unwrap();
+    let (_, _, grads) =
+        stackwise_worker::train::step::gradients(t.model(), t.params(), &[batch], &mut Local)
+            .unwrap();
+    for name in &names {
+        let g = grads
+            .get(name)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0, "zero gradient for {name}");
+    }
+}
+
+#[test]
+fn resume_in_the_middle_of_stage_2_of_3_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 20_000);
+    let training = "mode: fused, total_blocks: 3, block_size: 1, steps_per_stage: 4, objective: diffusion, \
+                    time_step_masking: true, quantization_type: nf4, qlora_enabled: true, qlora_rank: 4";
+    let straight_out = dir.path().join("straight");
+    let mut straight = trainer(
+        config(&straight_out, &data, training),
+        &RunOptions::default(),
+    );
+    let s = straight.run(&RunOptions::default()).unwrap();
+    assert_eq!(s.step, 12);
+
+    let resumed_out = dir.path().join("resumed");
+    let mut a = trainer(config(&resumed_out, &data, training), &until(6));
+    a.run(&until(6)).unwrap();
+    drop(a);
+    let again = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    let mut b = trainer(config(&resumed_out, &data, training), &again);
+    assert_eq!(b.stage().trainable, vec![1], "resumed inside stage 2");
+    let r = b.run(&again).unwrap();
+    assert_eq!(r.step, 12);
+    assert_eq!(
+        s.train_loss.unwrap().to_bits(),
+        r.train_loss.unwrap().to_bits()
+    );
+    let file = |out: &Path, f: &str| {
+        std::fs::read(out.join(format!("runs/st/checkpoints/step-00000012/{f}"))).unwrap()
+    };
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            file(&straight_out, f) == file(&resumed_out, f),
+            "{f} differs after resume"
+        );
+    }
+    // Each stage with a quantized backbone has its full-precision backup, referenced by
+    // the stage's checkpoints.
+    for stage in ["01", "02"] {
+        let p = resumed_out.join(format!(
+            "runs/st/checkpoints/backups/stage-{stage}/model.safetensors"
+        ));
+        assert!(p.exists(), "{}", p.display());
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&file(&resumed_out, "MANIFEST.json")).unwrap();
+    let refs: Vec<&str> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["object"].as_str())
+        .collect();
+    assert_eq!(refs, vec!["backups/stage-02/model.safetensors"]);
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn layerwise_config(dir: &Path, data: &Path) -> PathBuf {
+    let p = dir.join("lw.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "run: {{name: lw, output: {}, seed: 9}}
+model: {{d_model: 32, n_layers: 3, n_heads: 4, seq_len: 32}}
+data: {{path: {}}}
+training: {{mode: layerwise, objective: diffusion, time_step_masking: true, steps_per_stage: 30, batch_size: 8, lr: 1.0e-2, warmup_steps: 2, eval_every: 15, eval_batches: 4, checkpoint_every: 100, log_every: 1}}
+",
+            dir.join("out").display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn layerwise_on_two_workers_completes_every_stage_and_lowers_the_masked_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 40_000);
+    let cfg = layerwise_config(dir.path(), &data);
+    let plan = ok(bin().arg("plan").arg(&cfg));
+    let table = String::from_utf8_lossy(&plan.stdout).to_string();
+    assert!(
+        table.contains("layer 2") && table.contains("L0-1 @fp32"),
+        "{table}"
+    );
+    assert!(table.contains("0.15") && table.contains("0.90"), "{table}");
+    ok(bin()
+        .arg("launch")
+        .arg(&cfg)
+        .args(["--workers", "2", "--no-progress"]));
+    let run = dir.path().join("out/runs/lw");
+    let m = metrics(&run);
+    let mut by_stage: HashMap<u64, Vec<&serde_json::Value>> = HashMap::new();
+    for r in &m {
+        by_stage
+            .entry(r["stage"].as_u64().unwrap())
+            .or_default()
+            .push(r);
+    }
+    assert_eq!(by_stage.len(), 3, "all three stages ran");
+    for stage in 0..3 {
+        let rs = &by_stage[&stage];
+        let vals: Vec<f64> = rs.iter().filter_map(|r| r["val_loss"].as_f64()).collect();
+        assert_eq!(
+            vals.len(),
+            3,
+            "stage {stage} evaluated at its start, mid-way and at its end"
+        );
+        assert_eq!(rs[0]["stage_start"], true);
+        assert!(
+            vals[2] < vals[0],
+            "stage {stage}: validation masked loss {} -> {}",
+            vals[0],
+            vals[2]
+        );
+        assert!(
+            rs.iter()
+                .all(|r| r["val_loss"].is_null() || r["val_masked_accuracy"].as_f64().is_some())
+        );
+    }
+    assert_eq!(m.last().unwrap()["step"], 90);
+    // The stage boundaries are checkpoints; the last one is a 3-layer model the diffusion
+    // sampler generates from.
+    let ls = ok(bin().args(["ckpt", "ls"]).arg(&run));
+    let listing = String::from_utf8_lossy(&ls.stdout).to_string();
+    for step in ["step-00000060", "step-00000090"] {
+        assert!(listing.contains(step), "{listing}");
+    }
+    let g = ok(bin().args(["generate", "--model"]).arg(&run).args([
+        "--prompt",
+        "MACBETH.",
+        "--max-new-tokens",
+        "16",
+        "--json",
+    ]));
+    let out: serde_json::Value = serde_json::from_slice(&g.stdout).unwrap();
+    assert_eq!(out["tokens"].as_array().unwrap().len(), 16);
+    assert_eq!(out["sampler"], "diffusion");
+}
