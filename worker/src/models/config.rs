@@ -22,6 +22,20 @@ pub enum AttentionMode {
     Bidirectional,
 }
 
+/// The attention mechanism. `softmax` is MHA (or GQA with fewer kv heads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    #[default]
+    Softmax,
+    /// Multi-head latent attention (DeepSeek-V2): keys and values from a low-rank latent,
+    /// with a decoupled rotary part shared by the heads.
+    Mla,
+    /// Linear (kernel) attention (Katharopoulos et al. 2020): `phi(q) (phi(k)^T v)` with
+    /// `phi = elu + 1`, normalised by `phi(q) sum(phi(k))`.
+    Kernel,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Positions {
@@ -62,6 +76,14 @@ pub struct ModelConfig {
     /// Longest sequence the model accepts (learned position table size, RoPE limit).
     pub seq_len: usize,
     pub attention_mode: AttentionMode,
+    #[serde(default)]
+    pub attention: AttentionKind,
+    /// MLA: rank of the key/value latent.
+    #[serde(default)]
+    pub mla_kv_rank: usize,
+    /// MLA: dimension of the decoupled rotary part of queries and keys.
+    #[serde(default)]
+    pub mla_rope_dim: usize,
     pub positions: Positions,
     pub rope_theta: f64,
     pub activation: Activation,
@@ -116,8 +138,12 @@ pub struct RawModelConfig {
     pub vocab_size: Option<usize>,
     pub seq_len: Option<usize>,
     pub attention_mode: Option<AttentionMode>,
-    /// `mha` or `gqa` (with `n_kv_heads`).
+    /// `mha`, `gqa` (with `n_kv_heads`), `mla` or `kernel`.
     pub attention_type: Option<String>,
+    /// MLA: rank of the key/value latent (default d_model / 4).
+    pub mla_kv_rank: Option<usize>,
+    /// MLA: rotary dimension of queries and keys (default head_dim / 2, even).
+    pub mla_rope_dim: Option<usize>,
     pub positions: Option<Positions>,
     pub rope_theta: Option<f64>,
     pub activation: Option<Activation>,
@@ -135,7 +161,20 @@ impl RawModelConfig {
         let gpt2 = family == Family::Gpt2;
         let d_model = self.d_model.unwrap_or(256);
         let n_heads = self.n_heads.unwrap_or(4);
+        let attention = match self.attention_type.as_deref() {
+            Some("mla") => AttentionKind::Mla,
+            Some("kernel") | Some("linear") => AttentionKind::Kernel,
+            _ => AttentionKind::Softmax,
+        };
         let n_kv_heads = match (self.attention_type.as_deref(), self.n_kv_heads) {
+            (Some("mla"), Some(k)) if k != n_heads => {
+                return Err(invalid(
+                    "n_kv_heads",
+                    "MLA shares one latent across all heads; leave n_kv_heads unset",
+                ));
+            }
+            (Some("mla"), _) => n_heads,
+            (Some("kernel") | Some("linear"), k) => k.unwrap_or(n_heads),
             (None | Some("mha"), None) => n_heads,
             (Some("mha"), Some(k)) if k != n_heads => {
                 return Err(invalid(
@@ -155,7 +194,7 @@ impl RawModelConfig {
             (Some(other), _) => {
                 return Err(invalid(
                     "attention_type",
-                    format!("{other:?} is not supported here; use mha or gqa"),
+                    format!("{other:?} is not an attention type; use mha, gqa, mla or kernel"),
                 ));
             }
         };
@@ -187,6 +226,17 @@ impl RawModelConfig {
             d_ff,
             seq_len: self.seq_len.unwrap_or(256),
             attention_mode: self.attention_mode.unwrap_or(AttentionMode::Causal),
+            attention,
+            mla_kv_rank: match attention {
+                AttentionKind::Mla => self.mla_kv_rank.unwrap_or((d_model / 4).max(8)),
+                _ => 0,
+            },
+            mla_rope_dim: match attention {
+                AttentionKind::Mla => self
+                    .mla_rope_dim
+                    .unwrap_or((d_model.checked_div(n_heads).unwrap_or(0) / 2).max(2) & !1),
+                _ => 0,
+            },
             positions: self.positions.unwrap_or(if gpt2 {
                 Positions::Learned
             } else {
@@ -264,6 +314,19 @@ impl ModelConfig {
                 ),
             ));
         }
+        if self.attention == AttentionKind::Mla
+            && (self.mla_kv_rank == 0
+                || self.mla_rope_dim == 0
+                || !self.mla_rope_dim.is_multiple_of(2))
+        {
+            return Err(invalid(
+                "mla_rope_dim",
+                format!(
+                    "MLA needs mla_kv_rank >= 1 and an even mla_rope_dim >= 2 (got {} and {})",
+                    self.mla_kv_rank, self.mla_rope_dim
+                ),
+            ));
+        }
         if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return Err(invalid("norm_eps", "must be > 0, e.g. 1e-5"));
         }
@@ -332,6 +395,9 @@ impl ModelConfig {
                     d_ff: u("n_inner").unwrap_or(4 * d_model),
                     seq_len: u("n_positions").or(u("n_ctx")).unwrap_or(1024),
                     attention_mode,
+                    attention: AttentionKind::Softmax,
+                    mla_kv_rank: 0,
+                    mla_rope_dim: 0,
                     positions: Positions::Learned,
                     rope_theta: 10_000.0,
                     activation,
@@ -397,6 +463,9 @@ impl ModelConfig {
                     d_ff: req("intermediate_size")?,
                     seq_len: u("max_position_embeddings").unwrap_or(2048),
                     attention_mode,
+                    attention: AttentionKind::Softmax,
+                    mla_kv_rank: 0,
+                    mla_rope_dim: 0,
                     positions: Positions::Rope,
                     rope_theta,
                     activation: Activation::Swiglu,
@@ -480,7 +549,9 @@ impl ModelConfig {
 
     /// True when transformers would build exactly this model from `to_hf_json` alone.
     pub fn is_hf_compatible(&self) -> bool {
-        let common = self.attention_mode == AttentionMode::Causal && !self.parallel_residual;
+        let common = self.attention_mode == AttentionMode::Causal
+            && !self.parallel_residual
+            && self.attention == AttentionKind::Softmax;
         match self.family {
             Family::Gpt2 => {
                 common

@@ -5,7 +5,9 @@
 
 use candle_core::{D, Device, Module, Result, Tensor};
 
-use super::config::{Activation, AttentionMode, Family, ModelConfig, NormKind, Positions};
+use super::config::{
+    Activation, AttentionKind, AttentionMode, Family, ModelConfig, NormKind, Positions,
+};
 use super::params::{Init, ParamBuilder, Params, Weight};
 use crate::ops;
 
@@ -169,7 +171,11 @@ pub struct Rope {
 
 impl Rope {
     fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
-        let hd = cfg.head_dim;
+        Self::with_dim(cfg.head_dim, cfg, device)
+    }
+
+    /// Tables for rotating `hd`-dimensional vectors (MLA's decoupled rotary part).
+    fn with_dim(hd: usize, cfg: &ModelConfig, device: &Device) -> Result<Self> {
         let inv: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
             .collect();
@@ -233,6 +239,23 @@ impl KvCache {
 enum Qkv {
     Fused(Linear),
     Split { q: Linear, k: Linear, v: Linear },
+    Mla(Box<MlaProj>),
+}
+
+/// DeepSeek-V2's multi-head latent attention projections (names as in HF's
+/// `DeepseekV2Attention`, without the query low-rank path): queries `q_proj` with a nope and
+/// a rotary part per head; `kv_a_proj_with_mqa` makes the key/value latent (normalised by
+/// `kv_a_layernorm`) and one rotary key shared by all heads; `kv_b_proj` expands the latent
+/// into per-head nope keys and values. The KV cache holds the latent and the rotary key.
+#[derive(Clone)]
+struct MlaProj {
+    q: Linear,
+    kv_a: Linear,
+    kv_norm: Norm,
+    kv_b: Linear,
+    rope: Rope,
+    rank: usize,
+    rope_dim: usize,
 }
 
 #[derive(Clone)]
@@ -243,11 +266,93 @@ pub struct Attention {
     n_kv_heads: usize,
     head_dim: usize,
     bidirectional: bool,
+    kernel: bool,
+}
+
+/// `elu(x) + 1`: the positive feature map of linear attention.
+fn feature_map(x: &Tensor) -> Result<Tensor> {
+    x.elu(1.0)? + 1.0
+}
+
+/// (T, S) 0/1 mask: query `i` (at position `S - T + i`) sees keys `0..=S - T + i`.
+fn causal_ones(t: usize, s: usize, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= s - t + i { 1.0 } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (t, s), device)
+}
+
+/// Linear attention in its quadratic form, exact for both masks: `y_i = sum_j a_ij v_j /
+/// sum_j a_ij` with `a_ij = phi(q_i) . phi(k_j)` over the visible keys `j`. `q (B, H, T, d)`,
+/// `k, v (B, H, S, d)`; with `S > T` the queries are the last `T` positions.
+pub fn kernel_attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    let (t, s) = (q.dim(2)?, k.dim(2)?);
+    let a = feature_map(q)?.matmul(&feature_map(k)?.t()?)?; // (B, H, T, S)
+    let a = if causal && t > 1 {
+        a.broadcast_mul(&causal_ones(t, s, q.device())?)?
+    } else {
+        a
+    };
+    let den = (a.sum_keepdim(3)? + 1e-6)?;
+    a.matmul(v)?.broadcast_div(&den)
 }
 
 impl Attention {
     fn load(p: &mut ParamBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
         let out_std = INIT_STD / (2.0 * cfg.n_layers as f64).sqrt();
+        if cfg.attention == AttentionKind::Mla {
+            let (base, out) = match cfg.family {
+                Family::Gpt2 => (format!("{prefix}.attn"), format!("{prefix}.attn.c_proj")),
+                Family::Llama => (
+                    format!("{prefix}.self_attn"),
+                    format!("{prefix}.self_attn.o_proj"),
+                ),
+            };
+            let (h, hd, r, dr) = (cfg.n_heads, cfg.head_dim, cfg.mla_kv_rank, cfg.mla_rope_dim);
+            let mla = MlaProj {
+                q: Linear::load(
+                    p,
+                    &format!("{base}.q_proj"),
+                    cfg.d_model,
+                    h * (hd + dr),
+                    cfg,
+                    INIT_STD,
+                )?,
+                kv_a: Linear::load(
+                    p,
+                    &format!("{base}.kv_a_proj_with_mqa"),
+                    cfg.d_model,
+                    r + dr,
+                    cfg,
+                    INIT_STD,
+                )?,
+                kv_norm: Norm {
+                    weight: p.get(&format!("{base}.kv_a_layernorm.weight"), &[r], Init::Ones)?,
+                    bias: None,
+                    eps: cfg.norm_eps,
+                },
+                kv_b: Linear::load(
+                    p,
+                    &format!("{base}.kv_b_proj"),
+                    r,
+                    h * 2 * hd,
+                    cfg,
+                    INIT_STD,
+                )?,
+                rope: Rope::with_dim(dr, cfg, &p.device())?,
+                rank: r,
+                rope_dim: dr,
+            };
+            return Ok(Self {
+                qkv: Qkv::Mla(Box::new(mla)),
+                out: Linear::load(p, &out, cfg.q_dim(), cfg.d_model, cfg, out_std)?,
+                n_heads: h,
+                n_kv_heads: h,
+                head_dim: hd,
+                bidirectional: cfg.attention_mode == AttentionMode::Bidirectional,
+                kernel: false,
+            });
+        }
         let (qkv, out) = match cfg.family {
             Family::Gpt2 => (
                 Qkv::Fused(Linear::load(
@@ -311,7 +416,69 @@ impl Attention {
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
             bidirectional: cfg.attention_mode == AttentionMode::Bidirectional,
+            kernel: cfg.attention == AttentionKind::Kernel,
         })
+    }
+
+    /// MLA: the latent and rotary key are cached; keys and values are expanded from them.
+    fn forward_mla(
+        &self,
+        m: &MlaProj,
+        x: &Tensor,
+        start: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, hd, r, dr) = (self.n_heads, self.head_dim, m.rank, m.rope_dim);
+        let q =
+            m.q.forward(x)?
+                .reshape((b, t, nh, hd + dr))?
+                .transpose(1, 2)?
+                .contiguous()?; // (B, H, T, hd + dr)
+        let q_rope = m.rope.apply(&q.narrow(3, hd, dr)?.contiguous()?, start)?;
+        let q = Tensor::cat(&[&q.narrow(3, 0, hd)?, &q_rope], 3)?;
+        let kva = m.kv_a.forward(x)?; // (B, T, r + dr)
+        let latent = m.kv_norm.forward(&kva.narrow(2, 0, r)?.contiguous()?)?; // (B, T, r)
+        let k_rope = kva
+            .narrow(2, r, dr)?
+            .reshape((b, t, 1, dr))?
+            .transpose(1, 2)?
+            .contiguous()?; // (B, 1, T, dr)
+        let k_rope = m.rope.apply(&k_rope, start)?;
+        // Cached as (B, 1, S, r) and (B, 1, S, dr): the sequence on dim 2 like MHA's cache.
+        let latent = latent.unsqueeze(1)?;
+        let (latent, k_rope) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pl, pk)) => (
+                        Tensor::cat(&[&pl, &latent], 2)?,
+                        Tensor::cat(&[&pk, &k_rope], 2)?,
+                    ),
+                    None => (latent, k_rope),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (latent, k_rope),
+        };
+        let latent = latent.squeeze(1)?;
+        let s = latent.dim(1)?;
+        let kv = m
+            .kv_b
+            .forward(&latent)?
+            .reshape((b, s, nh, 2 * hd))?
+            .transpose(1, 2)?
+            .contiguous()?; // (B, H, S, 2 hd)
+        let k = Tensor::cat(
+            &[&kv.narrow(3, 0, hd)?, &k_rope.broadcast_as((b, nh, s, dr))?],
+            3,
+        )?;
+        let v = kv.narrow(3, hd, hd)?.contiguous()?;
+        let scale = 1.0 / ((hd + dr) as f64).sqrt();
+        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // (B, H, T, S)
+        let att = ops::attention_softmax(&scores, scale, !self.bidirectional && t > 1)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.out.forward(&y)
     }
 
     fn forward(
@@ -321,9 +488,13 @@ impl Attention {
         start: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
+        if let Qkv::Mla(m) = &self.qkv {
+            return self.forward_mla(m, x, start, cache);
+        }
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
         let (q, k, v) = match &self.qkv {
+            Qkv::Mla(_) => unreachable!("handled above"),
             // Split the fused [q | k | v] projection on its weight, not on its output: the
             // gradient of a narrow is padded to the full tensor, which is far smaller for the
             // (d, q + 2kv) weight than for the (B, T, q + 2kv) activation.
@@ -368,6 +539,11 @@ impl Attention {
         } else {
             (k, v)
         };
+        if self.kernel {
+            let y = kernel_attention(&q, &k, &v, !self.bidirectional)?; // (B, nh, T, hd)
+            let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            return self.out.forward(&y);
+        }
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = q.matmul(&k.t()?)?; // (B, nh, T, S)
         let att = ops::attention_softmax(&scores, scale, !self.bidirectional && t > 1)?;
@@ -661,13 +837,18 @@ mod tests {
     use super::*;
     use crate::models::config::RawModelConfig;
 
-    fn tiny(family: Family, mode: AttentionMode) -> ModelConfig {
+    fn tiny_with(family: Family, mode: AttentionMode, attention: Option<&str>) -> ModelConfig {
         RawModelConfig {
             family: Some(family),
             d_model: Some(32),
             n_layers: Some(2),
             n_heads: Some(4),
-            n_kv_heads: Some(2),
+            n_kv_heads: if attention == Some("mla") {
+                None
+            } else {
+                Some(2)
+            },
+            attention_type: attention.map(str::to_string),
             vocab_size: Some(50),
             seq_len: Some(16),
             attention_mode: Some(mode),
@@ -694,16 +875,20 @@ mod tests {
 
     #[test]
     fn causal_attention_ignores_the_future_and_bidirectional_does_not() {
-        for family in [Family::Gpt2, Family::Llama] {
+        for (family, kind) in [Family::Gpt2, Family::Llama]
+            .into_iter()
+            .flat_map(|f| [None, Some("mla"), Some("kernel")].map(|k| (f, k)))
+        {
             for mode in [AttentionMode::Causal, AttentionMode::Bidirectional] {
-                let (m, _) = Transformer::init(&tiny(family, mode), 1, &Device::Cpu).unwrap();
+                let (m, _) =
+                    Transformer::init(&tiny_with(family, mode, kind), 1, &Device::Cpu).unwrap();
                 let a = m.forward(&ids(), 0, None).unwrap();
                 let changed = Tensor::new(&[[1u32, 5, 9, 3, 7, 40]], &Device::Cpu).unwrap();
                 let b = m.forward(&changed, 0, None).unwrap();
                 let prefix = max_diff(&a.narrow(1, 0, 5).unwrap(), &b.narrow(1, 0, 5).unwrap());
                 match mode {
-                    AttentionMode::Causal => assert_eq!(prefix, 0.0, "{family:?}"),
-                    AttentionMode::Bidirectional => assert!(prefix > 1e-6, "{family:?}"),
+                    AttentionMode::Causal => assert_eq!(prefix, 0.0, "{family:?} {kind:?}"),
+                    AttentionMode::Bidirectional => assert!(prefix > 1e-6, "{family:?} {kind:?}"),
                 }
             }
         }
@@ -711,8 +896,11 @@ mod tests {
 
     #[test]
     fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-        for family in [Family::Gpt2, Family::Llama] {
-            let cfg = tiny(family, AttentionMode::Causal);
+        for (family, kind) in [Family::Gpt2, Family::Llama]
+            .into_iter()
+            .flat_map(|f| [None, Some("mla"), Some("kernel")].map(|k| (f, k)))
+        {
+            let cfg = tiny_with(family, AttentionMode::Causal, kind);
             let (m, _) = Transformer::init(&cfg, 2, &Device::Cpu).unwrap();
             let full = m.forward(&ids(), 0, None).unwrap();
             let mut cache = KvCache::new(cfg.n_layers);
@@ -728,6 +916,156 @@ mod tests {
             assert_eq!(cache.len(), 6);
             assert!(max_diff(&full.narrow(1, 5, 1).unwrap(), &last) < 1e-5);
             assert!(max_diff(&full.narrow(1, 0, 4).unwrap(), &first) < 1e-5);
+        }
+    }
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = stackwise_common::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn to3(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
+        // (1, H, T, d) -> [h][t][d]
+        t.squeeze(0).unwrap().to_vec3().unwrap()
+    }
+
+    #[test]
+    fn kernel_attention_matches_the_recurrent_form() {
+        // Naive reference: running sums S = sum phi(k_j) v_j^T and z = sum phi(k_j), read by
+        // phi(q_i) (causal: after adding key i; bidirectional: after all keys).
+        let (h, t, d) = (2, 7, 5);
+        let (q, k, v) = (
+            rand(&[1, h, t, d], 1),
+            rand(&[1, h, t, d], 2),
+            rand(&[1, h, t, d], 3),
+        );
+        let phi = |x: f32| if x > 0.0 { x + 1.0 } else { x.exp() };
+        for causal in [true, false] {
+            let got = to3(&kernel_attention(&q, &k, &v, causal).unwrap());
+            let (q, k, v) = (to3(&q), to3(&k), to3(&v));
+            for hh in 0..h {
+                for i in 0..t {
+                    let upto = if causal { i + 1 } else { t };
+                    let mut s = vec![vec![0f32; d]; d];
+                    let mut z = vec![0f32; d];
+                    for j in 0..upto {
+                        for a in 0..d {
+                            z[a] += phi(k[hh][j][a]);
+                            for c in 0..d {
+                                s[a][c] += phi(k[hh][j][a]) * v[hh][j][c];
+                            }
+                        }
+                    }
+                    let den: f32 = (0..d).map(|a| phi(q[hh][i][a]) * z[a]).sum::<f32>() + 1e-6;
+                    for c in 0..d {
+                        let num: f32 = (0..d).map(|a| phi(q[hh][i][a]) * s[a][c]).sum();
+                        let want = num / den;
+                        assert!(
+                            (got[hh][i][c] - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "causal {causal} h{hh} t{i} c{c}: {} vs {want}",
+                            got[hh][i][c]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mla_matches_attention_over_explicitly_expanded_keys_and_values() {
+        // Naive reference, position by position: latent c_j = rms(W_a x_j)[..r]; rotary key
+        // rope(W_a x_j)[r..]; per head h: k_j = [W_b^h,nope c_j ; rope key], v_j = W_b^h,v c_j,
+        // q_i = [q nope ; rope(q rot)], softmax over visible j of q_i.k_j / sqrt(hd + dr).
+        for mode in [AttentionMode::Causal, AttentionMode::Bidirectional] {
+            let cfg = tiny_with(Family::Llama, mode, Some("mla"));
+            let mut p = ParamBuilder::init(4, &Device::Cpu);
+            let attn = Attention::load(&mut p, "model.layers.0", &cfg).unwrap();
+            let Qkv::Mla(m) = &attn.qkv else { panic!() };
+            let (t, d) = (6, cfg.d_model);
+            let x = rand(&[1, t, d], 9);
+            let got = attn.forward(&x, None, 0, None).unwrap().squeeze(0).unwrap();
+            let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+
+            let mat = |l: &Linear| -> Vec<Vec<f32>> {
+                // As [out][in].
+                l.weight.dense().unwrap().to_vec2().unwrap()
+            };
+            let apply = |w: &Vec<Vec<f32>>, v: &[f32]| -> Vec<f32> {
+                w.iter()
+                    .map(|row| row.iter().zip(v).map(|(a, b)| a * b).sum())
+                    .collect()
+            };
+            let (h, hd, r, dr) = (cfg.n_heads, cfg.head_dim, m.rank, m.rope_dim);
+            let rope = |v: &[f32], pos: usize| -> Vec<f32> {
+                let half = v.len() / 2;
+                let mut out = vec![0f32; v.len()];
+                for i in 0..half {
+                    let ang = pos as f64 / cfg.rope_theta.powf(2.0 * i as f64 / v.len() as f64);
+                    let (c, s) = (ang.cos() as f32, ang.sin() as f32);
+                    out[i] = v[i] * c - v[i + half] * s;
+                    out[i + half] = v[i + half] * c + v[i] * s;
+                }
+                out
+            };
+            let (wq, wa, wb, wo) = (mat(&m.q), mat(&m.kv_a), mat(&m.kv_b), mat(&attn.out));
+            let xs: Vec<Vec<f32>> = x.squeeze(0).unwrap().to_vec2().unwrap();
+            let mut keys = vec![vec![vec![0f32; hd + dr]; t]; h];
+            let mut vals = vec![vec![vec![0f32; hd]; t]; h];
+            let mut qs = vec![vec![vec![0f32; hd + dr]; t]; h];
+            for j in 0..t {
+                let a = apply(&wa, &xs[j]);
+                let ms = a[..r].iter().map(|v| v * v).sum::<f32>() / r as f32;
+                let c: Vec<f32> = a[..r]
+                    .iter()
+                    .map(|v| v / (ms + cfg.norm_eps as f32).sqrt())
+                    .collect();
+                let kr = rope(&a[r..], j);
+                let kv = apply(&wb, &c);
+                let q = apply(&wq, &xs[j]);
+                for hh in 0..h {
+                    let base = hh * 2 * hd;
+                    keys[hh][j][..hd].copy_from_slice(&kv[base..base + hd]);
+                    keys[hh][j][hd..].copy_from_slice(&kr);
+                    vals[hh][j].copy_from_slice(&kv[base + hd..base + 2 * hd]);
+                    let qb = hh * (hd + dr);
+                    qs[hh][j][..hd].copy_from_slice(&q[qb..qb + hd]);
+                    qs[hh][j][hd..].copy_from_slice(&rope(&q[qb + hd..qb + hd + dr], j));
+                }
+            }
+            for i in 0..t {
+                let mut y = vec![0f32; h * hd];
+                for hh in 0..h {
+                    let upto = if mode == AttentionMode::Causal {
+                        i + 1
+                    } else {
+                        t
+                    };
+                    let sc: Vec<f32> = (0..upto)
+                        .map(|j| {
+                            qs[hh][i]
+                                .iter()
+                                .zip(&keys[hh][j])
+                                .map(|(a, b)| a * b)
+                                .sum::<f32>()
+                                / ((hd + dr) as f32).sqrt()
+                        })
+                        .collect();
+                    let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let z: f32 = sc.iter().map(|s| (s - mx).exp()).sum();
+                    for (j, s) in sc.iter().enumerate() {
+                        let w = (s - mx).exp() / z;
+                        for c in 0..hd {
+                            y[hh * hd + c] += w * vals[hh][j][c];
+                        }
+                    }
+                }
+                let want = apply(&wo, &y);
+                for (a, b) in got[i].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{mode:?} t{i}: {a} vs {b}");
+                }
+            }
         }
     }
 }

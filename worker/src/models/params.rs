@@ -178,6 +178,10 @@ impl ParamBuilder {
         }
     }
 
+    pub fn device(&self) -> Device {
+        self.device.clone()
+    }
+
     /// The scale of LoRA adapters present in the loaded tensors.
     pub fn set_lora_scale(&mut self, scale: Option<f64>) {
         self.lora_scale = scale;
