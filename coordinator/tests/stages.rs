@@ -274,3 +274,47 @@ fn layerwise_on_two_workers_completes_every_stage_and_lowers_the_masked_loss() {
     assert_eq!(out["tokens"].as_array().unwrap().len(), 16);
     assert_eq!(out["sampler"], "diffusion");
 }
+
+#[test]
+fn the_activation_cache_gives_the_same_training_and_hits_after_the_first_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 2_500); // ~70 samples: an epoch is ~18 steps
+    let mut results = Vec::new();
+    for cache in ["none", "memory", "disk", "store"] {
+        let out = dir.path().join(cache);
+        let cfg = config(
+            &out,
+            &data,
+            &format!(
+                "mode: layerwise, steps_per_stage: 30, objective: diffusion, time_step_masking: true, \
+                 mask_seeds: 1, activation_cache: {cache}, activation_cache_dir: {}",
+                dir.path().join("disk-cache").display()
+            ),
+        );
+        let mut t = trainer(cfg, &RunOptions::default());
+        t.run(&until(45)).unwrap(); // 15 steps into stage 1 (layer 1 on frozen layer 0)
+        t.run(&until(60)).unwrap(); // through a second epoch
+        let stats = t.activation_cache_stats();
+        match cache {
+            "none" => assert_eq!(stats, None),
+            _ => {
+                let (hits, misses) = stats.unwrap();
+                assert!(
+                    hits > 0 && misses > 0,
+                    "{cache}: {hits} hits, {misses} misses"
+                );
+            }
+        }
+        let mut w = values(&t.params().tensors().unwrap());
+        w.extend(values(&t.frozen().tensors().unwrap()));
+        results.push((cache, w));
+    }
+    for (cache, w) in &results[1..] {
+        assert!(*w == results[0].1, "{cache} cache changed the training");
+    }
+    assert!(
+        dir.path()
+            .join("store/runs/st/activation-cache/stage-01/rank-0")
+            .exists()
+    );
+}

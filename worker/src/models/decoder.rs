@@ -777,6 +777,16 @@ impl Transformer {
         start: usize,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let mut x = self.embed(ids, start)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, self.rope.as_ref(), start, slot)?;
+        }
+        self.norm_f.forward(&x)
+    }
+
+    /// Token (and learned position) embeddings `(B, T, D)`.
+    pub fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         if start + t > self.cfg.seq_len {
             candle_core::bail!(
@@ -793,9 +803,23 @@ impl Transformer {
         if let Some(pe) = &self.pos_emb {
             x = ops::add_bias(&x, &pe.narrow(0, start, t)?)?;
         }
-        for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, self.rope.as_ref(), start, slot)?;
+        Ok(x)
+    }
+
+    /// The input of layer `upto`: embeddings and layers `0..upto` (an activation-cache entry).
+    pub fn prefix(&self, ids: &Tensor, upto: usize) -> Result<Tensor> {
+        let mut x = self.embed(ids, 0)?;
+        for block in &self.blocks[..upto] {
+            x = block.forward(&x, self.rope.as_ref(), 0, None)?;
+        }
+        Ok(x.detach())
+    }
+
+    /// Final hidden states from the input `x (B, T, D)` of layer `from`.
+    pub fn hidden_after(&self, x: &Tensor, from: usize) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks[from..] {
+            x = block.forward(&x, self.rope.as_ref(), 0, None)?;
         }
         self.norm_f.forward(&x)
     }

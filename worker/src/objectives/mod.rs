@@ -59,6 +59,8 @@ pub struct Batch {
     /// What the summed weighted loss is divided by (summed over micro-batches and ranks).
     pub normaliser: f64,
     pub tokens: usize,
+    /// The input of layer `k` when it comes from an activation cache: `(hidden (B, T, D), k)`.
+    pub prefix: Option<(Tensor, usize)>,
 }
 
 impl Batch {
@@ -82,6 +84,7 @@ impl Batch {
             weights: Tensor::from_vec(weights, n, device)?,
             normaliser,
             tokens: b * t,
+            prefix: None,
         })
     }
 
@@ -95,13 +98,24 @@ impl Batch {
         m: &Masking,
         device: &Device,
     ) -> Result<Self> {
+        Self::masked_salted(rows, keys, &vec![salt; rows.len()], m, device)
+    }
+
+    /// `masked` with a salt per row (static masks: the salt is the sample's mask seed).
+    pub fn masked_salted(
+        rows: &[(Vec<u32>, Vec<f32>)],
+        keys: &[u64],
+        salts: &[u64],
+        m: &Masking,
+        device: &Device,
+    ) -> Result<Self> {
         let b = rows.len();
         let t = rows.first().map_or(0, |r| r.0.len());
         let mut input = Vec::with_capacity(b * t);
         let (mut positions, mut targets, mut weights) = (vec![], vec![], vec![]);
         let mut eligible = 0f64;
         let mut masked = 0f64;
-        for (row, ((ids, flags), &key)) in rows.iter().zip(keys).enumerate() {
+        for (row, (((ids, flags), &key), &salt)) in rows.iter().zip(keys).zip(salts).enumerate() {
             let mut rng = Rng::derive(m.seed, &format!("mask/{salt}/{key}"));
             let frac = if m.fractions.is_empty() {
                 MIN_T + (1.0 - MIN_T) * rng.uniform()
@@ -149,6 +163,7 @@ impl Batch {
             weights: Tensor::from_vec(weights, n, device)?,
             normaliser,
             tokens: b * t,
+            prefix: None,
         })
     }
 
@@ -170,7 +185,10 @@ impl Batch {
 /// Logits `(N, V)` at the batch's predicted positions. Only those rows are projected onto
 /// the vocabulary, which for masked objectives is a fraction of the (B*T, V) logits.
 pub fn predicted_logits(model: &Transformer, batch: &Batch) -> Result<Tensor> {
-    let hidden = model.hidden(&batch.input, 0, None)?; // (B, T, D)
+    let hidden = match &batch.prefix {
+        Some((x, k)) => model.hidden_after(x, *k)?,
+        None => model.hidden(&batch.input, 0, None)?,
+    }; // (B, T, D)
     let (b, t, d) = hidden.dims3()?;
     let flat = hidden.reshape((b * t, d))?;
     let rows = match &batch.positions {

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::models::RawModelConfig;
 use crate::objectives::Objective;
 use crate::optim::ScheduleKind;
+use crate::train::actcache::ActivationCacheKind;
 use crate::train::plan::Precision;
 
 /// How the layers are trained (DESIGN §3, "The plan").
@@ -166,6 +167,14 @@ pub struct TrainingSection {
     pub mask_fraction: f64,
     /// Stages run after pre-training.
     pub finetune: Vec<FinetuneStage>,
+    /// Static masks: each sample has this many masks per stage, cycled by epoch (none: a
+    /// fresh mask every step). Needed by the activation cache.
+    pub mask_seeds: Option<u64>,
+    /// Inputs of a layer-wise stage: `none` (the frozen prefix runs on the fly, without
+    /// gradients), `memory`, `disk` or `store` (cached per sample and mask seed).
+    pub activation_cache: ActivationCacheKind,
+    /// Folder of the `disk` activation cache (default: the system temp folder).
+    pub activation_cache_dir: Option<String>,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -214,6 +223,9 @@ impl Default for TrainingSection {
             mask_schedule: MaskSchedule::default(),
             mask_fraction: 0.15,
             finetune: Vec::new(),
+            mask_seeds: None,
+            activation_cache: ActivationCacheKind::None,
+            activation_cache_dir: None,
             batch_size: 8,
             grad_accum: 1,
             seq_len: None,
@@ -281,6 +293,18 @@ impl TrainingSection {
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return err("min_lr_ratio", "must be in [0, 1]");
+        }
+        if self.mask_seeds == Some(0) {
+            return err(
+                "mask_seeds",
+                "must be at least 1 (or unset for a new mask every step)",
+            );
+        }
+        if self.activation_cache != ActivationCacheKind::None && self.mask_seeds.is_none() {
+            return err(
+                "activation_cache",
+                "needs static masks: set training.mask_seeds (e.g. 1), so a sample's masked input repeats across epochs",
+            );
         }
         if self.seq_len == Some(0) || self.seq_len == Some(1) {
             return err("seq_len", "must be at least 2 (one input and one target)");

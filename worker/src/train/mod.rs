@@ -1,5 +1,6 @@
 //! Training: config, the single-process trainer, its resumable state and reporting.
 
+pub mod actcache;
 pub mod config;
 pub mod plan;
 pub mod report;

@@ -23,6 +23,7 @@ use stackwise_common::rng::Rng;
 use stackwise_common::store::Store;
 use stackwise_common::tokenizer::Tok;
 
+use super::actcache::{ActivationCache, ActivationCacheKind};
 use super::config::TrainConfig;
 use super::config::TrainingMode;
 use super::plan::{Plan, Precision, StagePlan};
@@ -113,6 +114,7 @@ pub struct Trainer {
     abort: Option<Arc<AtomicBool>>,
     pending_save: Option<(u64, std::thread::JoinHandle<Result<String>>)>,
     stall_seconds: f64,
+    act_cache: Option<ActivationCache>,
 }
 
 impl Drop for Trainer {
@@ -361,6 +363,7 @@ impl Trainer {
             abort: None,
             pending_save: None,
             stall_seconds: 0.0,
+            act_cache: None,
         };
         let existing = trainer.ckpt.list_names()?;
         let resume_from = if let Some(name) = &opts.resume_from {
@@ -486,6 +489,7 @@ impl Trainer {
             .map(|d| Ema::new(&self.params, d))
             .transpose()?;
         self.all_tokens = stage.objective != Objective::Sft;
+        self.act_cache = self.stage_cache(&stage)?;
         let trainable = self.params.count() * 4;
         tracing::info!(
             stage = self.state.stage,
@@ -497,6 +501,41 @@ impl Trainer {
             "stage weights: trainable, frozen and optimizer state"
         );
         Ok(())
+    }
+
+    /// The activation cache of a stage whose trainable layers sit on a fully frozen prefix
+    /// (frozen embeddings and layers `0..k`, no adapters); none otherwise.
+    fn stage_cache(&self, stage: &StagePlan) -> Result<Option<ActivationCache>> {
+        let t = &self.cfg.training;
+        if t.activation_cache == ActivationCacheKind::None || stage.frozen.is_empty() {
+            return Ok(None);
+        }
+        let k = stage.frozen.len();
+        let prefix_only = stage.frozen == (0..k).collect::<Vec<_>>()
+            && stage.adapters.is_none()
+            && !stage.train_embeddings
+            && stage.trainable.iter().all(|&l| l >= k);
+        if !prefix_only {
+            tracing::warn!(
+                stage = %stage.name,
+                "activation_cache: the frozen layers have trainable parts (adapters or embeddings); computing them on the fly"
+            );
+            return Ok(None);
+        }
+        ActivationCache::new(
+            t.activation_cache,
+            t.activation_cache_dir.as_deref(),
+            &self.run,
+            &self.cfg.run.name,
+            self.state.stage,
+            k,
+            self.comm.rank(),
+        )
+    }
+
+    /// Activation-cache hits and misses of the current stage.
+    pub fn activation_cache_stats(&self) -> Option<(u64, u64)> {
+        self.act_cache.as_ref().map(|c| (c.hits, c.misses))
     }
 
     /// Write the full-precision `weights` (before quantizing) as this stage's backup: one
@@ -624,6 +663,7 @@ impl Trainer {
     fn micro_batches(&mut self) -> Result<Vec<Batch>> {
         let t = &self.cfg.training;
         let n = self.train.num_samples(self.seq_len, self.packed);
+        let start = self.state.cursor;
         let idx = self.state.cursor.take(
             t.batch_size * t.grad_accum,
             n,
@@ -641,19 +681,55 @@ impl Trainer {
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let mine = rank_rows(t.batch_size, world, rank);
         let masking = self.masking(self.stage().mask_fractions.clone());
-        let salt = self.state.step;
-        rows.chunks(t.batch_size)
-            .zip(idx.chunks(t.batch_size))
-            .map(|(c, keys)| {
-                Ok(match &masking {
-                    Some(m) => {
-                        let keys: Vec<u64> = keys[mine.clone()].iter().map(|&k| k as u64).collect();
-                        Batch::masked(&c[mine.clone()], &keys, salt, m, &self.device)?
-                    }
-                    None => Batch::from_rows(&c[mine.clone()], &self.device)?,
+        // Mask salt per row: the step (a new mask every step), or with static masks the
+        // sample's mask seed in this stage (its epoch modulo `mask_seeds`).
+        let salts: Vec<u64> = match t.mask_seeds {
+            None => vec![self.state.step; idx.len()],
+            Some(seeds) => (0..idx.len() as u64)
+                .map(|r| {
+                    let epoch = start.epoch + (start.index + r) / n as u64;
+                    ((self.state.stage as u64) << 32) | (epoch % seeds)
                 })
-            })
-            .collect()
+                .collect(),
+        };
+        let mut out = Vec::new();
+        for ((c, keys), salts) in rows
+            .chunks(t.batch_size)
+            .zip(idx.chunks(t.batch_size))
+            .zip(salts.chunks(t.batch_size))
+        {
+            let mut b = match &masking {
+                Some(m) => {
+                    let keys: Vec<u64> = keys[mine.clone()].iter().map(|&k| k as u64).collect();
+                    Batch::masked_salted(
+                        &c[mine.clone()],
+                        &keys,
+                        &salts[mine.clone()],
+                        m,
+                        &self.device,
+                    )?
+                }
+                None => Batch::from_rows(&c[mine.clone()], &self.device)?,
+            };
+            if let Some(cache) = &mut self.act_cache {
+                let names: Vec<String> = keys[mine.clone()]
+                    .iter()
+                    .zip(&salts[mine.clone()])
+                    .map(|(k, s)| format!("{s:016x}-{k}"))
+                    .collect();
+                let layer = cache.layer;
+                let model = &self.model;
+                let x = cache.inputs(
+                    &b.input,
+                    &names,
+                    |ids| model.prefix(ids, layer),
+                    &self.device,
+                )?;
+                b.prefix = Some((x, layer));
+            }
+            out.push(b);
+        }
+        Ok(out)
     }
 
     /// One optimizer step (see `step::train_step`), then EMA and bookkeeping.
