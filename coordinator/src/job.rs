@@ -119,7 +119,13 @@ pub struct Job {
     /// Random per coordinator instance: ring handshakes of a restarted coordinator's
     /// generations never match connections left over from before the restart.
     instance: u64,
+    /// A graceful stop was asked (SIGTERM): why, and when.
+    stop_requested: Option<(String, Instant)>,
 }
+
+/// How long the workers get to agree on a step and commit its checkpoint after a graceful
+/// stop was asked, before the job stops without it.
+pub const CHECKPOINT_STOP_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Job {
     pub fn new(spec: JobSpec) -> Self {
@@ -140,7 +146,26 @@ impl Job {
             tokens_total: 0,
             steps_window: None,
             instance: instance_nonce(),
+            stop_requested: None,
         }
+    }
+
+    /// Stop gracefully: the running ranks agree on a step, checkpoint it, and end their
+    /// stage; then the job stops (resumable with `--resume`). Without a running
+    /// generation the job stops at once.
+    pub fn checkpoint_and_stop(&mut self, reason: String, now: Instant) {
+        if self.phase.is_over() || self.stop_requested.is_some() {
+            return;
+        }
+        if !matches!(self.phase, Phase::Running { .. }) {
+            self.finish(Phase::Stopped(reason));
+            return;
+        }
+        self.event(format!(
+            "{reason}: asking the workers for a checkpoint, then stopping"
+        ));
+        self.broadcast(Command::Checkpoint { step: self.step });
+        self.stop_requested = Some((reason, now));
     }
 
     fn fence(&self) -> Fence {
@@ -372,7 +397,31 @@ impl Job {
             Phase::Running { ranks, done } if done.len() == ranks.len() => {
                 let step = done.values().map(|d| d.step).max().unwrap_or(0);
                 self.step = step;
-                self.finish(Phase::Finished);
+                match self.stop_requested.take() {
+                    Some((reason, _)) if step < self.spec.total_steps => {
+                        let ckpt = done
+                            .values()
+                            .find_map(|d| d.last_checkpoint.clone())
+                            .unwrap_or_else(|| "-".into());
+                        self.finish(Phase::Stopped(format!(
+                            "{reason}: stopped at step {step} with checkpoint {ckpt}; continue with --resume"
+                        )));
+                    }
+                    _ => self.finish(Phase::Finished),
+                }
+            }
+            Phase::Running { .. }
+                if self
+                    .stop_requested
+                    .as_ref()
+                    .is_some_and(|(_, at)| now.duration_since(*at) > CHECKPOINT_STOP_TIMEOUT) =>
+            {
+                let (reason, _) = self.stop_requested.take().expect("checked");
+                self.finish(Phase::Stopped(format!(
+                    "{reason}: the workers did not checkpoint within {CHECKPOINT_STOP_TIMEOUT:?}; stopped; \
+                     --resume continues from {}",
+                    self.last_checkpoint.as_deref().unwrap_or("the start")
+                )));
             }
             _ => {}
         }

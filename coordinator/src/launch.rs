@@ -60,8 +60,9 @@ pub struct LaunchSummary {
 /// Why the job did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("interrupted (Ctrl-C): the workers were stopped")]
-    Interrupted,
+    /// A signal stopped the job: `signal` (2 or 15) and what happened.
+    #[error("{message}")]
+    Interrupted { signal: i32, message: String },
     #[error("{0}")]
     Failed(String),
 }
@@ -222,17 +223,32 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         }
     }
 
-    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
-    let mut interrupted = false;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listen for SIGINT")?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listen for SIGTERM")?;
+    // The first SIGINT or SIGTERM asks for a checkpoint and a graceful stop; a second
+    // SIGINT stops at once.
+    let mut interrupted: Option<i32> = None;
     let mut seen_events = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let exe = std::env::current_exe().context("find the stackwise executable")?;
     let phase = loop {
         tokio::select! {
-            _ = &mut ctrl_c, if !interrupted => {
-                interrupted = true;
-                printer.line("launch: interrupted (Ctrl-C); stopping the workers");
-                coord.stop_job("interrupted (Ctrl-C)".into());
+            _ = sigint.recv() => {
+                if interrupted.is_some() {
+                    printer.line("launch: interrupted again; stopping the workers without a checkpoint");
+                    coord.stop_job("interrupted (Ctrl-C twice)".into());
+                } else {
+                    interrupted = Some(2);
+                    printer.line("launch: interrupted (Ctrl-C); checkpointing, then stopping (Ctrl-C again: stop now)");
+                    coord.checkpoint_and_stop("interrupted (Ctrl-C)".into());
+                }
+            }
+            _ = sigterm.recv(), if interrupted.is_none() => {
+                interrupted = Some(15);
+                printer.line("launch: SIGTERM; checkpointing, then stopping");
+                coord.checkpoint_and_stop("terminated (SIGTERM)".into());
             }
             _ = tick.tick() => {}
         }
@@ -378,7 +394,11 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
             seconds: started.elapsed().as_secs_f64(),
             tokens_per_s,
         }),
-        Phase::Stopped(_) if interrupted => Err(LaunchError::Interrupted.into()),
+        Phase::Stopped(message) if interrupted.is_some() => Err(LaunchError::Interrupted {
+            signal: interrupted.unwrap_or(2),
+            message,
+        }
+        .into()),
         Phase::Failed(m) | Phase::Stopped(m) => Err(LaunchError::Failed(m).into()),
         Phase::Waiting { .. } | Phase::Running { .. } => {
             unreachable!("loop exits only when the job is over")

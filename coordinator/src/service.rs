@@ -238,6 +238,11 @@ impl Coordinator {
         lock(&self.job).finish(Phase::Stopped(reason));
     }
 
+    /// Graceful stop: checkpoint at a step all ranks agree on, then stop.
+    pub fn checkpoint_and_stop(&self, reason: String) {
+        lock(&self.job).checkpoint_and_stop(reason, Instant::now());
+    }
+
     /// Wait until the job is over.
     pub async fn wait_over(&self) -> Phase {
         loop {

@@ -514,3 +514,60 @@ async fn tls_with_a_private_ca() {
     assert!(!answered);
     coord.shutdown(Duration::ZERO).await;
 }
+
+#[test]
+fn sigterm_checkpoints_at_a_step_all_ranks_agree_on_and_resume_ends_with_the_clean_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = dir.path().join("term.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "run: {{name: term, output: {out}, seed: 4}}
+model: {{d_model: 96, n_layers: 2, n_heads: 4, seq_len: 64}}
+data: {{path: {data}}}
+training: {{steps: 500, batch_size: 8, lr: 1.0e-3, warmup_steps: 5, eval_every: 0, checkpoint_every: 10000, log_every: 1}}
+",
+            out = dir.path().join("out").display(),
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    let launch = |extra: &[&str]| {
+        let mut c = bin();
+        c.arg("launch")
+            .arg(&cfg)
+            .args(["--workers", "2", "--no-progress"])
+            .args(extra);
+        c
+    };
+    let (mut child, rx) = common::start_until(launch(&[]), "step     10/500");
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    let rest = rest.join("\n");
+    assert_eq!(status.code(), Some(143), "{rest}");
+    assert!(rest.contains("continue with --resume"), "{rest}");
+    let ckpts = dir.path().join("out/runs/term/checkpoints");
+    let names: Vec<String> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names.len(), 1, "one checkpoint, at the agreed step: {names:?}");
+    let step: u64 = names[0].trim_start_matches("step-").parse().unwrap();
+    assert!((10..500).contains(&step), "{step}");
+
+    // Resumed, the run ends exactly where an uninterrupted one does.
+    let resumed = run(&mut launch(&["--resume"]));
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let clean = run(&mut launch(&["--set", "run.name=clean"]));
+    assert!(clean.status.success(), "{}", stderr(&clean));
+    let last = |run: &str| {
+        weights(
+            &dir.path()
+                .join(format!("out/runs/{run}/checkpoints/step-00000500/model.safetensors")),
+        )
+    };
+    assert!(last("term") == last("clean"), "resumed weights differ");
+}

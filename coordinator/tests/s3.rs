@@ -1,13 +1,12 @@
 //! Checkpoints in a real S3-compatible server (s3s-fs on 127.0.0.1), exact resume at any world
 //! size, and recovery from a killed worker and a killed coordinator, on real processes.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{KillOnDrop, bin, ok, run};
+use common::{KillOnDrop, bin, ok, run, start_until};
 
 fn dataset(dir: &Path) -> PathBuf {
     common::dataset(dir, 40_000)
@@ -330,38 +329,6 @@ fn resume_is_bitwise_and_any_world_size_sees_the_same_samples() {
 
 /// Start `cmd`, read its stderr until a line contains `marker`, and return the child with the
 /// lines read so far (the rest keeps streaming into a thread).
-fn start_until(mut cmd: Command, marker: &str) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
-    let child = KillOnDrop(child);
-    let t = Instant::now();
-    let mut seen = Vec::new();
-    loop {
-        let l = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("no {marker:?} in:\n{}", seen.join("\n")));
-        let hit = l.contains(marker);
-        seen.push(l);
-        if hit {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120));
-    }
-    (child, rx)
-}
 
 #[test]
 fn a_killed_worker_is_replaced_and_the_run_ends_with_the_same_weights() {

@@ -104,11 +104,29 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
             "coordinator for run {run_id} listening on {scheme}://{} (waiting for {} worker(s))",
             coord.addr, a.min_workers
         );
-        let phase = tokio::select! {
-            p = coord.wait_over() => p,
-            _ = tokio::signal::ctrl_c() => {
-                coord.stop_job("interrupted (Ctrl-C)".into());
-                coord.phase()
+        // SIGINT or SIGTERM: checkpoint at a step all workers agree on, then stop; a second
+        // SIGINT stops at once.
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut asked = false;
+        let phase = loop {
+            tokio::select! {
+                p = coord.wait_over() => break p,
+                _ = sigint.recv() => {
+                    if asked {
+                        coord.stop_job("interrupted (Ctrl-C twice)".into());
+                    } else {
+                        eprintln!("coordinator: interrupted; checkpointing, then stopping (Ctrl-C again: stop now)");
+                        coord.checkpoint_and_stop("interrupted (Ctrl-C)".into());
+                        asked = true;
+                    }
+                }
+                _ = sigterm.recv(), if !asked => {
+                    eprintln!("coordinator: SIGTERM; checkpointing, then stopping");
+                    coord.checkpoint_and_stop("terminated (SIGTERM)".into());
+                    asked = true;
+                }
             }
         };
         let status = coord.status();
@@ -253,9 +271,9 @@ pub fn run_launch(a: LaunchArgs) -> Result<()> {
             Ok(())
         }
         Err(e) => {
-            if let Some(LaunchError::Interrupted) = e.downcast_ref::<LaunchError>() {
-                eprintln!("error: {e}");
-                std::process::exit(130);
+            if let Some(LaunchError::Interrupted { signal, .. }) = e.downcast_ref::<LaunchError>() {
+                eprintln!("stopped: {e}");
+                std::process::exit(128 + signal);
             }
             Err(e)
         }

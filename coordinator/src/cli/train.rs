@@ -29,6 +29,47 @@ pub struct TrainArgs {
 
 pub use stackwise_coordinator::spec::load_config;
 
+/// The first SIGINT or SIGTERM makes the trainer checkpoint after its current step and
+/// stop; a second SIGINT exits at once. Returns the signal number once one arrived.
+fn stop_on_signals(trainer: &mut Trainer) -> Result<std::sync::Arc<std::sync::atomic::AtomicI32>> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    use tokio::signal::unix::{SignalKind, signal};
+    let flag = Arc::new(AtomicBool::new(false));
+    let which = Arc::new(AtomicI32::new(0));
+    trainer.set_stop_request(flag.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (f, w) = (flag, which.clone());
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let (Ok(mut int), Ok(mut term)) =
+                    (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+                else {
+                    return;
+                };
+                loop {
+                    let sig = tokio::select! {
+                        _ = int.recv() => 2,
+                        _ = term.recv() => 15,
+                    };
+                    if f.swap(true, Ordering::SeqCst) && sig == 2 {
+                        eprintln!("interrupted again: exiting without a checkpoint");
+                        std::process::exit(130);
+                    }
+                    w.store(sig, Ordering::SeqCst);
+                    eprintln!(
+                        "signal {sig}: checkpointing after this step, then stopping (Ctrl-C again: exit now)"
+                    );
+                }
+            })
+        })?;
+    Ok(which)
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = load_config(&a.config, &a.sets)?;
     let plan = stackwise_coordinator::plan::plan_config(&cfg)?;
@@ -40,7 +81,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         plan: Some(plan),
     };
     let mut trainer = Trainer::new(cfg, &opts)?;
+    let signal = stop_on_signals(&mut trainer)?;
     let summary = trainer.run(&opts)?;
+    if summary.stopped_on_request {
+        eprintln!(
+            "stopped: signal {} at step {}; checkpoint {}; continue with --resume",
+            signal.load(std::sync::atomic::Ordering::SeqCst),
+            summary.step,
+            summary.last_checkpoint.as_deref().unwrap_or("-")
+        );
+        std::process::exit(128 + signal.load(std::sync::atomic::Ordering::SeqCst));
+    }
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {

@@ -3,8 +3,10 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_stackwise"));
@@ -53,4 +55,39 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Start `cmd` and wait (up to 2 minutes) for a stderr line containing `marker`; the rest
+/// of stderr keeps coming on the returned channel.
+pub fn start_until(mut cmd: Command, marker: &str) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let child = KillOnDrop(child);
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no {marker:?} in:\n{}", seen.join("\n")));
+        let hit = l.contains(marker);
+        seen.push(l);
+        if hit {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120));
+    }
+    (child, rx)
 }

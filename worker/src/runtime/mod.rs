@@ -159,6 +159,8 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
 /// The stage running on this worker's training thread.
 struct Work {
     abort: Arc<AtomicBool>,
+    /// Checkpoint and stop at the next step all ranks agree on (the coordinator asked).
+    stop_request: Arc<AtomicBool>,
     ring: Arc<Mutex<Option<RingAbort>>>,
     nccl: std::sync::mpsc::Sender<Vec<u8>>,
     thread: std::thread::JoinHandle<()>,
@@ -292,10 +294,13 @@ async fn session(
             }
             Command::Shutdown { reason } => break Ok(reason),
             Command::Checkpoint { step } => {
-                tracing::debug!(
+                tracing::info!(
                     step,
-                    "checkpoint request (checkpoints follow training.checkpoint_every)"
+                    "the coordinator asks for a checkpoint and a stop; all ranks stop after the same step"
                 );
+                if let Some(w) = &work {
+                    w.stop_request.store(true, Ordering::SeqCst);
+                }
             }
             Command::NcclId(id) => {
                 if let Some(w) = &work {
@@ -321,10 +326,11 @@ fn start(
     step: Arc<AtomicU64>,
 ) -> Work {
     let abort = Arc::new(AtomicBool::new(false));
+    let stop_request = Arc::new(AtomicBool::new(false));
     let ring: Arc<Mutex<Option<RingAbort>>> = Arc::default();
     let (nccl, nccl_rx) = std::sync::mpsc::channel();
     let thread = {
-        let (abort, ring) = (abort.clone(), ring.clone());
+        let (abort, ring, stop_request) = (abort.clone(), ring.clone(), stop_request.clone());
         let report: Arc<ReportFn> = Arc::new(report);
         std::thread::Builder::new()
             .name(format!("train-rank{}", rs.rank))
@@ -339,6 +345,7 @@ fn start(
                     &device,
                     &listener,
                     &abort,
+                    &stop_request,
                     &ring,
                     &nccl_rx,
                     &send,
@@ -378,6 +385,7 @@ fn start(
     };
     Work {
         abort,
+        stop_request,
         ring,
         nccl,
         thread,
@@ -391,6 +399,7 @@ fn run_stage(
     device: &str,
     listener: &RingListener,
     abort: &Arc<AtomicBool>,
+    stop_request: &Arc<AtomicBool>,
     ring_slot: &Mutex<Option<RingAbort>>,
     nccl_rx: &std::sync::mpsc::Receiver<Vec<u8>>,
     send: &dyn Fn(Report),
@@ -434,6 +443,7 @@ fn run_stage(
     };
     let mut trainer = Trainer::with_comm(cfg, &opts, comm)?;
     trainer.set_abort(abort.clone());
+    trainer.set_stop_request(stop_request.clone());
     trainer.set_observer(observer);
     let s = trainer.run(&opts)?;
     Ok(StageDone {

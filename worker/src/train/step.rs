@@ -27,6 +27,8 @@ pub struct StepStats {
     /// Tokens this rank processed.
     pub tokens: usize,
     pub skipped: bool,
+    /// Some rank voted to stop after this step (every rank sees the same answer).
+    pub stop: bool,
 }
 
 /// Loss, global target count and gradients (by parameter name) of `batches` on this rank,
@@ -37,6 +39,20 @@ pub fn gradients(
     batches: &[Batch],
     comm: &mut dyn Comm,
 ) -> Result<(f64, f64, HashMap<String, Tensor>)> {
+    let (loss, weight, grads, _) = gradients_voting(model, params, batches, comm, false)?;
+    Ok((loss, weight, grads))
+}
+
+/// `gradients`, plus a vote carried in the gradients' last bucket: the returned flag is set
+/// on every rank when any rank voted `stop` (a checkpoint-and-stop request reaches the ranks
+/// at different steps; the vote makes them stop at the same one).
+pub fn gradients_voting(
+    model: &Transformer,
+    params: &Params,
+    batches: &[Batch],
+    comm: &mut dyn Comm,
+    stop: bool,
+) -> Result<(f64, f64, HashMap<String, Tensor>, bool)> {
     let local_weight: f64 = batches
         .iter()
         .map(Batch::weight)
@@ -52,7 +68,11 @@ pub fn gradients(
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss = 0f64;
     if total_weight == 0.0 {
-        return Ok((0.0, 0.0, grads));
+        let mut v = [f32::from(u8::from(stop))];
+        if comm.world_size() > 1 {
+            comm.all_reduce_sum(&mut v)?;
+        }
+        return Ok((0.0, 0.0, grads, v[0] > 0.0));
     }
     for b in batches {
         let l = (nll_sum(model, b)? / total_weight)?;
@@ -68,21 +88,23 @@ pub fn gradients(
             }
         }
     }
+    let mut agreed = stop;
     if comm.world_size() > 1 {
-        loss = all_reduce_gradients(params, &mut grads, loss, comm)?;
+        (loss, agreed) = all_reduce_gradients(params, &mut grads, loss, stop, comm)?;
     }
-    Ok((loss, total_weight, grads))
+    Ok((loss, total_weight, grads, agreed))
 }
 
 /// Sum `grads` (and the scalar `loss`) over all ranks, packed into buckets of about
-/// `BUCKET_FLOATS` in parameter order; the loss rides in the last bucket. A parameter
-/// without a gradient on this rank contributes zeros.
+/// `BUCKET_FLOATS` in parameter order; the loss and the stop vote ride in the last bucket.
+/// A parameter without a gradient on this rank contributes zeros.
 fn all_reduce_gradients(
     params: &Params,
     grads: &mut HashMap<String, Tensor>,
     loss: f64,
+    stop: bool,
     comm: &mut dyn Comm,
-) -> Result<f64> {
+) -> Result<(f64, bool)> {
     let vars: Vec<(&String, &Tensor)> = params
         .vars
         .iter()
@@ -102,6 +124,7 @@ fn all_reduce_gradients(
     }
     let last = buckets.len() - 1;
     let mut total_loss = loss;
+    let mut agreed = stop;
     let mut buf: Vec<f32> = Vec::new();
     for (b, range) in buckets.into_iter().enumerate() {
         buf.clear();
@@ -113,9 +136,11 @@ fn all_reduce_gradients(
         }
         if b == last {
             buf.push(loss as f32);
+            buf.push(f32::from(u8::from(stop)));
         }
         comm.all_reduce_sum(&mut buf)?;
         if b == last {
+            agreed = buf.pop().expect("vote slot") > 0.0;
             total_loss = buf.pop().expect("loss slot") as f64;
         }
         let mut off = 0;
@@ -126,7 +151,7 @@ fn all_reduce_gradients(
             off += n;
         }
     }
-    Ok(total_loss)
+    Ok((total_loss, agreed))
 }
 
 /// Gradients, clipping and the AdamW update with learning rate `lr`. The skip decision is
@@ -140,8 +165,23 @@ pub fn train_step(
     lr: f64,
     comm: &mut dyn Comm,
 ) -> Result<StepStats> {
+    train_step_voting(model, params, opt, batches, grad_clip, lr, comm, false)
+}
+
+/// `train_step` with a stop vote (see `gradients_voting`).
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_voting(
+    model: &Transformer,
+    params: &Params,
+    opt: &mut AdamW,
+    batches: &[Batch],
+    grad_clip: Option<f64>,
+    lr: f64,
+    comm: &mut dyn Comm,
+    stop: bool,
+) -> Result<StepStats> {
     let tokens = batches.iter().map(Batch::tokens).sum();
-    let (loss, weight, mut grads) = gradients(model, params, batches, comm)?;
+    let (loss, weight, mut grads, stop) = gradients_voting(model, params, batches, comm, stop)?;
     let grad_norm = clip_grad_norm(&mut grads, grad_clip)?;
     let skipped = weight == 0.0 || !loss.is_finite() || !grad_norm.is_finite();
     if !skipped {
@@ -152,5 +192,6 @@ pub fn train_step(
         grad_norm,
         tokens,
         skipped,
+        stop,
     })
 }

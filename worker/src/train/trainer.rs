@@ -79,6 +79,8 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<String>,
     pub tokens_per_s: f64,
     pub stopped_early: bool,
+    /// Stopped with a checkpoint because a stop was requested (SIGTERM, the coordinator).
+    pub stopped_on_request: bool,
 }
 
 pub struct Trainer {
@@ -115,6 +117,7 @@ pub struct Trainer {
     pending_save: Option<(u64, std::thread::JoinHandle<Result<String>>)>,
     stall_seconds: f64,
     act_cache: Option<ActivationCache>,
+    stop_request: Option<Arc<AtomicBool>>,
 }
 
 impl Drop for Trainer {
@@ -364,6 +367,7 @@ impl Trainer {
             pending_save: None,
             stall_seconds: 0.0,
             act_cache: None,
+            stop_request: None,
         };
         let existing = trainer.ckpt.list_names()?;
         let resume_from = if let Some(name) = &opts.resume_from {
@@ -637,6 +641,12 @@ impl Trainer {
         self.observer = Some(f);
     }
 
+    /// Once `flag` is set on any rank, every rank checkpoints after the same step and `run`
+    /// returns early (`TrainSummary::stopped_on_request`): a graceful stop, e.g. on SIGTERM.
+    pub fn set_stop_request(&mut self, flag: Arc<AtomicBool>) {
+        self.stop_request = Some(flag);
+    }
+
     /// Stop at the next step boundary once `flag` is set (`run` returns `Aborted`).
     pub fn set_abort(&mut self, flag: Arc<AtomicBool>) {
         self.abort = Some(flag);
@@ -735,7 +745,11 @@ impl Trainer {
     /// One optimizer step (see `step::train_step`), then EMA and bookkeeping.
     fn train_step(&mut self, lr: f64) -> Result<StepStats> {
         let batches = self.micro_batches()?;
-        let stats = step::train_step(
+        let vote = self
+            .stop_request
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        let stats = step::train_step_voting(
             &self.model,
             &self.params,
             &mut self.opt,
@@ -743,6 +757,7 @@ impl Trainer {
             self.cfg.training.grad_clip,
             lr,
             self.comm.as_mut(),
+            vote,
         )?;
         if stats.skipped {
             self.state.skipped_steps += 1;
@@ -948,7 +963,8 @@ impl Trainer {
         let (mut window_tokens, mut window_start) = (0usize, Instant::now());
         let mut last_loss = None;
         let mut total_tokens = 0usize;
-        while self.state.step < stop_at && !self.state.stopped_early {
+        let mut stop_requested = false;
+        while self.state.step < stop_at && !self.state.stopped_early && !stop_requested {
             if self
                 .abort
                 .as_ref()
@@ -1003,6 +1019,9 @@ impl Trainer {
                 .schedule
                 .at(self.state.step - self.plan.stage_start(self.state.stage));
             let stats = self.train_step(lr)?;
+            if stats.stop {
+                stop_requested = true;
+            }
             window_tokens += stats.tokens;
             total_tokens += stats.tokens;
             last_loss = Some(stats.loss);
@@ -1018,6 +1037,7 @@ impl Trainer {
                 || step == stop_at
                 || step == stage_end
                 || self.state.stopped_early
+                || stop_requested
             {
                 self.save_checkpoint()?;
             }
@@ -1087,6 +1107,13 @@ impl Trainer {
         }
         self.wait_pending_save()?;
         rep.finish();
+        if stop_requested {
+            rep.line(&format!(
+                "stopped on request at step {} with checkpoint {}; continue with --resume",
+                self.state.step,
+                self.last_checkpoint.as_deref().unwrap_or("-")
+            ));
+        }
         if self.state.stopped_early {
             rep.line(&format!(
                 "early stopping at step {}: no better validation loss in {} evaluations",
@@ -1102,6 +1129,7 @@ impl Trainer {
             last_checkpoint: self.last_checkpoint.clone(),
             tokens_per_s: total_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
             stopped_early: self.state.stopped_early,
+            stopped_on_request: stop_requested,
         })
     }
 
