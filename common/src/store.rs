@@ -61,6 +61,55 @@ where
 const MULTIPART_THRESHOLD: usize = 32 << 20;
 const PART_BYTES: usize = 16 << 20;
 
+/// S3 settings from a config file's `storage:` section; they take precedence over the
+/// `AWS_*` environment. The secret is never printed (`Debug` redacts it).
+#[derive(Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Settings {
+    /// e.g. `http://127.0.0.1:9000` (plain http is allowed for such endpoints).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Read the secret from this environment variable instead of the file.
+    pub secret_access_key_env: Option<String>,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("secret_access_key_env", &self.secret_access_key_env)
+            .finish()
+    }
+}
+
+impl S3Settings {
+    /// A copy safe to write where others can read it (the secret replaced).
+    pub fn redacted(&self) -> Self {
+        Self {
+            secret_access_key: self
+                .secret_access_key
+                .as_ref()
+                .map(|_| "<redacted>".to_string()),
+            ..self.clone()
+        }
+    }
+}
+
+static S3_SETTINGS: std::sync::RwLock<Option<S3Settings>> = std::sync::RwLock::new(None);
+
+/// Use `settings` for every `s3://` store this process opens from now on.
+pub fn configure_s3(settings: Option<S3Settings>) {
+    *S3_SETTINGS.write().unwrap_or_else(|p| p.into_inner()) = settings;
+}
+
 /// A store plus a prefix inside it; all paths given to its methods are relative to the prefix.
 #[derive(Clone)]
 pub struct Store {
@@ -118,18 +167,51 @@ impl Store {
             return Err(bad("no bucket: use s3://bucket/prefix".into()));
         }
         let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
-        let endpoint = std::env::var("AWS_ENDPOINT_URL")
-            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+        let cfg = S3_SETTINGS
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
             .unwrap_or_default();
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| env("AWS_ENDPOINT"))
+            .unwrap_or_default();
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e);
+        }
         if endpoint.starts_with("http://") {
             b = b.with_allow_http(true);
         }
-        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
-            b = b.with_region("us-east-1");
+        match cfg.region.clone() {
+            Some(r) => b = b.with_region(r),
+            None if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() => {
+                b = b.with_region("us-east-1")
+            }
+            None => {}
         }
-        if std::env::var("AWS_ACCESS_KEY_ID").is_err() && !endpoint.is_empty() {
+        let secret = match (&cfg.secret_access_key, &cfg.secret_access_key_env) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(var)) => Some(env(var).ok_or_else(|| {
+                bad(format!(
+                    "storage.secret_access_key_env names {var}, which is not set"
+                ))
+            })?),
+            (None, None) => None,
+        };
+        if let Some(k) = &cfg.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(s) = secret {
+            b = b.with_secret_access_key(s);
+        }
+        if cfg.access_key_id.is_none() && env("AWS_ACCESS_KEY_ID").is_none() && !endpoint.is_empty()
+        {
             return Err(bad(
-                "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the endpoint"
+                "no credentials: set storage.access_key_id and storage.secret_access_key in the config, \
+                 or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, for the endpoint"
                     .into(),
             ));
         }

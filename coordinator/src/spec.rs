@@ -30,6 +30,9 @@ pub fn load_config(path: &Path, sets: &[String]) -> Result<TrainConfig> {
     apply_sets(&mut raw, sets)?;
     let mut cfg: TrainConfig = serde_yaml::from_value(raw)
         .with_context(|| format!("invalid config {}", path.display()))?;
+    if cfg.storage.is_some() {
+        stackwise_common::store::configure_s3(cfg.storage.clone());
+    }
     if cfg.run.name == "run" {
         // Default run name: the config file's stem.
         cfg.run.name = path

@@ -554,7 +554,11 @@ training: {{steps: 500, batch_size: 8, lr: 1.0e-3, warmup_steps: 5, eval_every: 
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
-    assert_eq!(names.len(), 1, "one checkpoint, at the agreed step: {names:?}");
+    assert_eq!(
+        names.len(),
+        1,
+        "one checkpoint, at the agreed step: {names:?}"
+    );
     let step: u64 = names[0].trim_start_matches("step-").parse().unwrap();
     assert!((10..500).contains(&step), "{step}");
 
@@ -564,10 +568,9 @@ training: {{steps: 500, batch_size: 8, lr: 1.0e-3, warmup_steps: 5, eval_every: 
     let clean = run(&mut launch(&["--set", "run.name=clean"]));
     assert!(clean.status.success(), "{}", stderr(&clean));
     let last = |run: &str| {
-        weights(
-            &dir.path()
-                .join(format!("out/runs/{run}/checkpoints/step-00000500/model.safetensors")),
-        )
+        weights(&dir.path().join(format!(
+            "out/runs/{run}/checkpoints/step-00000500/model.safetensors"
+        )))
     };
     assert!(last("term") == last("clean"), "resumed weights differ");
 }

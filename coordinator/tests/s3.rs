@@ -514,3 +514,41 @@ fn an_s3_outage_during_training_is_retried_and_the_run_completes() {
         "an outage must not change the result"
     );
 }
+
+#[test]
+fn credentials_from_the_config_without_any_aws_environment() {
+    let s3 = S3::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = config(dir.path(), &data, "s3://bucket/cfgcreds", 3, 3);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "storage: {{endpoint: \"http://127.0.0.1:{}\", region: us-east-1, access_key_id: {KEY}, secret_access_key: {SECRET}}}\n",
+        s3.port
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let mut c = launch(&cfg, 2, &[]);
+    for k in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+    ] {
+        c.env_remove(k);
+    }
+    let o = ok(&mut c);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains(SECRET), "the secret was printed: {err}");
+    assert!(
+        s3.file("cfgcreds/runs/job/checkpoints/step-00000003/MANIFEST.json")
+            .exists()
+    );
+    // The config kept with the run has the secret redacted.
+    let stored = std::fs::read_to_string(s3.file("cfgcreds/runs/job/config.yaml")).unwrap();
+    assert!(
+        stored.contains("<redacted>") && !stored.contains(SECRET),
+        "{stored}"
+    );
+}

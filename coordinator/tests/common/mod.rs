@@ -59,7 +59,10 @@ impl Drop for KillOnDrop {
 
 /// Start `cmd` and wait (up to 2 minutes) for a stderr line containing `marker`; the rest
 /// of stderr keeps coming on the returned channel.
-pub fn start_until(mut cmd: Command, marker: &str) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+pub fn start_until(
+    mut cmd: Command,
+    marker: &str,
+) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
     let mut child = cmd
         .stdin(Stdio::null())
         .stderr(Stdio::piped())

@@ -95,6 +95,9 @@ pub struct TrainConfig {
     pub data: DataSection,
     #[serde(default)]
     pub training: TrainingSection,
+    /// S3 endpoint, region and credentials for `s3://` URIs (over the `AWS_*` environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<stackwise_common::store::S3Settings>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -222,6 +222,9 @@ impl Trainer {
                 cfg.training.batch_size
             );
         }
+        if cfg.storage.is_some() {
+            stackwise_common::store::configure_s3(cfg.storage.clone());
+        }
         let device = device_from(&cfg.run.device)?;
         let data_store = Store::open(&cfg.data.path)?;
         let (index, mut tok) = TokenIndex::open(&data_store)?;
@@ -400,7 +403,9 @@ impl Trainer {
             }
         }
         if trainer.is_leader() {
-            let resolved = serde_yaml::to_string(&trainer.cfg).context("serialize config")?;
+            let mut shown = trainer.cfg.clone();
+            shown.storage = shown.storage.map(|s| s.redacted());
+            let resolved = serde_yaml::to_string(&shown).context("serialize config")?;
             trainer.run.put("config.yaml", Bytes::from(resolved))?;
             trainer.run.put(
                 "plan.json",
