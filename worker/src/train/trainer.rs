@@ -996,7 +996,10 @@ impl Trainer {
                     s.steps
                 ));
             }
-            if t.eval_every > 0 && self.state.step == self.plan.stage_start(self.state.stage) {
+            if t.eval_every > 0
+                && self.plan.stages.len() > 1
+                && self.state.step == self.plan.stage_start(self.state.stage)
+            {
                 // Where the stage starts from: its objective (mask fraction) on the model
                 // before its first step.
                 if let Some(v) = self.evaluate()? {
