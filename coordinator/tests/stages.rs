@@ -318,3 +318,44 @@ fn the_activation_cache_gives_the_same_training_and_hits_after_the_first_epoch()
             .exists()
     );
 }
+
+fn checkpoint_tensor(out: &Path, step: u64, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(out.join(format!(
+        "runs/st/checkpoints/step-{step:08}/model.safetensors"
+    )))
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_later_stage_unfreezes_from_the_full_precision_backup_not_the_quantized_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 20_000);
+    let out = dir.path().join("out");
+    // Blocks of one layer, NF4 backbone; then a full fine-tune whose learning rate is too
+    // small to move any weight, so its checkpoint shows where the unfrozen weights came from.
+    let cfg = config(
+        &out,
+        &data,
+        "mode: fused, total_blocks: 3, block_size: 1, steps_per_stage: 2, objective: diffusion, \
+         quantization_type: nf4, keep_last: 10, \
+         finetune: [{objective: clm, steps: 1, lr: 1.0e-30}]",
+    );
+    let mut t = trainer(cfg, &RunOptions::default());
+    assert_eq!(t.run(&RunOptions::default()).unwrap().step, 7);
+    let name = "transformer.h.0.mlp.c_fc.weight";
+    let trained = checkpoint_tensor(&out, 2, name); // end of block 0, before quantizing
+    let quantized = checkpoint_tensor(&out, 6, name); // as used while frozen (NF4)
+    let unfrozen = checkpoint_tensor(&out, 7, name); // the fine-tune stage
+    assert_ne!(trained, quantized);
+    assert!(
+        unfrozen == trained,
+        "unfrozen from the rounded values, not the backup"
+    );
+}
