@@ -180,7 +180,91 @@ fn resume_in_the_middle_of_stage_2_of_3_is_exact() {
         .iter()
         .filter_map(|f| f["object"].as_str())
         .collect();
-    assert_eq!(refs, vec!["backups/stage-02/model.safetensors"]);
+    assert_eq!(
+        refs,
+        vec![
+            "backups/stage-02/model.safetensors",
+            "frozen/stage-02/frozen.safetensors"
+        ]
+    );
+    let frozen = |out: &Path| {
+        std::fs::read(out.join("runs/st/checkpoints/frozen/stage-02/frozen.safetensors")).unwrap()
+    };
+    assert!(frozen(&straight_out) == frozen(&resumed_out));
+}
+
+#[test]
+fn frozen_tensors_are_written_once_per_stage_and_export_makes_a_standalone_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 20_000);
+    let out = dir.path().join("out");
+    let mut cfg = config(
+        &out,
+        &data,
+        "mode: layerwise, steps_per_stage: 4, objective: diffusion, keep_last: 20",
+    );
+    cfg.training.checkpoint_every = 1;
+    let mut t = trainer(cfg, &RunOptions::default());
+    t.run(&RunOptions::default()).unwrap();
+    let ck = out.join("runs/st/checkpoints");
+    let manifest = |step: u64| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::fs::read(ck.join(format!("step-{step:08}/MANIFEST.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    // Steps 9-12 are stage 2 (layer 2 on frozen layers 0-1): each references one object.
+    for step in 9..=12 {
+        let m = manifest(step);
+        let frozen: Vec<&serde_json::Value> = m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["path"] == "frozen.safetensors")
+            .collect();
+        assert_eq!(frozen.len(), 1, "step {step}");
+        assert_eq!(frozen[0]["object"], "frozen/stage-02/frozen.safetensors");
+        assert!(
+            !ck.join(format!("step-{step:08}/frozen.safetensors"))
+                .exists()
+        );
+        let own = std::fs::read(ck.join(format!("step-{step:08}/model.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&own).unwrap();
+        assert!(
+            st.names()
+                .iter()
+                .all(|n| !n.starts_with("transformer.h.0.")),
+            "step {step}"
+        );
+    }
+    let v = common::run(bin().args(["ckpt", "verify"]).arg(ck.join("step-00000012")));
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    // export: one standalone folder with every tensor, which generate loads as it is.
+    let exported = dir.path().join("exported");
+    ok(bin()
+        .args(["ckpt", "export"])
+        .arg(ck.join("step-00000012"))
+        .arg(&exported));
+    let bytes = std::fs::read(exported.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.names().iter().any(|n| n.starts_with("transformer.h.0.")));
+    assert!(st.names().iter().any(|n| n.starts_with("transformer.h.2.")));
+    ok(bin().args(["generate", "--model"]).arg(&exported).args([
+        "--prompt",
+        "A",
+        "--max-new-tokens",
+        "4",
+    ]));
+    // A corrupted shared object fails the verification of the checkpoints that use it.
+    let shared = ck.join("frozen/stage-02/frozen.safetensors");
+    let mut b = std::fs::read(&shared).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    std::fs::write(&shared, b).unwrap();
+    let o = common::run(bin().args(["ckpt", "verify"]).arg(ck.join("step-00000010")));
+    assert!(!o.status.success());
+    let listing = String::from_utf8_lossy(&o.stdout);
+    assert!(listing.contains("frozen.safetensors"), "{listing}");
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
@@ -319,18 +403,32 @@ fn the_activation_cache_gives_the_same_training_and_hits_after_the_first_epoch()
     );
 }
 
+/// Tensor `name` of a checkpoint: from its own model.safetensors or its stage's shared
+/// frozen tensors.
 fn checkpoint_tensor(out: &Path, step: u64, name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(out.join(format!(
-        "runs/st/checkpoints/step-{step:08}/model.safetensors"
-    )))
+    let ck = out.join("runs/st/checkpoints");
+    let mut files = vec![ck.join(format!("step-{step:08}/model.safetensors"))];
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ck.join(format!("step-{step:08}/MANIFEST.json"))).unwrap(),
+    )
     .unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    for f in m["files"].as_array().unwrap() {
+        if f["path"] == "frozen.safetensors" {
+            files.push(ck.join(f["object"].as_str().unwrap()));
+        }
+    }
+    for file in files {
+        let bytes = std::fs::read(file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        if let Ok(t) = st.tensor(name) {
+            return t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+        }
+    }
+    panic!("checkpoint {step} has no {name}")
 }
 
 #[test]

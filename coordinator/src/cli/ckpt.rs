@@ -19,6 +19,18 @@ pub enum CkptCommand {
     },
     /// Check every file of a checkpoint (or of every checkpoint of a run) against its manifest.
     Verify { uri: String },
+    /// Write a checkpoint (or a run's newest valid one) as a standalone Hugging Face folder:
+    /// model.safetensors with every tensor (a stage's shared frozen tensors included),
+    /// config.json, tokenizer.json.
+    Export {
+        /// A checkpoint or run URI (path, file://, s3://).
+        uri: String,
+        /// Output folder.
+        out: std::path::PathBuf,
+        /// Export the EMA weights when the checkpoint has them.
+        #[arg(long)]
+        ema: bool,
+    },
 }
 
 /// `(run, Some(checkpoint name))` for a checkpoint URI, `(run, None)` otherwise.
@@ -51,7 +63,43 @@ pub fn run(c: CkptCommand) -> Result<()> {
         CkptCommand::Ls { uri } => ls(&uri),
         CkptCommand::Inspect { uri } => inspect(&uri),
         CkptCommand::Verify { uri } => verify(&uri),
+        CkptCommand::Export { uri, out, ema } => export(&uri, &out, ema),
     }
+}
+
+fn export(uri: &str, out: &std::path::Path, ema: bool) -> Result<()> {
+    let (run_uri, name) = split(uri);
+    let c = CheckpointStore::new(&Store::open(&run_uri)?);
+    let ck = match name {
+        Some(n) => c.load(&n)?,
+        None => c
+            .load_latest()?
+            .with_context(|| format!("{uri}: no checkpoint with a valid manifest"))?,
+    };
+    let device = candle_core::Device::Cpu;
+    let weights = super::model_source::checkpoint_weights(&ck, ema, &device)?;
+    let sorted: std::collections::BTreeMap<String, candle_core::Tensor> =
+        weights.into_iter().collect();
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let hf = stackwise_worker::models::hf::write_atomic;
+    hf(
+        &out.join("model.safetensors"),
+        &stackwise_worker::models::hf::params_to_safetensors(&sorted)?,
+    )?;
+    for f in ["config.json", "tokenizer.json"] {
+        let bytes = ck
+            .files
+            .get(f)
+            .with_context(|| format!("checkpoint {} has no {f}", ck.name))?;
+        hf(&out.join(f), bytes)?;
+    }
+    println!(
+        "exported {run_uri}/checkpoints/{} ({} tensors) to {}",
+        ck.name,
+        sorted.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn ls(uri: &str) -> Result<()> {

@@ -30,4 +30,7 @@ pub struct TrainerState {
     /// quantized), referenced by each of its checkpoints.
     #[serde(default)]
     pub backup: Option<ManifestEntry>,
+    /// The current stage's frozen tensors, written once and referenced by its checkpoints.
+    #[serde(default)]
+    pub frozen_shared: Option<ManifestEntry>,
 }

@@ -64,6 +64,12 @@ pub enum TrainEvent {
     },
 }
 
+/// A committed checkpoint, and the shared frozen-tensor object it wrote (first of a stage).
+struct SavedCheckpoint {
+    name: String,
+    frozen: Option<stackwise_common::checkpoint::ManifestEntry>,
+}
+
 /// The training was stopped from outside (`Trainer::set_abort`).
 #[derive(Debug, thiserror::Error)]
 #[error("training aborted")]
@@ -114,7 +120,7 @@ pub struct Trainer {
     comm: Box<dyn Comm>,
     observer: Option<Box<dyn FnMut(TrainEvent) + Send>>,
     abort: Option<Arc<AtomicBool>>,
-    pending_save: Option<(u64, std::thread::JoinHandle<Result<String>>)>,
+    pending_save: Option<(u64, std::thread::JoinHandle<Result<SavedCheckpoint>>)>,
     stall_seconds: f64,
     act_cache: Option<ActivationCache>,
     stop_request: Option<Arc<AtomicBool>>,
@@ -334,6 +340,7 @@ impl Trainer {
             stopped_early: false,
             stage: 0,
             backup: None,
+            frozen_shared: None,
         };
         let pad_id = tok.eos_id().unwrap_or(0);
         // Filled by `enter_stage`.
@@ -440,6 +447,9 @@ impl Trainer {
         }
         let mut weights = self.initial.clone();
         weights.extend(load("model.safetensors")?);
+        if c.files.contains_key("frozen.safetensors") {
+            weights.extend(load("frozen.safetensors")?);
+        }
         self.state = TrainerState {
             schedule: stage_schedule(&self.cfg, &self.plan.stages[state.stage]),
             ..state
@@ -604,9 +614,12 @@ impl Trainer {
 
     /// Move on to the next stage of the plan.
     fn next_stage(&mut self) -> Result<()> {
+        // The boundary checkpoint belongs to the stage that ends.
+        self.wait_pending_save()?;
         let weights = self.full_weights()?;
         self.state.stage += 1;
         self.state.backup = None;
+        self.state.frozen_shared = None;
         self.state.schedule = stage_schedule(&self.cfg, &self.plan.stages[self.state.stage]);
         self.enter_stage(weights)
     }
@@ -853,10 +866,23 @@ impl Trainer {
         }
         self.wait_pending_save()?;
         let staged = Instant::now();
-        // The active layers' weights (frozen ones as they are used, dequantized), and a
-        // config.json for exactly that model, so `generate` and `eval` load any checkpoint.
-        let mut weights = self.params.snapshot();
-        weights.extend(self.frozen.tensors()?);
+        // The trainable weights, and a config.json for exactly the active layers. The frozen
+        // tensors (as they are used, dequantized) do not change during a stage: they are
+        // written once per stage as a shared `frozen.safetensors` that each checkpoint of the
+        // stage references in its manifest (`stackwise ckpt export` makes a standalone folder).
+        let weights = self.params.snapshot();
+        let mut refs: Vec<_> = self.state.backup.iter().cloned().collect();
+        let mut frozen_upload: Option<(String, Bytes)> = None;
+        if !self.frozen.plain.is_empty() || !self.frozen.stored.is_empty() {
+            match &self.state.frozen_shared {
+                Some(entry) => refs.push(entry.clone()),
+                None => {
+                    let object = format!("frozen/stage-{:02}/frozen.safetensors", self.state.stage);
+                    let bytes = hf::params_to_safetensors(&self.frozen.tensors()?)?;
+                    frozen_upload = Some((object, Bytes::from(bytes)));
+                }
+            }
+        }
         let mut model_cfg = self.model.cfg.clone();
         model_cfg.n_layers = self.model.active_layers();
         let mut files: Vec<(String, Bytes)> = vec![
@@ -888,19 +914,27 @@ impl Trainer {
             val_loss: self.state.last_val_loss,
             stage: Some(format!("{}: {}", self.state.stage, self.stage().name)),
         };
-        let refs: Vec<_> = self.state.backup.iter().cloned().collect();
         let step = self.state.step;
         let name = stackwise_common::checkpoint::step_dir(step);
         let (ckpt, keep) = (self.ckpt.clone(), self.cfg.training.keep_last);
         let handle = std::thread::Builder::new()
             .name(format!("upload-{name}"))
-            .spawn(move || -> Result<String> {
+            .spawn(move || -> Result<SavedCheckpoint> {
+                // The shared frozen tensors are committed before any manifest names them.
+                let frozen = match frozen_upload {
+                    Some((object, bytes)) => {
+                        let entry = ckpt.put_shared(&object, "frozen.safetensors", bytes)?;
+                        refs.push(entry.clone());
+                        Some(entry)
+                    }
+                    None => None,
+                };
                 let name = ckpt.save_with_refs(step, meta, files, refs)?;
                 let dropped = ckpt.apply_retention(keep)?;
                 if !dropped.is_empty() {
                     tracing::debug!(?dropped, "retention removed old checkpoints");
                 }
-                Ok(name)
+                Ok(SavedCheckpoint { name, frozen })
             })
             .context("start the checkpoint upload thread")?;
         self.stall_seconds += staged.elapsed().as_secs_f64();
@@ -915,7 +949,12 @@ impl Trainer {
             return Ok(());
         };
         let name = match handle.join() {
-            Ok(Ok(name)) => name,
+            Ok(Ok(saved)) => {
+                if saved.frozen.is_some() {
+                    self.state.frozen_shared = saved.frozen;
+                }
+                saved.name
+            }
             Ok(Err(e)) => {
                 return Err(e.context(format!(
                     "checkpoint at step {step} could not be written to {}; the last complete checkpoint is {}",
