@@ -6,10 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-2}"
-venv=bench/.venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
-  python3 -m venv "$venv" && "$venv/bin/pip" install --quiet torch transformers
-fi
+source bench/venv.sh
 [ -x target/s3s/bin/s3s-fs ] || cargo install s3s-fs@0.14.1 --features binary --locked --root target/s3s
 cargo build --release --quiet -p stackwise-bench --bin ckpt_bench
 root=$(mktemp -d -p "$PWD/target")

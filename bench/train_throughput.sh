@@ -7,12 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"
 threads="${THREADS:-2}"
-venv=bench/.venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
-  echo "creating $venv with torch + transformers (about 3 GB, once)..." >&2
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers
-fi
+source bench/venv.sh
 cargo build --release --quiet -p stackwise-bench --bin train_throughput
 out=$(mktemp)
 for r in $(seq "$rounds"); do

@@ -416,11 +416,17 @@ fn rank_in_message(msg: &str) -> Option<u32> {
 }
 
 fn rank_of(coord: &Coordinator, name: &str) -> Option<u32> {
-    let job = coord.job.lock().unwrap_or_else(|p| p.into_inner());
+    member_rank(&coord.job, name).flatten()
+}
+
+/// `Some(rank)` while the worker called `name` is a member (the rank is `None` between
+/// generations), `None` once it has left the job.
+fn member_rank(job: &std::sync::Mutex<crate::Job>, name: &str) -> Option<Option<u32>> {
+    let job = job.lock().unwrap_or_else(|p| p.into_inner());
     job.members
         .members()
         .find(|m| m.name == name)
-        .and_then(|m| m.rank)
+        .map(|m| m.rank)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -474,13 +480,8 @@ fn spawn_worker(
             let mut lines = BufReader::new(stream).lines();
             let mut last_rank = None;
             while let Ok(Some(line)) = lines.next_line().await {
-                let rank = {
-                    let job = job.lock().unwrap_or_else(|p| p.into_inner());
-                    match job.members.members().find(|m| m.name == name) {
-                        Some(m) => m.rank,
-                        None => last_rank, // already left the job: keep its last rank
-                    }
-                };
+                // A worker that already left the job keeps its last rank.
+                let rank = member_rank(&job, &name).unwrap_or(last_rank);
                 last_rank = rank;
                 let prefix = rank.map_or(format!("[{name}]"), |r| format!("[rank {r}]"));
                 printer.line(&format!("{prefix} {line}"));
