@@ -121,6 +121,9 @@ pub struct Job {
     instance: u64,
     /// A graceful stop was asked (SIGTERM): why, and when.
     stop_requested: Option<(String, Instant)>,
+    /// The plan's stage names, and the stage rank 0 reports training.
+    stage_names: Vec<String>,
+    pub stage: u32,
 }
 
 /// How long the workers get to agree on a step and commit its checkpoint after a graceful
@@ -129,7 +132,12 @@ pub const CHECKPOINT_STOP_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Job {
     pub fn new(spec: JobSpec) -> Self {
+        let stage_names = serde_json::from_str::<stackwise_worker::train::Plan>(&spec.plan_json)
+            .map(|p| p.stages.into_iter().map(|s| s.name).collect())
+            .unwrap_or_else(|_| vec!["end-to-end".to_string()]);
         Self {
+            stage_names,
+            stage: 0,
             members: Membership::new(spec.lease),
             spec,
             generation: 0,
@@ -148,6 +156,16 @@ impl Job {
             instance: instance_nonce(),
             stop_requested: None,
         }
+    }
+
+    /// "2/3 block 1 (layers 4-7)": the stage rank 0 trains, from the plan.
+    pub fn stage_name(&self) -> String {
+        let name = self
+            .stage_names
+            .get(self.stage as usize)
+            .cloned()
+            .unwrap_or_default();
+        format!("{}/{} {name}", self.stage + 1, self.stage_names.len())
     }
 
     /// Stop gracefully: the running ranks agree on a step, checkpoint it, and end their
@@ -256,6 +274,7 @@ impl Job {
                 m.tokens_per_s = s.tokens_per_s;
                 if rank == Some(0) {
                     self.step = s.step;
+                    self.stage = s.stage;
                     self.loss = s.loss;
                     if s.val_loss.is_some() {
                         self.val_loss = s.val_loss;
@@ -498,8 +517,8 @@ impl Job {
                 world_size: world,
                 peers: peers.clone(),
                 backend,
-                stage: 0,
-                stage_name: "train".into(),
+                stage: self.stage,
+                stage_name: self.stage_name(),
                 config_yaml: self.spec.config_yaml.clone(),
                 resume_checkpoint: resume.clone(),
                 until_step: self.spec.until_step,
@@ -553,8 +572,8 @@ impl Job {
             run_id: self.spec.run_id.clone(),
             generation: self.generation,
             state: self.phase.name().into(),
-            stage: 0,
-            stage_name: "train".into(),
+            stage: self.stage,
+            stage_name: self.stage_name(),
             step: self.step,
             total_steps: self
                 .spec
@@ -572,5 +591,40 @@ impl Job {
             min_workers: self.spec.min_workers as u32,
             max_workers: self.spec.max_workers as u32,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_names_the_stage_rank_0_trains_from_the_plan() {
+        let t = stackwise_worker::train::config::TrainingSection {
+            mode: stackwise_worker::train::config::TrainingMode::Layerwise,
+            steps: 4,
+            ..Default::default()
+        };
+        let plan = crate::plan::plan(&t, 2).unwrap();
+        let spec = JobSpec {
+            run_id: "r".into(),
+            config_yaml: String::new(),
+            plan_json: serde_json::to_string(&plan).unwrap(),
+            run_uri: String::new(),
+            total_steps: 4,
+            batch_size: 1,
+            min_workers: 1,
+            max_workers: 1,
+            lease: Duration::from_secs(1),
+            heartbeat: Duration::from_millis(100),
+            rendezvous_grace: Duration::ZERO,
+            resume: false,
+            on_worker_loss: OnWorkerLoss::Stop,
+            until_step: None,
+        };
+        let mut job = Job::new(spec);
+        assert_eq!(job.stage_name(), "1/2 layer 0");
+        job.stage = 1;
+        assert_eq!(job.status(Instant::now()).stage_name, "2/2 layer 1");
     }
 }

@@ -264,7 +264,8 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         if let Some(b) = &printer.bar {
             b.set_position(status.step);
             b.set_message(format!(
-                "loss {:.4} | {:.0} tok/s | {} worker(s), gen {}",
+                "stage {} | loss {:.4} | {:.0} tok/s | {} worker(s), gen {}",
+                status.stage_name,
                 status.loss,
                 status.tokens_per_s,
                 status.workers.iter().filter(|w| w.rank >= 0).count(),

@@ -459,7 +459,9 @@ fn a_worker_with_a_wrong_token_is_refused_and_status_lists_workers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        listed.contains("run dp | waiting") && listed.contains("good-one"),
+        listed.contains("run dp | waiting")
+            && listed.contains("stage 1/1 end-to-end")
+            && listed.contains("good-one"),
         "{listed}"
     );
     let o = run(bin().args(["status", "--coordinator", &url]));
