@@ -416,7 +416,12 @@ impl Job {
             Phase::Running { ranks, done } if done.len() == ranks.len() => {
                 let step = done.values().map(|d| d.step).max().unwrap_or(0);
                 self.step = step;
-                match self.stop_requested.take() {
+                let asked_by_worker = done.values().any(|d| d.stopped_on_request);
+                let requested = self.stop_requested.take().or_else(|| {
+                    asked_by_worker
+                        .then(|| ("a worker was asked to stop (SIGTERM)".to_string(), now))
+                });
+                match requested {
                     Some((reason, _)) if step < self.spec.total_steps => {
                         let ckpt = done
                             .values()

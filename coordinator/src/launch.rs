@@ -197,6 +197,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
                 ring_bind: "127.0.0.1:0".into(),
                 advertise_host: Some("127.0.0.1".into()),
                 rejoin_timeout: Duration::from_secs(10),
+                graceful_sigterm: false,
             };
             tasks.push(tokio::spawn(run_worker(opts)));
         }

@@ -517,11 +517,8 @@ async fn tls_with_a_private_ca() {
     coord.shutdown(Duration::ZERO).await;
 }
 
-#[test]
-fn sigterm_checkpoints_at_a_step_all_ranks_agree_on_and_resume_ends_with_the_clean_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path());
-    let cfg = dir.path().join("term.yaml");
+fn term_config(dir: &Path, data: &Path) -> PathBuf {
+    let cfg = dir.join("term.yaml");
     std::fs::write(
         &cfg,
         format!(
@@ -530,28 +527,27 @@ model: {{d_model: 96, n_layers: 2, n_heads: 4, seq_len: 64}}
 data: {{path: {data}}}
 training: {{steps: 500, batch_size: 8, lr: 1.0e-3, warmup_steps: 5, eval_every: 0, checkpoint_every: 10000, log_every: 1}}
 ",
-            out = dir.path().join("out").display(),
+            out = dir.join("out").display(),
             data = data.display()
         ),
     )
     .unwrap();
-    let launch = |extra: &[&str]| {
-        let mut c = bin();
-        c.arg("launch")
-            .arg(&cfg)
-            .args(["--workers", "2", "--no-progress"])
-            .args(extra);
-        c
-    };
-    let (mut child, rx) = common::start_until(launch(&[]), "step     10/500");
-    // SAFETY: a plain kill(2) of our own child.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let status = child.0.wait().unwrap();
-    let rest: Vec<String> = rx.try_iter().collect();
-    let rest = rest.join("\n");
-    assert_eq!(status.code(), Some(143), "{rest}");
-    assert!(rest.contains("continue with --resume"), "{rest}");
-    let ckpts = dir.path().join("out/runs/term/checkpoints");
+    cfg
+}
+
+fn term_launch(cfg: &Path, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.arg("launch")
+        .arg(cfg)
+        .args(["--workers", "2", "--no-progress"])
+        .args(extra);
+    c
+}
+
+/// The one checkpoint of the stopped run is at a step in 10..500; `--resume` then ends with
+/// the weights of an uninterrupted run.
+fn resume_matches_a_clean_run(dir: &Path, cfg: &Path) {
+    let ckpts = dir.join("out/runs/term/checkpoints");
     let names: Vec<String> = std::fs::read_dir(&ckpts)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
@@ -563,16 +559,66 @@ training: {{steps: 500, batch_size: 8, lr: 1.0e-3, warmup_steps: 5, eval_every: 
     );
     let step: u64 = names[0].trim_start_matches("step-").parse().unwrap();
     assert!((10..500).contains(&step), "{step}");
-
-    // Resumed, the run ends exactly where an uninterrupted one does.
-    let resumed = run(&mut launch(&["--resume"]));
+    let resumed = run(&mut term_launch(cfg, &["--resume"]));
     assert!(resumed.status.success(), "{}", stderr(&resumed));
-    let clean = run(&mut launch(&["--set", "run.name=clean"]));
+    let clean = run(&mut term_launch(cfg, &["--set", "run.name=clean"]));
     assert!(clean.status.success(), "{}", stderr(&clean));
     let last = |run: &str| {
-        weights(&dir.path().join(format!(
+        weights(&dir.join(format!(
             "out/runs/{run}/checkpoints/step-00000500/model.safetensors"
         )))
     };
     assert!(last("term") == last("clean"), "resumed weights differ");
+}
+
+#[test]
+fn sigterm_checkpoints_at_a_step_all_ranks_agree_on_and_resume_ends_with_the_clean_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = term_config(dir.path(), &data);
+    let (mut child, rx) = common::start_until(term_launch(&cfg, &[]), "step     10/500");
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    let rest = rest.join("\n");
+    assert_eq!(status.code(), Some(143), "{rest}");
+    assert!(rest.contains("continue with --resume"), "{rest}");
+    resume_matches_a_clean_run(dir.path(), &cfg);
+}
+
+#[test]
+fn sigterm_to_one_worker_checkpoints_and_stops_the_job_resumably() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cfg = term_config(dir.path(), &data);
+    let (mut child, rx) = common::start_until(term_launch(&cfg, &[]), "step     10/500");
+    let pid = worker_pid(&child);
+    // SAFETY: a plain kill(2) of a worker process this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    let rest = rest.join("\n");
+    assert!(!status.success(), "{rest}");
+    assert!(
+        rest.contains("a worker was asked to stop (SIGTERM)")
+            && rest.contains("continue with --resume"),
+        "{rest}"
+    );
+    resume_matches_a_clean_run(dir.path(), &cfg);
+}
+
+/// The pid of a worker process of the `launch` in `child` (a child of it).
+fn worker_pid(child: &KillOnDrop) -> i32 {
+    let parent = child.0.id();
+    let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+        .unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.contains("worker"))
+        })
+        .unwrap_or_else(|| panic!("no worker child of {parent}: {children:?}"))
 }

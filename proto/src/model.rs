@@ -371,6 +371,7 @@ pub struct StageDone {
     pub val_loss: Option<f64>,
     pub last_checkpoint: Option<String>,
     pub stopped_early: bool,
+    pub stopped_on_request: bool,
 }
 
 /// A report from a worker.
@@ -457,6 +458,7 @@ impl TryFrom<pb::WorkerMessage> for WorkerReport {
                 val_loss: d.val_loss,
                 last_checkpoint: (!d.last_checkpoint.is_empty()).then_some(d.last_checkpoint),
                 stopped_early: d.stopped_early,
+                stopped_on_request: d.stopped_on_request,
             }),
             Body::NcclId(n) => Report::NcclId(nccl_id(n.id)?),
             Body::Failed(f) => Report::Failed { message: f.message },
@@ -497,6 +499,7 @@ impl WorkerReport {
                 val_loss: d.val_loss,
                 last_checkpoint: d.last_checkpoint.unwrap_or_default(),
                 stopped_early: d.stopped_early,
+                stopped_on_request: d.stopped_on_request,
             }),
             Report::NcclId(id) => Body::NcclId(pb::NcclId { id }),
             Report::Failed { message } => Body::Failed(pb::WorkerFailed { message }),

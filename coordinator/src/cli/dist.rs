@@ -190,6 +190,7 @@ pub fn run_worker_cmd(a: WorkerArgs) -> Result<()> {
         ring_bind: a.ring_bind,
         advertise_host: a.advertise_host,
         rejoin_timeout: Duration::from_secs(a.rejoin_timeout_s),
+        graceful_sigterm: true,
     }))
 }
 

@@ -35,6 +35,28 @@ pub struct WorkerOptions {
     pub advertise_host: Option<String>,
     /// Give up after failing to reach the coordinator for this long.
     pub rejoin_timeout: Duration,
+    /// On SIGTERM, checkpoint at a step all ranks agree on and stop the job (a second
+    /// SIGTERM exits at once). Off for in-process workers, whose launcher handles signals.
+    pub graceful_sigterm: bool,
+}
+
+/// Set once this worker process got SIGTERM.
+#[derive(Default)]
+struct Terminate {
+    asked: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Terminate {
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.asked.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// A stable 64-bit tag of the run id (FNV-1a), checked in the ring handshake.
@@ -112,11 +134,32 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
         .or_else(|| local_host_towards(&opts.target.url))
         .unwrap_or_else(|| "127.0.0.1".into());
     let ring_address = format!("{host}:{port}");
+    let term = Arc::new(Terminate::default());
+    if opts.graceful_sigterm {
+        let mut sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listen for SIGTERM")?;
+        let term = term.clone();
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                if term.asked.swap(true, Ordering::SeqCst) {
+                    eprintln!("SIGTERM again: exiting without a checkpoint");
+                    std::process::exit(143);
+                }
+                tracing::warn!(
+                    "SIGTERM: asking every rank to checkpoint after the same step, then stopping"
+                );
+                term.notify.notify_waiters();
+            }
+        });
+    }
     let mut backoff = Duration::from_millis(200);
     let mut failing_since: Option<Instant> = None;
     loop {
         let mut registered = false;
-        match session(&opts, &listener, &ring_address, &mut registered).await {
+        if term.asked.load(Ordering::SeqCst) && !registered {
+            bail!("SIGTERM while not connected to the coordinator: exiting");
+        }
+        match session(&opts, &listener, &ring_address, &mut registered, &term).await {
             Ok(reason) => {
                 tracing::info!("shutting down: {reason}");
                 return Ok(());
@@ -181,6 +224,7 @@ async fn session(
     listener: &Arc<RingListener>,
     ring_address: &str,
     registered: &mut bool,
+    term: &Terminate,
 ) -> Result<String> {
     let mut client = opts.target.connect().await?;
     let reg = match client
@@ -246,8 +290,23 @@ async fn session(
     };
 
     let mut work: Option<Work> = None;
+    let mut term_handled = false;
     let result = loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            m = inbound.message() => Some(m),
+            _ = term.wait(), if !term_handled => None,
+        };
+        let Some(next) = next else {
+            term_handled = true;
+            match &work {
+                // The ranks agree on a step in the next all-reduce, checkpoint it, and
+                // report their stage done; the coordinator then stops the job.
+                Some(w) => w.stop_request.store(true, Ordering::SeqCst),
+                None => break Ok("SIGTERM".to_string()),
+            }
+            continue;
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => break Err(anyhow!("the coordinator closed the session")),
             Err(s) => break Err(anyhow::Error::new(s)),
@@ -453,6 +512,7 @@ fn run_stage(
         val_loss: s.val_loss,
         last_checkpoint: s.last_checkpoint,
         stopped_early: s.stopped_early,
+        stopped_on_request: s.stopped_on_request,
     })
 }
 
