@@ -535,15 +535,6 @@ training: {{steps: 500, batch_size: 8, lr: 1.0e-3, warmup_steps: 5, eval_every: 
     cfg
 }
 
-fn term_launch(cfg: &Path, extra: &[&str]) -> Command {
-    let mut c = bin();
-    c.arg("launch")
-        .arg(cfg)
-        .args(["--workers", "2", "--no-progress"])
-        .args(extra);
-    c
-}
-
 /// The one checkpoint of the stopped run is at a step in 10..500; `--resume` then ends with
 /// the weights of an uninterrupted run.
 fn resume_matches_a_clean_run(dir: &Path, cfg: &Path) {
@@ -559,9 +550,9 @@ fn resume_matches_a_clean_run(dir: &Path, cfg: &Path) {
     );
     let step: u64 = names[0].trim_start_matches("step-").parse().unwrap();
     assert!((10..500).contains(&step), "{step}");
-    let resumed = run(&mut term_launch(cfg, &["--resume"]));
+    let resumed = run(&mut common::launch(cfg, 2, &["--resume"]));
     assert!(resumed.status.success(), "{}", stderr(&resumed));
-    let clean = run(&mut term_launch(cfg, &["--set", "run.name=clean"]));
+    let clean = run(&mut common::launch(cfg, 2, &["--set", "run.name=clean"]));
     assert!(clean.status.success(), "{}", stderr(&clean));
     let last = |run: &str| {
         weights(&dir.join(format!(
@@ -576,7 +567,7 @@ fn sigterm_checkpoints_at_a_step_all_ranks_agree_on_and_resume_ends_with_the_cle
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let cfg = term_config(dir.path(), &data);
-    let (mut child, rx) = common::start_until(term_launch(&cfg, &[]), "step     10/500");
+    let (mut child, rx) = common::start_until(common::launch(&cfg, 2, &[]), "step     10/500");
     // SAFETY: a plain kill(2) of our own child.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let status = child.0.wait().unwrap();
@@ -592,7 +583,7 @@ fn sigterm_to_one_worker_checkpoints_and_stops_the_job_resumably() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let cfg = term_config(dir.path(), &data);
-    let (mut child, rx) = common::start_until(term_launch(&cfg, &[]), "step     10/500");
+    let (mut child, rx) = common::start_until(common::launch(&cfg, 2, &[]), "step     10/500");
     let pid = worker_pid(&child);
     // SAFETY: a plain kill(2) of a worker process this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{KillOnDrop, bin, ok, run, start_until};
+use common::{KillOnDrop, bin, launch, ok, run, start_until};
 
 fn dataset(dir: &Path) -> PathBuf {
     common::dataset(dir, 40_000)
@@ -143,15 +143,6 @@ training: {{steps: {steps}, batch_size: 4, lr: 2.0e-3, warmup_steps: 2, eval_eve
     )
     .unwrap();
     p
-}
-
-fn launch(cfg: &Path, workers: usize, extra: &[&str]) -> Command {
-    let mut c = bin();
-    c.arg("launch")
-        .arg(cfg)
-        .args(["--workers", &workers.to_string(), "--no-progress"])
-        .args(extra);
-    c
 }
 
 /// The bytes of every tensor of a model.safetensors.

@@ -24,6 +24,16 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+/// `stackwise launch CFG --workers N --no-progress EXTRA...`.
+pub fn launch(cfg: &Path, workers: usize, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.arg("launch")
+        .arg(cfg)
+        .args(["--workers", &workers.to_string(), "--no-progress"])
+        .args(extra);
+    c
+}
+
 /// Run and assert success, showing stderr otherwise.
 pub fn ok(cmd: &mut Command) -> Output {
     let o = run(cmd);

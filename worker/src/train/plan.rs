@@ -83,12 +83,6 @@ impl StagePlan {
         (!self.mask_fractions.is_empty())
             .then(|| self.mask_fractions.iter().sum::<f64>() / self.mask_fractions.len() as f64)
     }
-
-    /// Is parameter `name` (a layer's linear weight/bias, norm, embedding …) trainable here?
-    /// `layer` is the layer a parameter belongs to (`None` for embeddings and the head).
-    pub fn is_layer_trainable(&self, layer: usize) -> bool {
-        self.trainable.contains(&layer)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -629,10 +629,6 @@ impl Trainer {
         &self.plan.stages[self.state.stage]
     }
 
-    pub fn plan(&self) -> &Plan {
-        &self.plan
-    }
-
     /// Frozen tensors of the current stage.
     pub fn frozen(&self) -> &FrozenSet {
         &self.frozen
