@@ -51,6 +51,9 @@ pub struct GenerateArgs {
     /// Denoising steps of the diffusion sampler (more = slower, better).
     #[arg(long, default_value_t = 16)]
     pub diffusion_steps: usize,
+    /// Which masked positions each diffusion step commits.
+    #[arg(long, value_enum, default_value_t = Remasking::Confidence)]
+    pub remasking: Remasking,
     /// Print {"text", "tokens", "tokens_per_s", "sampler"} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -63,6 +66,15 @@ pub enum Sampler {
     Ar,
     /// Start fully masked, predict all, re-mask the least confident.
     Diffusion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Remasking {
+    /// Keep the tokens the model is surest of, re-mask the rest (LLaDA).
+    Confidence,
+    /// Keep a random subset (MDLM's ancestral order): less drawn to frequent tokens, better
+    /// for small or briefly trained models.
+    Random,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -119,6 +131,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             &prompt,
             mask_id,
             a.diffusion_steps,
+            match a.remasking {
+                Remasking::Confidence => stackwise_worker::generate::Remasking::Confidence,
+                Remasking::Random => stackwise_worker::generate::Remasking::Random,
+            },
             &cfg,
         )?
     } else {
@@ -144,7 +160,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             out.tokens.len(),
             out.tokens_per_s,
             if diffusion {
-                format!("diffusion, {} steps", a.diffusion_steps)
+                format!(
+                    "diffusion, {} steps, {} remasking",
+                    a.diffusion_steps,
+                    if a.remasking == Remasking::Random {
+                        "random"
+                    } else {
+                        "confidence"
+                    }
+                )
             } else if a.no_cache {
                 "no cache".into()
             } else {

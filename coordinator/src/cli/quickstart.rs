@@ -141,6 +141,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         ema: false,
         sampler: super::generate::Sampler::Auto,
         diffusion_steps: 16,
+        remasking: super::generate::Remasking::Confidence,
         json: false,
     })
 }

@@ -179,11 +179,24 @@ pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig) -> Re
 /// re-masking): append `max_new_tokens` mask tokens to the prompt; at each of `steps`
 /// steps predict every masked position at once, keep the most confident predictions and
 /// re-mask the rest, so that the masked share falls linearly to zero.
+/// Which still-masked positions a diffusion step commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Remasking {
+    /// The ones whose sampled token the model is surest of; the rest are re-masked (LLaDA's
+    /// low-confidence remasking).
+    #[default]
+    Confidence,
+    /// A uniformly random subset (MDLM's ancestral order): no bias toward the most frequent
+    /// tokens, which suits small or briefly trained models.
+    Random,
+}
+
 pub fn diffusion_generate(
     model: &Transformer,
     prompt: &[u32],
     mask_id: u32,
     steps: usize,
+    remasking: Remasking,
     cfg: &SamplingConfig,
 ) -> Result<Generation> {
     let device = model.device();
@@ -215,10 +228,16 @@ pub fn diffusion_generate(
             let mut row: Vec<f32> = logits.get(i)?.to_dtype(DType::F32)?.to_vec1()?;
             row[mask_id as usize] = f32::NEG_INFINITY; // never predict the mask itself
             let tok = pick(&row, &x, cfg, i - prompt.len(), &mut rng);
-            // Confidence: the model's probability of the chosen token.
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = row.iter().map(|v| (v - max).exp()).sum();
-            picks.push((i, tok, (row[tok as usize] - max).exp() / z));
+            let priority = match remasking {
+                // The model's probability of the chosen token.
+                Remasking::Confidence => {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let z: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                    (row[tok as usize] - max).exp() / z
+                }
+                Remasking::Random => rng.uniform() as f32,
+            };
+            picks.push((i, tok, priority));
         }
         // Tokens still masked after this step (linear schedule).
         let remain = n * (steps - s - 1) / steps;
@@ -260,18 +279,20 @@ mod tests {
             max_new_tokens: 12,
             ..Default::default()
         };
-        let out = diffusion_generate(&m, &[1, 2, 3], 39, 4, &greedy).unwrap();
+        let out =
+            diffusion_generate(&m, &[1, 2, 3], 39, 4, Remasking::Confidence, &greedy).unwrap();
         assert_eq!(out.tokens.len(), 12);
         assert!(out.tokens.iter().all(|&t| t != 39), "{:?}", out.tokens);
         // Deterministic for a seed; capped by the model's positions.
-        let again = diffusion_generate(&m, &[1, 2, 3], 39, 4, &greedy).unwrap();
+        let again =
+            diffusion_generate(&m, &[1, 2, 3], 39, 4, Remasking::Confidence, &greedy).unwrap();
         assert_eq!(out.tokens, again.tokens);
         let long = SamplingConfig {
             max_new_tokens: 100,
             ..greedy
         };
         assert_eq!(
-            diffusion_generate(&m, &[1, 2, 3], 39, 8, &long)
+            diffusion_generate(&m, &[1, 2, 3], 39, 8, Remasking::Random, &long)
                 .unwrap()
                 .tokens
                 .len(),
