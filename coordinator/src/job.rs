@@ -121,9 +121,12 @@ pub struct Job {
     instance: u64,
     /// A graceful stop was asked (SIGTERM): why, and when.
     stop_requested: Option<(String, Instant)>,
-    /// The plan's stage names, and the stage rank 0 reports training.
-    stage_names: Vec<String>,
+    /// The plan's stage boundaries (global steps) and names, and the stage being trained.
+    stages: Vec<(u64, u64, String)>,
     pub stage: u32,
+    /// A stage just ended at this committed checkpoint (name, step): the next generation
+    /// starts the next stage from it.
+    next_stage_from: Option<(String, u64)>,
 }
 
 /// How long the workers get to agree on a step and commit its checkpoint after a graceful
@@ -132,12 +135,16 @@ pub const CHECKPOINT_STOP_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Job {
     pub fn new(spec: JobSpec) -> Self {
-        let stage_names = serde_json::from_str::<stackwise_worker::train::Plan>(&spec.plan_json)
-            .map(|p| p.stages.into_iter().map(|s| s.name).collect())
-            .unwrap_or_else(|_| vec!["end-to-end".to_string()]);
+        let stages = match serde_json::from_str::<stackwise_worker::train::Plan>(&spec.plan_json) {
+            Ok(p) => (0..p.stages.len())
+                .map(|i| (p.stage_start(i), p.stage_end(i), p.stages[i].name.clone()))
+                .collect(),
+            Err(_) => vec![(0, spec.total_steps, "end-to-end".to_string())],
+        };
         Self {
-            stage_names,
+            stages,
             stage: 0,
+            next_stage_from: None,
             members: Membership::new(spec.lease),
             spec,
             generation: 0,
@@ -161,11 +168,28 @@ impl Job {
     /// "2/3 block 1 (layers 4-7)": the stage rank 0 trains, from the plan.
     pub fn stage_name(&self) -> String {
         let name = self
-            .stage_names
+            .stages
             .get(self.stage as usize)
-            .cloned()
+            .map(|s| s.2.clone())
             .unwrap_or_default();
-        format!("{}/{} {name}", self.stage + 1, self.stage_names.len())
+        format!("{}/{} {name}", self.stage + 1, self.stages.len())
+    }
+
+    /// The step the job ends at: `until_step`, or the end of the plan.
+    fn target_step(&self) -> u64 {
+        self.spec
+            .until_step
+            .unwrap_or(self.spec.total_steps)
+            .min(self.spec.total_steps)
+    }
+
+    /// The stage that trains from global step `step`: the first not yet finished there (a
+    /// checkpoint at a stage's end starts the next one).
+    fn stage_at(&self, step: u64) -> u32 {
+        self.stages
+            .iter()
+            .position(|&(_, end, _)| step < end)
+            .unwrap_or(self.stages.len().saturating_sub(1)) as u32
     }
 
     /// Stop gracefully: the running ranks agree on a step, checkpoint it, and end their
@@ -392,27 +416,7 @@ impl Job {
             self.lost(m.id, m.name, m.rank, &why);
         }
         match &self.phase {
-            Phase::Waiting { enough_since } => {
-                // Only workers whose session stream is open can be told what to run.
-                let n = self
-                    .members
-                    .members()
-                    .filter(|m| self.links.contains_key(&m.id))
-                    .count();
-                if n < self.spec.min_workers {
-                    self.phase = Phase::Waiting { enough_since: None };
-                    return;
-                }
-                let since = enough_since.unwrap_or(now);
-                self.phase = Phase::Waiting {
-                    enough_since: Some(since),
-                };
-                if n >= self.spec.max_workers
-                    || now.duration_since(since) >= self.spec.rendezvous_grace
-                {
-                    self.start_generation();
-                }
-            }
+            Phase::Waiting { .. } => self.reconcile_waiting(now),
             Phase::Running { ranks, done } if done.len() == ranks.len() => {
                 let step = done.values().map(|d| d.step).max().unwrap_or(0);
                 self.step = step;
@@ -421,6 +425,7 @@ impl Job {
                     asked_by_worker
                         .then(|| ("a worker was asked to stop (SIGTERM)".to_string(), now))
                 });
+                let stopped_early = done.values().any(|d| d.stopped_early);
                 match requested {
                     Some((reason, _)) if step < self.spec.total_steps => {
                         let ckpt = done
@@ -430,6 +435,30 @@ impl Job {
                         self.finish(Phase::Stopped(format!(
                             "{reason}: stopped at step {step} with checkpoint {ckpt}; continue with --resume"
                         )));
+                    }
+                    // The stage ended at its boundary checkpoint: the next one starts with the
+                    // workers there now (a group re-formed between stages, joiners included).
+                    _ if step < self.target_step() && !stopped_early => {
+                        let Some(ckpt) = done.values().find_map(|d| d.last_checkpoint.clone())
+                        else {
+                            self.finish(Phase::Failed(format!(
+                                "stage {} ended at step {step} without a checkpoint",
+                                self.stage_name()
+                            )));
+                            return;
+                        };
+                        self.event(format!(
+                            "stage {} done at step {step} (checkpoint {ckpt})",
+                            self.stage_name()
+                        ));
+                        self.next_stage_from = Some((ckpt, step));
+                        for id in self.members_mut_ids() {
+                            if let Some(m) = self.members.get_mut(&id) {
+                                m.rank = None;
+                            }
+                        }
+                        self.phase = Phase::Waiting { enough_since: None };
+                        self.reconcile_waiting(now);
                     }
                     _ => self.finish(Phase::Finished),
                 }
@@ -451,11 +480,41 @@ impl Job {
         }
     }
 
-    fn newest_checkpoint(&self) -> Result<Option<String>, String> {
+    /// Form a generation once enough workers are connected (and the rendezvous grace for
+    /// more has passed, unless `max_workers` are there).
+    fn reconcile_waiting(&mut self, now: Instant) {
+        let Phase::Waiting { enough_since } = self.phase else {
+            return;
+        };
+        // Only workers whose session stream is open can be told what to run.
+        let n = self
+            .members
+            .members()
+            .filter(|m| self.links.contains_key(&m.id))
+            .count();
+        if n < self.spec.min_workers {
+            self.phase = Phase::Waiting { enough_since: None };
+            return;
+        }
+        let since = enough_since.unwrap_or(now);
+        self.phase = Phase::Waiting {
+            enough_since: Some(since),
+        };
+        // Between stages the group re-forms at once from the workers that are there.
+        let between_stages = self.next_stage_from.is_some();
+        if n >= self.spec.max_workers
+            || between_stages
+            || now.duration_since(since) >= self.spec.rendezvous_grace
+        {
+            self.start_generation();
+        }
+    }
+
+    fn newest_checkpoint(&self) -> Result<Option<(String, u64)>, String> {
         let store = Store::open(&self.spec.run_uri).map_err(|e| e.to_string())?;
         CheckpointStore::new(&store)
             .load_latest()
-            .map(|c| c.map(|c| c.name))
+            .map(|c| c.map(|c| (c.name, c.manifest.step)))
             .map_err(|e| e.to_string())
     }
 
@@ -475,8 +534,11 @@ impl Job {
             self.finish(Phase::Failed(msg));
             return;
         };
-        // A re-formed group, or a resumed run, continues from the newest valid checkpoint.
-        let resume = if self.spec.resume || self.generations_formed > 0 {
+        // The next stage starts from the checkpoint that ended the last one; a re-formed
+        // group, or a resumed run, continues from the newest valid checkpoint.
+        let resume = if let Some(from) = self.next_stage_from.take() {
+            Some(from)
+        } else if self.spec.resume || self.generations_formed > 0 {
             match self.newest_checkpoint() {
                 Ok(c) => c,
                 Err(e) => {
@@ -489,6 +551,10 @@ impl Job {
         } else {
             None
         };
+        // Each generation trains one stage of the plan (or what is left of it).
+        self.stage = self.stage_at(resume.as_ref().map_or(0, |r| r.1));
+        let until_step = self.stages[self.stage as usize].1.min(self.target_step());
+        let resume = resume.map(|r| r.0);
         self.generation += 1;
         self.generations_formed += 1;
         let world = ranks.len() as u32;
@@ -506,8 +572,9 @@ impl Job {
             .filter_map(|id| self.members.get(id).map(|m| m.ring_address.clone()))
             .collect();
         self.event(format!(
-            "generation {} formed: {world} worker(s) [{}], {} backend, {}",
+            "generation {} formed for stage {}: {world} worker(s) [{}], {} backend, {}",
             self.generation,
+            self.stage_name(),
             ranks.join(", "),
             backend.as_str(),
             resume
@@ -526,7 +593,7 @@ impl Job {
                 stage_name: self.stage_name(),
                 config_yaml: self.spec.config_yaml.clone(),
                 resume_checkpoint: resume.clone(),
-                until_step: self.spec.until_step,
+                until_step: Some(until_step),
                 ring_tag: self.instance ^ self.generation.rotate_left(32),
                 plan_json: (!self.spec.plan_json.is_empty()).then(|| self.spec.plan_json.clone()),
             };
@@ -580,11 +647,7 @@ impl Job {
             stage: self.stage,
             stage_name: self.stage_name(),
             step: self.step,
-            total_steps: self
-                .spec
-                .until_step
-                .unwrap_or(self.spec.total_steps)
-                .min(self.spec.total_steps),
+            total_steps: self.target_step(),
             loss: self.loss,
             tokens_per_s,
             val_loss: self.val_loss,

@@ -126,6 +126,55 @@ fn frozen_layers_stay_bitwise_and_gradients_reach_every_trainable_parameter() {
 }
 
 #[test]
+fn early_stopping_ends_a_stage_and_the_next_one_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 20_000);
+    // A learning rate too small to move an f32 weight: every evaluation equals the first,
+    // so with patience 1 each stage stops at its second evaluation.
+    let out = dir.path().join("out");
+    let mut cfg = config(
+        &out,
+        &data,
+        "mode: layerwise, steps_per_stage: 10, objective: diffusion, time_step_masking: true, \
+         patience: 1",
+    );
+    cfg.training.eval_every = 1;
+    cfg.training.lr = 1.0e-30;
+    let mut t = trainer(cfg, &RunOptions::default());
+    let s = t.run(&RunOptions::default()).unwrap();
+    // Stage 1 stops at step 2 and stage 2 starts at its planned first step, 10; the last
+    // stage's early stop ends the run.
+    assert_eq!(s.step, 22);
+    assert!(s.stopped_early);
+    let run = out.join("runs/st");
+    let ends: Vec<(u64, u64, bool)> = metrics(&run)
+        .iter()
+        .filter(|r| r["stage_end"] == true)
+        .map(|r| {
+            assert!(r["val_loss_reference"].as_f64().unwrap().is_finite());
+            (
+                r["stage"].as_u64().unwrap(),
+                r["step"].as_u64().unwrap(),
+                r["stopped_early"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ends, vec![(0, 2, true), (1, 12, true)]);
+    let stages: HashMap<u64, usize> =
+        metrics(&run)
+            .iter()
+            .filter(|r| r["loss"].is_number())
+            .fold(HashMap::new(), |mut m, r| {
+                *m.entry(r["stage"].as_u64().unwrap()).or_default() += 1;
+                m
+            });
+    assert_eq!(stages, HashMap::from([(0, 2), (1, 2), (2, 2)]));
+    for step in ["step-00000010", "step-00000020", "step-00000022"] {
+        assert!(run.join("checkpoints").join(step).exists(), "{step}");
+    }
+}
+
+#[test]
 fn resume_in_the_middle_of_stage_2_of_3_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::dataset(dir.path(), 20_000);
@@ -305,10 +354,28 @@ fn layerwise_on_two_workers_completes_every_stage_and_lowers_the_masked_loss() {
         "{table}"
     );
     assert!(table.contains("0.15") && table.contains("0.90"), "{table}");
-    ok(bin()
+    let launch = ok(bin()
         .arg("launch")
         .arg(&cfg)
         .args(["--workers", "2", "--no-progress"]));
+    // The coordinator runs the plan stage by stage: one generation per stage, each started
+    // from the checkpoint that ended the one before.
+    let log = String::from_utf8_lossy(&launch.stderr).to_string();
+    for (generation, stage, from) in [
+        (1, "1/3 layer 0", "from the start"),
+        (2, "2/3 layer 1", "resuming from step-00000030"),
+        (3, "3/3 layer 2", "resuming from step-00000060"),
+    ] {
+        let line = log
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "generation {generation} formed for stage {stage}:"
+                ))
+            })
+            .unwrap_or_else(|| panic!("no generation {generation} for stage {stage}:\n{log}"));
+        assert!(line.contains(from), "{line}");
+    }
     let run = dir.path().join("out/runs/lw");
     let m = metrics(&run);
     let mut by_stage: HashMap<u64, Vec<&serde_json::Value>> = HashMap::new();
@@ -340,6 +407,22 @@ fn layerwise_on_two_workers_completes_every_stage_and_lowers_the_masked_loss() {
         );
     }
     assert_eq!(m.last().unwrap()["step"], 90);
+    // Each stage's result on one scale: the plan's fractions (each stage's own rises).
+    let ends: Vec<&serde_json::Value> = m.iter().filter(|r| r["stage_end"] == true).collect();
+    assert_eq!(ends.len(), 3, "{ends:?}");
+    for (stage, r) in ends.iter().enumerate() {
+        assert_eq!(r["stage"], stage as u64);
+        assert_eq!(
+            r["reference_mask_fractions"],
+            serde_json::json!([0.15, 0.525, 0.9])
+        );
+        assert!(r["val_loss_reference"].as_f64().unwrap().is_finite());
+    }
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run.join("checkpoints/step-00000090/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["stage_results"].as_array().unwrap().len(), 3);
     // The stage boundaries are checkpoints; the last one is a 3-layer model the diffusion
     // sampler generates from.
     let ls = ok(bin().args(["ckpt", "ls"]).arg(&run));

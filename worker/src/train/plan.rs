@@ -106,4 +106,25 @@ impl Plan {
     pub fn stage_end(&self, i: usize) -> u64 {
         self.stage_start(i) + self.stages[i].steps
     }
+
+    /// Every mask fraction of the plan's masked stages, ascending, once each: where a
+    /// multi-stage masked plan evaluates each stage's result, so stages compare on one scale
+    /// (a stage's own fraction rises with its depth). Empty with fewer than two masked stages.
+    pub fn reference_mask_fractions(&self) -> Vec<f64> {
+        let masked: Vec<_> = self
+            .stages
+            .iter()
+            .filter(|s| s.objective.is_masked())
+            .collect();
+        if masked.len() < 2 {
+            return Vec::new();
+        }
+        let mut all: Vec<f64> = masked
+            .iter()
+            .flat_map(|s| s.mask_fractions.iter().copied())
+            .collect();
+        all.sort_by(f64::total_cmp);
+        all.dedup();
+        all
+    }
 }

@@ -33,4 +33,19 @@ pub struct TrainerState {
     /// The current stage's frozen tensors, written once and referenced by its checkpoints.
     #[serde(default)]
     pub frozen_shared: Option<ManifestEntry>,
+    /// Each finished stage's validation masked loss at the plan's reference fractions
+    /// (multi-stage masked plans).
+    #[serde(default)]
+    pub stage_results: Vec<StageResult>,
+}
+
+/// A finished stage measured on the plan-wide scale (`Plan::reference_mask_fractions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageResult {
+    pub stage: usize,
+    pub step: u64,
+    pub val_loss: f64,
+    pub val_masked_accuracy: Option<f64>,
+    /// The stage ended early (early stopping) at `step`.
+    pub stopped_early: bool,
 }

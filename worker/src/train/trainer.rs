@@ -28,7 +28,7 @@ use super::config::TrainConfig;
 use super::config::TrainingMode;
 use super::plan::{Plan, Precision, StagePlan};
 use super::report::{Reporter, peak_rss_bytes};
-use super::state::TrainerState;
+use super::state::{StageResult, TrainerState};
 use super::step::{self, StepStats};
 use crate::comm::{Comm, Local};
 use crate::models::config::AttentionMode;
@@ -341,6 +341,7 @@ impl Trainer {
             stage: 0,
             backup: None,
             frozen_shared: None,
+            stage_results: Vec::new(),
         };
         let pad_id = tok.eos_id().unwrap_or(0);
         // Filled by `enter_stage`.
@@ -621,6 +622,10 @@ impl Trainer {
         self.state.backup = None;
         self.state.frozen_shared = None;
         self.state.schedule = stage_schedule(&self.cfg, &self.plan.stages[self.state.stage]);
+        // Early stopping watches each stage on its own: a deeper stage's loss at its higher
+        // mask fraction is not comparable with the last one's.
+        self.state.best_val_loss = None;
+        self.state.evals_since_best = 0;
         self.enter_stage(weights)
     }
 
@@ -794,6 +799,12 @@ impl Trainer {
     /// evaluated at the stage's mean mask fraction with fixed masks, and also report the
     /// masked-token accuracy.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
+        self.evaluate_at(self.stage().eval_fraction().into_iter().collect())
+    }
+
+    /// `evaluate` with each validation sequence masked at one of `fractions` (chosen per
+    /// sequence, the same on every call).
+    fn evaluate_at(&mut self, fractions: Vec<f64>) -> Result<Option<f64>> {
         let n = self.val.num_samples(self.seq_len, self.packed);
         if n == 0 {
             return Ok(None);
@@ -809,7 +820,7 @@ impl Trainer {
             }
             None => None,
         };
-        let masking = self.masking(self.stage().eval_fraction().into_iter().collect());
+        let masking = self.masking(fractions);
         let (mut sum, mut weight, mut hits, mut predicted) = (0f64, 0f64, 0f64, 0f64);
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let all: Vec<usize> = (0..count).collect();
@@ -1075,10 +1086,30 @@ impl Trainer {
                 val = self.evaluate()?;
                 self.after_eval(val);
             }
+            // Early stopping ends a stage that is not the last one, not the run: the step
+            // count jumps to the stage's end, where the next stage starts.
+            let ended_early =
+                self.state.stopped_early && self.state.stage + 1 < self.plan.stages.len();
+            if ended_early {
+                self.state.stopped_early = false;
+                self.state.step = stage_end;
+                if leader {
+                    rep.line(&format!(
+                        "stage {} stops early at step {step}: no better validation loss in {} evaluations; stage {} starts",
+                        self.state.stage + 1,
+                        self.state.evals_since_best,
+                        self.state.stage + 2
+                    ));
+                }
+            }
+            if t.eval_every > 0 && (step == stage_end || ended_early) {
+                self.record_stage_result(step, ended_early, leader, &mut rep)?;
+            }
             // Stage boundaries are checkpoints.
             if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every))
                 || step == stop_at
                 || step == stage_end
+                || ended_early
                 || self.state.stopped_early
                 || stop_requested
             {
@@ -1163,6 +1194,18 @@ impl Trainer {
                 self.state.step, self.state.evals_since_best
             ));
         }
+        let plan_done = self.state.step >= total || self.state.stopped_early;
+        if leader && plan_done && self.state.stage_results.len() > 1 {
+            rep.line(&format!(
+                "validation masked loss at the plan's fractions after each stage: {}",
+                self.state
+                    .stage_results
+                    .iter()
+                    .map(|r| format!("{:.4}", r.val_loss))
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            ));
+        }
         Ok(TrainSummary {
             run_dir: self.run.uri().to_string(),
             step: self.state.step,
@@ -1174,6 +1217,63 @@ impl Trainer {
             stopped_early: self.state.stopped_early,
             stopped_on_request: stop_requested,
         })
+    }
+
+    /// At the end of a stage of a multi-stage masked plan: the validation masked loss at the
+    /// plan's reference fractions, on which every stage's result compares (logged, kept in
+    /// the trainer state and metrics.jsonl as `stage_end`).
+    fn record_stage_result(
+        &mut self,
+        step: u64,
+        stopped_early: bool,
+        leader: bool,
+        rep: &mut Reporter,
+    ) -> Result<()> {
+        let fractions = self.plan.reference_mask_fractions();
+        if fractions.is_empty() || !self.stage().objective.is_masked() {
+            return Ok(());
+        }
+        // The step's own evaluation (at the stage's fraction) stays the one reported.
+        let stage_accuracy = self.last_val_accuracy;
+        let val = self.evaluate_at(fractions.clone())?;
+        let accuracy = std::mem::replace(&mut self.last_val_accuracy, stage_accuracy);
+        let Some(v) = val else {
+            return Ok(());
+        };
+        let result = StageResult {
+            stage: self.state.stage,
+            step,
+            val_loss: v,
+            val_masked_accuracy: accuracy,
+            stopped_early,
+        };
+        let mut rec = json!({
+            "step": step, "stage": self.state.stage, "stage_end": true,
+            "reference_mask_fractions": fractions, "val_loss_reference": v,
+            "stopped_early": stopped_early,
+        });
+        if let Some(acc) = result.val_masked_accuracy {
+            rec["val_masked_accuracy_reference"] = acc.into();
+        }
+        rep.record(&rec);
+        if leader {
+            let before = self.state.stage_results.last().map_or(String::new(), |r| {
+                format!("; stage {} ended at {:.4}", r.stage + 1, r.val_loss)
+            });
+            rep.line(&format!(
+                "stage {} ends: validation masked loss {v:.4}{} at the plan's fractions {:.2}-{:.2}{before}",
+                self.state.stage + 1,
+                result
+                    .val_masked_accuracy
+                    .map_or(String::new(), |a| format!(" (masked acc {a:.3})")),
+                fractions[0],
+                fractions[fractions.len() - 1],
+            ));
+        }
+        // A resumed stage end (the checkpoint was written before a crash) replaces its entry.
+        self.state.stage_results.retain(|r| r.stage != result.stage);
+        self.state.stage_results.push(result);
+        Ok(())
     }
 
     fn after_eval(&mut self, val: Option<f64>) {
