@@ -665,6 +665,119 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stackwise_proto::model::Capabilities;
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    type Inbox = UnboundedReceiver<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+    fn layerwise_spec(layers: usize, steps: u64, min: usize, max: usize) -> JobSpec {
+        let t = stackwise_worker::train::config::TrainingSection {
+            mode: stackwise_worker::train::config::TrainingMode::Layerwise,
+            steps,
+            ..Default::default()
+        };
+        let plan = crate::plan::plan(&t, layers).unwrap();
+        JobSpec {
+            run_id: "r".into(),
+            config_yaml: "run: {name: r}".into(),
+            total_steps: plan.total_steps(),
+            plan_json: serde_json::to_string(&plan).unwrap(),
+            run_uri: String::new(),
+            batch_size: 4,
+            min_workers: min,
+            max_workers: max,
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_millis(100),
+            rendezvous_grace: Duration::ZERO,
+            resume: false,
+            on_worker_loss: OnWorkerLoss::Stop,
+            until_step: None,
+        }
+    }
+
+    fn join(job: &mut Job, name: &str, now: Instant) -> (String, Inbox) {
+        let reg = Registration {
+            name: name.into(),
+            capabilities: Capabilities {
+                device_kind: DeviceKind::Cpu,
+                device: "cpu".into(),
+                memory_bytes: 1 << 30,
+                host: "localhost".into(),
+                cpu_threads: 1,
+            },
+            ring_address: format!("127.0.0.1:{}", 7000 + name.len()),
+        };
+        let id = job.register(reg, now).unwrap();
+        let (tx, rx) = unbounded_channel();
+        job.attach(&id, tx, now).unwrap();
+        (id, rx)
+    }
+
+    /// The RunStage commands waiting in an inbox.
+    fn run_stages(inbox: &mut Inbox) -> Vec<RunStage> {
+        let mut out = Vec::new();
+        while let Ok(Ok(m)) = inbox.try_recv() {
+            if let Ok((_, Command::RunStage(r))) = <(Fence, Command)>::try_from(m) {
+                out.push(*r);
+            }
+        }
+        out
+    }
+
+    fn stage_done(job: &mut Job, id: &str, step: u64, now: Instant) {
+        let r = WorkerReport {
+            fence: job.fence(),
+            worker_id: id.into(),
+            report: Report::StageDone(StageDone {
+                stage: job.stage,
+                step,
+                train_loss: None,
+                val_loss: None,
+                last_checkpoint: Some(format!("step-{step:08}")),
+                stopped_early: false,
+                stopped_on_request: false,
+            }),
+        };
+        job.on_report(r, now).unwrap();
+    }
+
+    #[test]
+    fn each_stage_is_a_generation_from_the_last_boundary_and_joiners_take_part_in_the_next() {
+        let now = Instant::now();
+        let mut job = Job::new(layerwise_spec(2, 4, 1, 2));
+        job.log_events = false;
+        let (a, mut inbox_a) = join(&mut job, "a", now);
+        job.reconcile(now);
+        let first = run_stages(&mut inbox_a);
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            (first[0].stage, first[0].world_size, first[0].until_step),
+            (0, 1, Some(2))
+        );
+        assert_eq!(first[0].resume_checkpoint, None);
+        // A second worker joins while stage 1 trains: it waits for the next stage.
+        let (b, mut inbox_b) = join(&mut job, "bb", now);
+        job.reconcile(now);
+        assert!(run_stages(&mut inbox_b).is_empty());
+        stage_done(&mut job, &a, 2, now);
+        job.reconcile(now);
+        assert_eq!(job.generation, 2);
+        for inbox in [&mut inbox_a, &mut inbox_b] {
+            let next = run_stages(inbox);
+            assert_eq!(next.len(), 1);
+            assert_eq!(
+                (next[0].stage, next[0].world_size, next[0].until_step),
+                (1, 2, Some(4))
+            );
+            assert_eq!(next[0].resume_checkpoint.as_deref(), Some("step-00000002"));
+        }
+        assert_eq!(job.status(now).stage_name, "2/2 layer 1");
+        stage_done(&mut job, &a, 4, now);
+        assert_eq!(job.phase.name(), "running", "rank 1 is not done yet");
+        stage_done(&mut job, &b, 4, now);
+        job.reconcile(now);
+        assert_eq!(job.phase, Phase::Finished);
+    }
 
     #[test]
     fn the_status_names_the_stage_rank_0_trains_from_the_plan() {
