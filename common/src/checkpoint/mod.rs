@@ -64,7 +64,8 @@ impl CheckpointStore {
 
     /// Write an object several checkpoints share (`object`, a path under `checkpoints/`
     /// outside the `step-*` folders) and return the manifest entry that references it as
-    /// `file`. Checkpoints list it without writing it again; retention never deletes it.
+    /// `file`. Checkpoints list it without writing it again; retention deletes it once no
+    /// remaining checkpoint references it.
     pub fn put_shared(
         &self,
         object: &str,
@@ -189,7 +190,9 @@ impl CheckpointStore {
     }
 
     /// Delete the checkpoints the retention policy drops (manifest first, so a half-deleted
-    /// checkpoint is never mistaken for a complete one).
+    /// checkpoint is never mistaken for a complete one), then the shared objects
+    /// (`put_shared`) no remaining checkpoint references. Call it after the newest manifest
+    /// is committed: a shared object written for a checkpoint not yet committed would go.
     pub fn apply_retention(&self, keep_last: usize) -> Result<Vec<String>, CheckpointError> {
         let all = self.manifests()?;
         let metas: Vec<(String, CheckpointMeta)> = all
@@ -201,6 +204,19 @@ impl CheckpointStore {
             self.store.delete(&format!("{name}/MANIFEST.json"))?;
             for (path, _) in self.store.list(name)? {
                 self.store.delete(&path)?;
+            }
+        }
+        if !drop.is_empty() {
+            let referenced: std::collections::HashSet<&str> = all
+                .iter()
+                .filter(|(n, _)| !drop.contains(n))
+                .flat_map(|(_, m)| m.files.iter().filter_map(|f| f.object.as_deref()))
+                .collect();
+            for (path, _) in self.store.list("")? {
+                if !path.starts_with("step-") && !referenced.contains(path.as_str()) {
+                    tracing::debug!(object = %path, "retention removed a shared object no checkpoint references");
+                    self.store.delete(&path)?;
+                }
             }
         }
         Ok(drop)
@@ -216,6 +232,43 @@ mod tests {
             val_loss: val,
             stage: None,
         }
+    }
+
+    #[test]
+    fn retention_deletes_shared_objects_once_no_checkpoint_references_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let ck = CheckpointStore::new(&run);
+        let file = |s: &str| vec![("model.safetensors".to_string(), Bytes::from(s.to_string()))];
+        let a = ck
+            .put_shared(
+                "frozen/stage-01/frozen.safetensors",
+                "frozen.safetensors",
+                Bytes::from("a"),
+            )
+            .unwrap();
+        ck.save_with_refs(10, meta(None), file("ten"), vec![a.clone()])
+            .unwrap();
+        ck.save_with_refs(20, meta(None), file("twenty"), vec![a])
+            .unwrap();
+        let b = ck
+            .put_shared(
+                "frozen/stage-02/frozen.safetensors",
+                "frozen.safetensors",
+                Bytes::from("b"),
+            )
+            .unwrap();
+        ck.save_with_refs(30, meta(None), file("thirty"), vec![b])
+            .unwrap();
+        let shared = |name: &str| ck.store.get(name).unwrap().is_some();
+        // step 20 still references stage 1's object.
+        assert_eq!(ck.apply_retention(2).unwrap(), vec!["step-00000010"]);
+        assert!(shared("frozen/stage-01/frozen.safetensors"));
+        assert_eq!(ck.apply_retention(1).unwrap(), vec!["step-00000020"]);
+        assert!(!shared("frozen/stage-01/frozen.safetensors"));
+        assert!(shared("frozen/stage-02/frozen.safetensors"));
+        let latest = ck.load_latest().unwrap().unwrap();
+        assert_eq!(latest.files["frozen.safetensors"], Bytes::from("b"));
     }
 
     #[test]
