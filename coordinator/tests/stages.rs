@@ -242,6 +242,50 @@ fn resume_in_the_middle_of_stage_2_of_3_is_exact() {
     assert!(frozen(&straight_out) == frozen(&resumed_out));
 }
 
+/// What the coordinator does: each stage in a fresh trainer, started from the checkpoint
+/// that ended the stage before.
+#[test]
+fn a_trainer_per_stage_resumed_at_each_boundary_matches_one_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 20_000);
+    let training = "mode: fused, total_blocks: 3, block_size: 1, steps_per_stage: 3, objective: diffusion, \
+                    time_step_masking: true, quantization_type: nf4, qlora_enabled: true, qlora_rank: 4";
+    let straight_out = dir.path().join("straight");
+    let mut straight = trainer(
+        config(&straight_out, &data, training),
+        &RunOptions::default(),
+    );
+    straight.run(&RunOptions::default()).unwrap();
+
+    let staged_out = dir.path().join("staged");
+    for (stage, end) in [(0, 3), (1, 6), (2, 9)] {
+        let opts = RunOptions {
+            resume: stage > 0,
+            until_step: Some(end),
+            ..Default::default()
+        };
+        let mut t = trainer(config(&staged_out, &data, training), &opts);
+        assert_eq!(t.stage().trainable, vec![stage], "starts stage {stage}");
+        assert_eq!(t.run(&opts).unwrap().step, end);
+    }
+    let file = |out: &Path, f: &str| {
+        std::fs::read(out.join(format!("runs/st/checkpoints/step-00000009/{f}"))).unwrap()
+    };
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            file(&straight_out, f) == file(&staged_out, f),
+            "{f} differs"
+        );
+    }
+    for f in [
+        "backups/stage-02/model.safetensors",
+        "frozen/stage-02/frozen.safetensors",
+    ] {
+        let read = |out: &Path| std::fs::read(out.join("runs/st/checkpoints").join(f)).unwrap();
+        assert!(read(&straight_out) == read(&staged_out), "{f} differs");
+    }
+}
+
 #[test]
 fn frozen_tensors_are_written_once_per_stage_and_export_makes_a_standalone_folder() {
     let dir = tempfile::tempdir().unwrap();

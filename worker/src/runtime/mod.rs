@@ -330,8 +330,7 @@ async fn session(
                     generation = fence.generation,
                     rank = rs.rank,
                     world = rs.world_size,
-                    "starting stage {} ({})",
-                    rs.stage,
+                    "starting stage {}",
                     rs.stage_name
                 );
                 work = Some(start(
@@ -395,6 +394,7 @@ fn start(
             .name(format!("train-rank{}", rs.rank))
             .spawn(move || {
                 let gen_ = fence.generation;
+                let stage_name = rs.stage_name.clone();
                 let send = |r: Report| {
                     let _ = up.send(report(gen_, r));
                 };
@@ -426,7 +426,7 @@ fn start(
                 );
                 match result {
                     Ok(done) => {
-                        tracing::info!(step = done.step, "stage {} done", done.stage);
+                        tracing::info!(step = done.step, "stage {stage_name} done");
                         send(Report::StageDone(done));
                     }
                     Err(_) if abort.load(Ordering::SeqCst) => {

@@ -36,6 +36,7 @@ use crate::models::params::{FrozenSet, StagePolicy};
 use crate::models::{ModelConfig, ParamBuilder, Params, Transformer, hf};
 use crate::objectives::{Batch, Masking, Objective, nll_and_hits};
 use crate::optim::{AdamW, AdamWConfig, Ema, Schedule};
+use stackwise_common::checkpoint::ManifestEntry;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -67,7 +68,7 @@ pub enum TrainEvent {
 /// A committed checkpoint, and the shared frozen-tensor object it wrote (first of a stage).
 struct SavedCheckpoint {
     name: String,
-    frozen: Option<stackwise_common::checkpoint::ManifestEntry>,
+    frozen: Option<ManifestEntry>,
 }
 
 /// The training was stopped from outside (`Trainer::set_abort`).
@@ -448,9 +449,33 @@ impl Trainer {
         }
         let mut weights = self.initial.clone();
         weights.extend(load("model.safetensors")?);
-        if c.files.contains_key("frozen.safetensors") {
-            weights.extend(load("frozen.safetensors")?);
+        let frozen = if c.files.contains_key("frozen.safetensors") {
+            load("frozen.safetensors")?
+        } else {
+            HashMap::new()
+        };
+        let ended_its_stage = state.step == self.plan.stage_end(state.stage)
+            && state.stage + 1 < self.plan.stages.len();
+        if ended_its_stage {
+            // The checkpoint ended its stage (the coordinator starts each stage from one):
+            // go straight to the next stage, with the frozen weights at full precision from
+            // the stage's backup, as `next_stage` would, without building the finished one.
+            match &state.backup {
+                Some(entry) => {
+                    let backup = self.read_backup(entry)?;
+                    for (name, t) in frozen {
+                        let full = backup.get(&name).cloned().unwrap_or(t);
+                        weights.insert(name, full);
+                    }
+                }
+                None => weights.extend(frozen),
+            }
+            self.state = state;
+            self.last_checkpoint = Some(c.name.clone());
+            tracing::info!(checkpoint = %c.name, step = self.state.step, "resumed at the end of stage {}", self.state.stage + 1);
+            return self.advance_stage(weights);
         }
+        weights.extend(frozen);
         self.state = TrainerState {
             schedule: stage_schedule(&self.cfg, &self.plan.stages[state.stage]),
             ..state
@@ -572,9 +597,9 @@ impl Trainer {
                 .put_shared(&object, "backup.safetensors", bytes)
                 .with_context(|| format!("write the full-precision backup {object}"))?
         } else {
-            stackwise_common::checkpoint::ManifestEntry {
+            ManifestEntry {
                 object: Some(object),
-                ..stackwise_common::checkpoint::ManifestEntry::of("backup.safetensors", &bytes)
+                ..ManifestEntry::of("backup.safetensors", &bytes)
             }
         };
         self.state.backup = Some(entry);
@@ -593,24 +618,29 @@ impl Trainer {
                 .backup
                 .as_ref()
                 .context("quantized weights without a backup")?;
-            let object = entry.object.as_deref().unwrap_or(&entry.path);
-            let bytes = self
-                .ckpt
-                .store()
-                .get(object)?
-                .with_context(|| format!("the backup {object} is missing"))?;
-            entry
-                .verify(&bytes)
-                .map_err(|e| anyhow::anyhow!("backup {object}: {e}"))?;
-            let backup = candle_core::safetensors::load_buffer(&bytes, &self.device)?;
+            let backup = self.read_backup(entry)?;
             for name in quantized {
                 let t = backup
                     .get(&name)
-                    .with_context(|| format!("backup {object} has no {name}"))?;
+                    .with_context(|| format!("the stage's backup has no {name}"))?;
                 w.insert(name, t.clone());
             }
         }
         Ok(w)
+    }
+
+    /// A stage's full-precision backup, verified against its manifest entry.
+    fn read_backup(&self, entry: &ManifestEntry) -> Result<HashMap<String, Tensor>> {
+        let object = entry.object.as_deref().unwrap_or(&entry.path);
+        let bytes = self
+            .ckpt
+            .store()
+            .get(object)?
+            .with_context(|| format!("the backup {object} is missing"))?;
+        entry
+            .verify(&bytes)
+            .map_err(|e| anyhow::anyhow!("backup {object}: {e}"))?;
+        Ok(candle_core::safetensors::load_buffer(&bytes, &self.device)?)
     }
 
     /// Move on to the next stage of the plan.
@@ -618,6 +648,11 @@ impl Trainer {
         // The boundary checkpoint belongs to the stage that ends.
         self.wait_pending_save()?;
         let weights = self.full_weights()?;
+        self.advance_stage(weights)
+    }
+
+    /// Enter the stage after the current one with `weights` (full precision).
+    fn advance_stage(&mut self, weights: HashMap<String, Tensor>) -> Result<()> {
         self.state.stage += 1;
         self.state.backup = None;
         self.state.frozen_shared = None;
@@ -627,6 +662,25 @@ impl Trainer {
         self.state.best_val_loss = None;
         self.state.evals_since_best = 0;
         self.enter_stage(weights)
+    }
+
+    /// "stage 2/3: block 1 (layers 4-7) | 265600 trainable parameters | diffusion at mask
+    /// fraction 0.65 | 100 steps".
+    fn stage_line(&self) -> String {
+        let s = self.stage();
+        format!(
+            "stage {}/{}: {} | {} trainable parameters | {} | {} steps",
+            self.state.stage + 1,
+            self.plan.stages.len(),
+            s.name,
+            self.params.count(),
+            match s.eval_fraction() {
+                Some(f) => format!("{:?} at mask fraction {f:.2}", s.objective),
+                None => format!("{:?}", s.objective),
+            }
+            .to_lowercase(),
+            s.steps
+        )
     }
 
     /// The current stage.
@@ -1010,6 +1064,10 @@ impl Trainer {
             if self.packed { " (packed)" } else { "" },
             self.state.step
         ));
+        if self.state.stage > 0 && self.state.step == self.plan.stage_start(self.state.stage) {
+            // Resumed at the checkpoint that ended the stage before.
+            rep.line(&self.stage_line());
+        }
         let started = Instant::now();
         let (mut window_tokens, mut window_start) = (0usize, Instant::now());
         let mut last_loss = None;
@@ -1027,20 +1085,7 @@ impl Trainer {
                 && self.state.stage + 1 < self.plan.stages.len()
             {
                 self.next_stage()?;
-                let s = self.stage();
-                rep.line(&format!(
-                    "stage {}/{}: {} | {} trainable parameters | {} | {} steps",
-                    self.state.stage + 1,
-                    self.plan.stages.len(),
-                    s.name,
-                    self.params.count(),
-                    match s.eval_fraction() {
-                        Some(f) => format!("{:?} at mask fraction {f:.2}", s.objective),
-                        None => format!("{:?}", s.objective),
-                    }
-                    .to_lowercase(),
-                    s.steps
-                ));
+                rep.line(&self.stage_line());
             }
             if t.eval_every > 0
                 && self.plan.stages.len() > 1
