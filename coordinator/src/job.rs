@@ -378,18 +378,20 @@ impl Job {
                     self.generation
                 ));
                 self.broadcast(Command::Abort { reason: why });
-                for m in self.members_mut_ids() {
-                    if let Some(m) = self.members.get_mut(&m) {
-                        m.rank = None;
-                    }
-                }
+                self.clear_ranks();
                 self.phase = Phase::Waiting { enough_since: None };
             }
         }
     }
 
-    fn members_mut_ids(&self) -> Vec<String> {
-        self.members.members().map(|m| m.id.clone()).collect()
+    /// The generation is over: no member holds a rank until the next one forms.
+    fn clear_ranks(&mut self) {
+        let ids: Vec<String> = self.members.members().map(|m| m.id.clone()).collect();
+        for id in ids {
+            if let Some(m) = self.members.get_mut(&id) {
+                m.rank = None;
+            }
+        }
     }
 
     /// End the job; every worker is told to shut down.
@@ -452,11 +454,7 @@ impl Job {
                             self.stage_name()
                         ));
                         self.next_stage_from = Some((ckpt, step));
-                        for id in self.members_mut_ids() {
-                            if let Some(m) = self.members.get_mut(&id) {
-                                m.rank = None;
-                            }
-                        }
+                        self.clear_ranks();
                         self.phase = Phase::Waiting { enough_since: None };
                         self.reconcile_waiting(now);
                     }

@@ -26,6 +26,16 @@ training: {{batch_size: 4, lr: 1.0e-2, warmup_steps: 1, eval_every: 100, eval_ba
     serde_yaml::from_str(&yaml).unwrap()
 }
 
+/// Three one-layer fused blocks with time-step-masked diffusion, the frozen ones in NF4 with
+/// QLoRA adapters.
+fn fused_nf4_qlora(steps_per_stage: u64) -> String {
+    format!(
+        "mode: fused, total_blocks: 3, block_size: 1, steps_per_stage: {steps_per_stage}, \
+         objective: diffusion, time_step_masking: true, quantization_type: nf4, \
+         qlora_enabled: true, qlora_rank: 4"
+    )
+}
+
 fn trainer(cfg: TrainConfig, opts: &RunOptions) -> Trainer {
     let plan = plan_config(&cfg).unwrap();
     let opts = RunOptions {
@@ -52,12 +62,7 @@ fn until(step: u64) -> RunOptions {
 fn frozen_layers_stay_bitwise_and_gradients_reach_every_trainable_parameter() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::dataset(dir.path(), 20_000);
-    let cfg = config(
-        &dir.path().join("out"),
-        &data,
-        "mode: fused, total_blocks: 3, block_size: 1, steps_per_stage: 3, objective: diffusion, \
-         time_step_masking: true, quantization_type: nf4, qlora_enabled: true, qlora_rank: 4",
-    );
+    let cfg = config(&dir.path().join("out"), &data, &fused_nf4_qlora(3));
     let mut t = trainer(cfg, &RunOptions::default());
     t.run(&until(3)).unwrap();
     let end_of_block_0 = values(&t.params().tensors().unwrap());
@@ -178,8 +183,7 @@ fn early_stopping_ends_a_stage_and_the_next_one_starts() {
 fn resume_in_the_middle_of_stage_2_of_3_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::dataset(dir.path(), 20_000);
-    let training = "mode: fused, total_blocks: 3, block_size: 1, steps_per_stage: 4, objective: diffusion, \
-                    time_step_masking: true, quantization_type: nf4, qlora_enabled: true, qlora_rank: 4";
+    let training = &fused_nf4_qlora(4);
     let straight_out = dir.path().join("straight");
     let mut straight = trainer(
         config(&straight_out, &data, training),
@@ -248,8 +252,7 @@ fn resume_in_the_middle_of_stage_2_of_3_is_exact() {
 fn a_trainer_per_stage_resumed_at_each_boundary_matches_one_straight_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::dataset(dir.path(), 20_000);
-    let training = "mode: fused, total_blocks: 3, block_size: 1, steps_per_stage: 3, objective: diffusion, \
-                    time_step_masking: true, quantization_type: nf4, qlora_enabled: true, qlora_rank: 4";
+    let training = &fused_nf4_qlora(3);
     let straight_out = dir.path().join("straight");
     let mut straight = trainer(
         config(&straight_out, &data, training),
