@@ -10,7 +10,7 @@ cargo build --release --quiet -p stackwise-coordinator
 sw=$PWD/target/release/stackwise
 work=$PWD/target/bench-actcache
 rm -rf "$work" && mkdir -p "$work"
-head -c 30000 coordinator/assets/corpus/macbeth.txt > "$work/m.txt"
+head -c 30000 cli/assets/corpus/macbeth.txt > "$work/m.txt"
 $sw data prepare "$work/m.txt" --out "$work/data" --train-tokenizer byte >/dev/null 2>&1
 for c in none memory disk; do
   cat > "$work/$c.yaml" <<YAML

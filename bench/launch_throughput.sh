@@ -10,7 +10,7 @@ cargo build --release --quiet -p stackwise-coordinator
 sw=target/release/stackwise
 work=target/bench-launch
 rm -rf "$work" && mkdir -p "$work"
-$sw data prepare coordinator/assets/corpus/*.txt --out "$work/data" --train-tokenizer byte >/dev/null 2>&1
+$sw data prepare cli/assets/corpus/*.txt --out "$work/data" --train-tokenizer byte >/dev/null 2>&1
 cat > "$work/bench.yaml" <<YAML
 run: {name: bench, output: $PWD/$work/out, seed: 1}
 model: {d_model: 256, n_layers: 4, n_heads: 4, seq_len: 128}

@@ -13,7 +13,7 @@ cargo build --release --quiet -p stackwise-coordinator
 sw=target/release/stackwise
 work=target/bench-stackwise
 rm -rf "$work" && mkdir -p "$work"
-$sw data prepare coordinator/assets/corpus/macbeth.txt coordinator/assets/corpus/comedy_of_errors.txt \
+$sw data prepare cli/assets/corpus/macbeth.txt cli/assets/corpus/comedy_of_errors.txt \
   --out "$work/data" --train-tokenizer byte >/dev/null 2>&1
 base() {
 cat <<YAML
@@ -27,7 +27,7 @@ YAML
 for m in end_to_end layerwise; do
   echo "training $m ($total steps)" >&2
   $sw train "$work/$m.yaml" --no-progress --json > "$work/$m.summary.json" 2> "$work/$m.log"
-  $sw eval --model "$work/out/runs/$m" --data coordinator/assets/corpus/midsummer_nights_dream.txt \
+  $sw eval --model "$work/out/runs/$m" --data cli/assets/corpus/midsummer_nights_dream.txt \
     --seq-len 128 --batch 8 --mask-fractions 0.15,0.5,0.9 --json > "$work/$m.eval.json" 2>/dev/null
 done
 python3 - "$work" <<'PY'

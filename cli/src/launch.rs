@@ -14,9 +14,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::{Duration, Instant};
 
-use crate::job::{OnWorkerLoss, Phase};
-use crate::service::Coordinator;
-use crate::spec::{SpecOptions, job_spec, load_config};
+use stackwise_common::config::{DeviceSpec, load_config};
+use stackwise_coordinator::{Coordinator, GroupOptions, OnWorkerLoss, Phase, Shared, job_spec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LaunchDevice {
@@ -120,7 +119,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
     let cfg = load_config(&o.config, &o.sets)?;
     let spec = job_spec(
         cfg,
-        SpecOptions {
+        GroupOptions {
             min_workers: o.workers,
             max_workers: o.workers,
             lease: o.lease,
@@ -131,26 +130,12 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
             until_step: o.until_step,
         },
     )?;
-    if !spec.batch_size.is_multiple_of(o.workers) {
-        return Err(anyhow!(
-            "training.batch_size ({}) is the global batch and must divide by --workers ({}); change one of them",
-            spec.batch_size,
-            o.workers
-        ));
-    }
     let run_id = spec.run_id.clone();
-    let total = spec
-        .until_step
-        .unwrap_or(spec.total_steps)
-        .min(spec.total_steps);
+    let total = spec.target_step();
     let token = random_token()?;
     let coord = Coordinator::start(spec, "127.0.0.1:0", Some(token.clone()), None).await?;
     let url = format!("http://{}", coord.addr);
-    coord
-        .job
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .log_events = false;
+    coord.job().log_events = false;
 
     let bar = (o.progress && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(total);
@@ -178,8 +163,8 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         (all / o.workers).max(1)
     });
     let device_of = |i: usize| match o.device {
-        LaunchDevice::Cpu => "cpu".to_string(),
-        LaunchDevice::Cuda => format!("cuda:{i}"),
+        LaunchDevice::Cpu => DeviceSpec::Cpu,
+        LaunchDevice::Cuda => DeviceSpec::Cuda(i),
     };
 
     let mut locals: Vec<LocalWorker> = Vec::new();
@@ -215,7 +200,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
                 &exe,
                 &url,
                 &token,
-                &device_of(i),
+                device_of(i),
                 threads,
                 &coord,
                 &printer,
@@ -255,7 +240,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         }
         // Coordinator events and progress.
         {
-            let job = coord.job.lock().unwrap_or_else(|p| p.into_inner());
+            let job = coord.job();
             for e in &job.events[seen_events..] {
                 printer.line(&format!("[coordinator] {e}"));
             }
@@ -302,14 +287,13 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
                     &exe,
                     &url,
                     &token,
-                    &device_of(i),
+                    device_of(i),
                     threads,
                     &coord,
                     &printer,
                 )?;
             } else if o.on_worker_loss == OnWorkerLoss::Stop || w.restarts >= o.max_restarts {
-                let mut job = coord.job.lock().unwrap_or_else(|p| p.into_inner());
-                job.finish(Phase::Failed(format!("{what}; stopping the job")));
+                coord.fail_job(format!("{what}; stopping the job"));
             }
         }
     };
@@ -345,7 +329,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         }
     }
     {
-        let job = coord.job.lock().unwrap_or_else(|p| p.into_inner());
+        let job = coord.job();
         for e in &job.events[seen_events..] {
             printer.line(&format!("[coordinator] {e}"));
         }
@@ -376,7 +360,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
     }
     let status = coord.status();
     let (last_checkpoint, generations, tokens_per_s) = {
-        let job = coord.job.lock().unwrap_or_else(|p| p.into_inner());
+        let job = coord.job();
         (
             job.last_checkpoint.clone(),
             job.generations_formed,
@@ -418,14 +402,15 @@ fn rank_in_message(msg: &str) -> Option<u32> {
 }
 
 fn rank_of(coord: &Coordinator, name: &str) -> Option<u32> {
-    member_rank(&coord.job, name).flatten()
+    member_rank(&coord.shared, name).flatten()
 }
 
 /// `Some(rank)` while the worker called `name` is a member (the rank is `None` between
 /// generations), `None` once it has left the job.
-fn member_rank(job: &std::sync::Mutex<crate::Job>, name: &str) -> Option<Option<u32>> {
-    let job = job.lock().unwrap_or_else(|p| p.into_inner());
-    job.members
+fn member_rank(shared: &Shared, name: &str) -> Option<Option<u32>> {
+    shared
+        .job()
+        .members
         .members()
         .find(|m| m.name == name)
         .map(|m| m.rank)
@@ -437,7 +422,7 @@ fn spawn_worker(
     exe: &std::path::Path,
     url: &str,
     token: &str,
-    device: &str,
+    device: DeviceSpec,
     threads: usize,
     coord: &Coordinator,
     printer: &Arc<Printer>,
@@ -454,7 +439,7 @@ fn spawn_worker(
             "--name",
             &w.name,
             "--device",
-            device,
+            &device.to_string(),
             "--ring-bind",
             "127.0.0.1:0",
         ])
@@ -477,7 +462,7 @@ fn spawn_worker(
         child.stderr.take().map(|s| Box::new(s) as _),
     ];
     for stream in streams.into_iter().flatten() {
-        let (printer, name, job) = (printer.clone(), w.name.clone(), coord.job.clone());
+        let (printer, name, job) = (printer.clone(), w.name.clone(), coord.shared.clone());
         tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
             let mut last_rank = None;

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod launch;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -52,7 +53,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     stackwise_worker::alloc::tune_for_training();
-    cli::init_logging();
+    cli::logging::init_logging();
     if let Some(n) = cli.threads {
         // SAFETY: no other thread exists yet; candle and rayon read this once, at first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };

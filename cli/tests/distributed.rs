@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use stackwise_coordinator::{Coordinator, JobSpec, OnWorkerLoss, Phase};
+use stackwise_common::config::TrainingSection;
+use stackwise_coordinator::{Coordinator, GroupOptions, JobSpec, OnWorkerLoss, Phase};
 use stackwise_proto::model::{Fence, Report, StepMetrics, WorkerReport};
 use stackwise_proto::{PROTOCOL_VERSION, pb};
 use stackwise_worker::runtime::Target;
@@ -190,21 +191,26 @@ fn a_killed_worker_stops_the_job_with_a_clear_message() {
 }
 
 fn spec(dir: &Path, min: usize, lease_ms: u64) -> JobSpec {
+    let training = TrainingSection {
+        steps: 10,
+        ..Default::default()
+    };
     JobSpec {
         run_id: "fence".into(),
         config_yaml: "data: {path: nowhere}".into(),
-        plan_json: String::new(),
+        plan: stackwise_common::plan::plan(&training, 2).unwrap(),
         run_uri: dir.display().to_string(),
-        total_steps: 10,
         batch_size: 4,
-        min_workers: min,
-        max_workers: min,
-        lease: Duration::from_millis(lease_ms),
-        heartbeat: Duration::from_millis(lease_ms / 5),
-        rendezvous_grace: Duration::ZERO,
-        resume: false,
-        on_worker_loss: OnWorkerLoss::Stop,
-        until_step: None,
+        group: GroupOptions {
+            min_workers: min,
+            max_workers: min,
+            lease: Duration::from_millis(lease_ms),
+            heartbeat: Duration::from_millis(lease_ms / 5),
+            rendezvous_grace: Duration::ZERO,
+            resume: false,
+            on_worker_loss: OnWorkerLoss::Stop,
+            until_step: None,
+        },
     }
 }
 

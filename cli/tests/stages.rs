@@ -5,10 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use stackwise_coordinator::plan::plan_config;
+use stackwise_common::config::TrainConfig;
+use stackwise_common::plan::plan_config;
 use stackwise_worker::comm::Local;
 use stackwise_worker::objectives::{Batch, Masking, Objective};
-use stackwise_worker::train::{RunOptions, TrainConfig, Trainer};
+use stackwise_worker::train::{RunOptions, Trainer};
 
 mod common;
 use common::{bin, ok};

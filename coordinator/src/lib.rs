@@ -1,12 +1,11 @@
-//! StackWise coordinator: membership (leases, generations), the job state machine, the gRPC
-//! service, and the single-node launcher. Hosts the `stackwise` binary (`src/main.rs`).
+//! StackWise's control plane: the pure job state machine (intent and observed state, which
+//! returns actions), membership (leases, generations), and the thin gRPC service that
+//! carries the actions out. It builds on `stackwise-common` and `stackwise-proto` alone —
+//! no tensor code; the `stackwise` binary (`cli/`) joins it with the worker.
 
 pub mod job;
-pub mod launch;
 pub mod membership;
-pub mod plan;
 pub mod service;
-pub mod spec;
 
-pub use job::{Job, JobSpec, OnWorkerLoss, Phase};
-pub use service::{Coordinator, TlsFiles};
+pub use job::{Action, GroupOptions, Job, JobSpec, OnWorkerLoss, Phase, job_spec};
+pub use service::{Coordinator, Shared, TlsFiles};

@@ -1,30 +1,91 @@
-//! The gRPC service: a thin tonic layer over `Job`, the shared-token check, TLS, and the
-//! reconcile ticker.
+//! The gRPC service: a thin tonic layer over the pure [`Job`]. Each RPC applies its message
+//! to the job under a short lock and then carries out the job's actions outside it: sends on
+//! the workers' session streams, and checkpoint lookups (manifests only) on a blocking
+//! thread. Also here: the shared-token check, TLS, and the reconcile ticker.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result};
+use stackwise_common::checkpoint::CheckpointStore;
+use stackwise_common::store::Store;
 use stackwise_proto::model::{ProtoError, Registration, Report, WorkerReport};
 use stackwise_proto::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use stackwise_proto::{AUTH_HEADER, pb};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::job::{Job, JobSpec, Phase};
+use crate::job::{Action, Job, JobSpec, Phase};
 
-pub type SharedJob = Arc<Mutex<Job>>;
+pub type Downlink = UnboundedSender<Result<pb::CoordinatorMessage, Status>>;
 
-fn lock(job: &SharedJob) -> std::sync::MutexGuard<'_, Job> {
+/// The job and the session streams its actions go out on.
+pub struct Shared {
+    job: Mutex<Job>,
+    /// Open session streams by worker, with the session number the job gave them.
+    links: Mutex<HashMap<String, (u64, Downlink)>>,
+    run_uri: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock is a bug; keep serving the state as it is.
-    job.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The run's newest checkpoint (name, step), from its manifests alone.
+fn newest_checkpoint(run_uri: &str) -> Result<Option<(String, u64)>, String> {
+    let store = Store::open(run_uri).map_err(|e| e.to_string())?;
+    CheckpointStore::new(&store)
+        .newest_manifest()
+        .map(|c| c.map(|(name, m)| (name, m.step)))
+        .map_err(|e| e.to_string())
+}
+
+impl Shared {
+    /// The job, for reading (or for changes that decide no action).
+    pub fn job(&self) -> MutexGuard<'_, Job> {
+        lock(&self.job)
+    }
+
+    /// Apply `f` to the job and carry out the actions it returns.
+    pub fn apply<R>(self: &Arc<Self>, f: impl FnOnce(&mut Job) -> (R, Vec<Action>)) -> R {
+        let (r, actions) = f(&mut self.job());
+        self.perform(actions);
+        r
+    }
+
+    /// Carry out the job's actions (never under the job's lock).
+    fn perform(self: &Arc<Self>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send { to, message } => {
+                    let mut links = lock(&self.links);
+                    if let Some((_, link)) = links.get(&to)
+                        && link.send(Ok(*message)).is_err()
+                    {
+                        // The stream is gone; its reader reports the close to the job.
+                        links.remove(&to);
+                    }
+                }
+                Action::FindCheckpoint => {
+                    let shared = self.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let found = newest_checkpoint(&shared.run_uri);
+                        shared.apply(|job| ((), job.checkpoint_found(found, Instant::now())));
+                    });
+                }
+            }
+        }
+    }
 }
 
 struct Service {
-    job: SharedJob,
+    shared: Arc<Shared>,
 }
 
 #[tonic::async_trait]
@@ -34,13 +95,13 @@ impl CoordinatorRpc for Service {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let reg: Registration = req.into_inner().try_into()?;
-        let mut job = lock(&self.job);
+        let mut job = self.shared.job();
         let worker_id = job.register(reg, Instant::now())?;
         Ok(Response::new(pb::RegisterResponse {
             run_id: job.spec.run_id.clone(),
             worker_id,
-            lease_ms: job.spec.lease.as_millis() as u64,
-            heartbeat_ms: job.spec.heartbeat.as_millis() as u64,
+            lease_ms: job.spec.group.lease.as_millis() as u64,
+            heartbeat_ms: job.spec.group.heartbeat.as_millis() as u64,
         }))
     }
 
@@ -63,12 +124,18 @@ impl CoordinatorRpc for Service {
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let id = hello.worker_id.clone();
-        let session = {
-            let mut job = lock(&self.job);
-            job.on_report(hello, Instant::now())?;
-            job.attach(&id, tx.clone(), Instant::now())?
+        let shared = self.shared.clone();
+        let (session, actions) = {
+            let mut job = shared.job();
+            let mut actions = job.on_report(hello, Instant::now())?;
+            let (session, more) = job.attach(&id, Instant::now())?;
+            // The link is in place before the job's lock is released: nothing sent to this
+            // session can be lost between attaching and listening.
+            lock(&shared.links).insert(id.clone(), (session, tx.clone()));
+            actions.extend(more);
+            (session, actions)
         };
-        let job = self.job.clone();
+        shared.perform(actions);
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -80,7 +147,9 @@ impl CoordinatorRpc for Service {
                                     msg: format!("{} on the session of {id}", r.worker_id),
                                 });
                             }
-                            lock(&job).on_report(r, Instant::now())
+                            let actions = shared.job().on_report(r, Instant::now())?;
+                            shared.perform(actions);
+                            Ok(())
                         });
                         if let Err(e) = applied {
                             tracing::warn!(worker = %id, "refused a report: {e}");
@@ -90,7 +159,13 @@ impl CoordinatorRpc for Service {
                         }
                     }
                     Ok(None) | Err(_) => {
-                        lock(&job).stream_closed(&id, session);
+                        {
+                            let mut links = lock(&shared.links);
+                            if links.get(&id).is_some_and(|(s, _)| *s == session) {
+                                links.remove(&id);
+                            }
+                        }
+                        shared.apply(|job| ((), job.stream_closed(&id, session)));
                         return;
                     }
                 }
@@ -103,7 +178,7 @@ impl CoordinatorRpc for Service {
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        Ok(Response::new(lock(&self.job).status(Instant::now())))
+        Ok(Response::new(self.shared.job().status(Instant::now())))
     }
 
     async fn stop(
@@ -116,7 +191,8 @@ impl CoordinatorRpc for Service {
         } else {
             reason
         };
-        lock(&self.job).finish(Phase::Stopped(reason));
+        self.shared
+            .apply(|job| ((), job.finish(Phase::Stopped(reason))));
         Ok(Response::new(pb::StopResponse {}))
     }
 }
@@ -168,7 +244,7 @@ pub struct TlsFiles {
 
 /// A running coordinator: the gRPC server plus the reconcile ticker.
 pub struct Coordinator {
-    pub job: SharedJob,
+    pub shared: Arc<Shared>,
     pub addr: SocketAddr,
     stop_server: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -188,9 +264,15 @@ impl Coordinator {
             .await
             .with_context(|| format!("bind the coordinator to {bind}"))?;
         let addr = listener.local_addr()?;
-        let job: SharedJob = Arc::new(Mutex::new(Job::new(spec)));
+        let shared = Arc::new(Shared {
+            run_uri: spec.run_uri.clone(),
+            job: Mutex::new(Job::new(spec)),
+            links: Mutex::new(HashMap::new()),
+        });
         let service = CoordinatorServer::with_interceptor(
-            Service { job: job.clone() },
+            Service {
+                shared: shared.clone(),
+            },
             TokenCheck::new(token),
         );
         let mut builder = tonic::transport::Server::builder();
@@ -209,16 +291,16 @@ impl Coordinator {
                     let _ = stop_rx.await;
                 }),
         );
-        let tick_job = job.clone();
+        let tick = shared.clone();
         let ticker = tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis(100));
             loop {
                 every.tick().await;
-                lock(&tick_job).reconcile(Instant::now());
+                tick.apply(|job| ((), job.reconcile(Instant::now())));
             }
         });
         Ok(Self {
-            job,
+            shared,
             addr,
             stop_server: Some(stop_tx),
             server,
@@ -226,21 +308,34 @@ impl Coordinator {
         })
     }
 
+    /// The job, for reading.
+    pub fn job(&self) -> MutexGuard<'_, Job> {
+        self.shared.job()
+    }
+
     pub fn phase(&self) -> Phase {
-        lock(&self.job).phase.clone()
+        self.job().phase.clone()
     }
 
     pub fn status(&self) -> pb::JobStatus {
-        lock(&self.job).status(Instant::now())
+        self.job().status(Instant::now())
     }
 
     pub fn stop_job(&self, reason: String) {
-        lock(&self.job).finish(Phase::Stopped(reason));
+        self.shared
+            .apply(|job| ((), job.finish(Phase::Stopped(reason))));
+    }
+
+    /// End the job as failed (e.g. the launcher saw a worker process die).
+    pub fn fail_job(&self, reason: String) {
+        self.shared
+            .apply(|job| ((), job.finish(Phase::Failed(reason))));
     }
 
     /// Graceful stop: checkpoint at a step all ranks agree on, then stop.
     pub fn checkpoint_and_stop(&self, reason: String) {
-        lock(&self.job).checkpoint_and_stop(reason, Instant::now());
+        self.shared
+            .apply(|job| ((), job.checkpoint_and_stop(reason, Instant::now())));
     }
 
     /// Wait until the job is over.
@@ -257,7 +352,7 @@ impl Coordinator {
     /// Give workers up to `grace` to close their streams after Shutdown, then stop serving.
     pub async fn shutdown(mut self, grace: Duration) {
         let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && lock(&self.job).connected() > 0 {
+        while Instant::now() < deadline && self.job().connected() > 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.ticker.abort();

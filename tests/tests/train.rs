@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Device;
+use stackwise_common::config::TrainConfig;
 use stackwise_common::data::prepare::{PrepareOptions, prepare};
 use stackwise_common::store::Store;
 use stackwise_common::tokenizer::{Tok, TokenizerKind};
-use stackwise_worker::train::{RunOptions, TrainConfig, Trainer};
+use stackwise_worker::train::{RunOptions, Trainer};
 
 fn dataset(dir: &Path, name: &str, text: &str, jsonl: bool) -> String {
     let src = dir.join(if jsonl {

@@ -1,7 +1,10 @@
 //! StackWise worker: candle models, objectives, optimizer, the trainer and generation.
 
+pub mod adapters;
 pub mod alloc;
+pub mod checkpoint;
 pub mod comm;
+pub mod device;
 pub mod generate;
 pub mod models;
 pub mod objectives;

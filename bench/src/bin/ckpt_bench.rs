@@ -10,8 +10,8 @@ use bytes::Bytes;
 use candle_core::Device;
 use clap::Parser;
 use stackwise_common::checkpoint::{CheckpointMeta, CheckpointStore};
+use stackwise_common::config::RawModelConfig;
 use stackwise_common::store::Store;
-use stackwise_worker::models::config::RawModelConfig;
 use stackwise_worker::models::{Transformer, hf};
 use stackwise_worker::optim::{AdamW, AdamWConfig};
 

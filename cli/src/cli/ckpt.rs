@@ -4,6 +4,8 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use stackwise_common::checkpoint::{CheckpointError, CheckpointStore, Manifest};
 use stackwise_common::store::Store;
+use stackwise_worker::checkpoint as layout;
+use stackwise_worker::models::hf;
 
 #[derive(Subcommand)]
 pub enum CkptCommand {
@@ -77,21 +79,20 @@ fn export(uri: &str, out: &std::path::Path, ema: bool) -> Result<()> {
             .with_context(|| format!("{uri}: no checkpoint with a valid manifest"))?,
     };
     let device = candle_core::Device::Cpu;
-    let weights = super::model_source::checkpoint_weights(&ck, ema, &device)?;
+    let weights = layout::load_weights(&ck, ema, &device)?;
     let sorted: std::collections::BTreeMap<String, candle_core::Tensor> =
         weights.into_iter().collect();
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-    let hf = stackwise_worker::models::hf::write_atomic;
-    hf(
-        &out.join("model.safetensors"),
-        &stackwise_worker::models::hf::params_to_safetensors(&sorted)?,
+    hf::write_atomic(
+        &out.join(layout::MODEL),
+        &hf::params_to_safetensors(&sorted)?,
     )?;
-    for f in ["config.json", "tokenizer.json"] {
+    for f in [layout::CONFIG, layout::TOKENIZER] {
         let bytes = ck
             .files
             .get(f)
             .with_context(|| format!("checkpoint {} has no {f}", ck.name))?;
-        hf(&out.join(f), bytes)?;
+        hf::write_atomic(&out.join(f), bytes)?;
     }
     println!(
         "exported {run_uri}/checkpoints/{} ({} tensors) to {}",
@@ -194,15 +195,18 @@ fn inspect(uri: &str) -> Result<()> {
         m.meta.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
         m.format_version
     );
-    if let Some(state) = c.store().get(&format!("{name}/trainer_state.json"))? {
-        let v: serde_json::Value = serde_json::from_slice(&state).context("trainer_state.json")?;
+    if let Some(state) = c
+        .store()
+        .get(&format!("{name}/{}", layout::TRAINER_STATE))?
+    {
+        let v: serde_json::Value = serde_json::from_slice(&state).context(layout::TRAINER_STATE)?;
         println!(
             "  data cursor epoch {} index {} | tokens seen {} | skipped steps {}",
             v["cursor"]["epoch"], v["cursor"]["index"], v["tokens_seen"], v["skipped_steps"]
         );
     }
-    if let Some(cfg) = c.store().get(&format!("{name}/config.json"))? {
-        let v: serde_json::Value = serde_json::from_slice(&cfg).context("config.json")?;
+    if let Some(cfg) = c.store().get(&format!("{name}/{}", layout::CONFIG))? {
+        let v: serde_json::Value = serde_json::from_slice(&cfg).context(layout::CONFIG)?;
         let keys = [
             "model_type",
             "n_layer",
@@ -232,8 +236,8 @@ fn inspect(uri: &str) -> Result<()> {
         );
     }
     println!("    {:<24} {:>11}", "total", human(total(&m)));
-    if let Some(bytes) = c.store().get(&format!("{name}/model.safetensors"))? {
-        let st = safetensors::SafeTensors::deserialize(&bytes).context("model.safetensors")?;
+    if let Some(bytes) = c.store().get(&format!("{name}/{}", layout::MODEL))? {
+        let st = safetensors::SafeTensors::deserialize(&bytes).context(layout::MODEL)?;
         let mut tensors: Vec<_> = st.tensors();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let params: usize = tensors

@@ -4,12 +4,14 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use stackwise_coordinator::launch::{LaunchDevice, LaunchError, LaunchOptions, launch};
-use stackwise_coordinator::spec::{SpecOptions, job_spec, load_config};
-use stackwise_coordinator::{Coordinator, OnWorkerLoss, Phase, TlsFiles};
+use stackwise_common::config::{DeviceSpec, load_config};
+use stackwise_coordinator::{Coordinator, GroupOptions, Phase, TlsFiles, job_spec};
 use stackwise_proto::pb;
 use stackwise_worker::runtime::{Target, WorkerOptions, run_worker};
 use tokio::time::Duration;
+
+use super::args::{CoordinatorTarget, LossArgs, OutputArgs, Overrides, ResumeArgs};
+use crate::launch::{LaunchDevice, LaunchError, LaunchOptions, launch};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -24,9 +26,8 @@ pub struct CoordinatorArgs {
     /// The training config (YAML); workers receive it resolved, with absolute paths.
     #[arg(long)]
     pub config: PathBuf,
-    /// Override a config key, e.g. --set training.lr=1e-3 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub overrides: Overrides,
     /// Address to serve gRPC on.
     #[arg(long, default_value = "0.0.0.0:50051")]
     pub bind: String,
@@ -51,21 +52,13 @@ pub struct CoordinatorArgs {
     /// TLS private key (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// A worker silent for this long is dropped.
-    #[arg(long, default_value_t = 10_000)]
-    pub lease_ms: u64,
     /// How often workers send heartbeats.
     #[arg(long, default_value_t = 1_000)]
     pub heartbeat_ms: u64,
-    /// Continue the run from its newest valid checkpoint.
-    #[arg(long)]
-    pub resume: bool,
-    /// Stop every rank at this step, with a checkpoint.
-    #[arg(long, value_name = "STEP")]
-    pub until_step: Option<u64>,
-    /// What to do when a worker of the running group is lost.
-    #[arg(long, value_enum, default_value_t = OnWorkerLoss::Stop)]
-    pub on_worker_loss: OnWorkerLoss,
+    #[command(flatten)]
+    pub loss: LossArgs,
+    #[command(flatten)]
+    pub run: ResumeArgs,
 }
 
 pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
@@ -82,18 +75,18 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
         }),
         _ => None,
     };
-    let cfg = load_config(&a.config, &a.sets)?;
+    let cfg = load_config(&a.config, &a.overrides.sets)?;
     let spec = job_spec(
         cfg,
-        SpecOptions {
+        GroupOptions {
             min_workers: a.min_workers,
             max_workers: a.max_workers.unwrap_or(a.min_workers),
-            lease: Duration::from_millis(a.lease_ms),
+            lease: a.loss.lease(),
             heartbeat: Duration::from_millis(a.heartbeat_ms),
             rendezvous_grace: Duration::from_millis(a.rendezvous_grace_ms),
-            resume: a.resume,
-            on_worker_loss: a.on_worker_loss,
-            until_step: a.until_step,
+            resume: a.run.resume,
+            on_worker_loss: a.loss.on_worker_loss,
+            until_step: a.run.until_step,
         },
     )?;
     let run_id = spec.run_id.clone();
@@ -147,21 +140,14 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// The coordinator, e.g. http://10.0.0.1:50051 (https:// with TLS).
-    #[arg(long)]
-    pub coordinator: String,
-    /// File holding the shared token (else STACKWISE_TOKEN).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// CA certificate (PEM) for an https coordinator with a private CA.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: CoordinatorTarget,
     /// Name shown in logs and `stackwise status` (default: host name and pid).
     #[arg(long)]
     pub name: Option<String>,
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// Where to accept ring connections from the previous rank.
     #[arg(long, default_value = "0.0.0.0:0")]
     pub ring_bind: String,
@@ -174,11 +160,7 @@ pub struct WorkerArgs {
 }
 
 pub fn run_worker_cmd(a: WorkerArgs) -> Result<()> {
-    let target = Target {
-        url: a.coordinator,
-        token: Target::token_from(a.token_file.as_deref())?,
-        tls_ca: a.tls_ca,
-    };
+    let target = a.target.target()?;
     let name = a.name.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -206,51 +188,38 @@ pub struct LaunchArgs {
     /// Run the coordinator and workers as tasks of this process (for a debugger).
     #[arg(long)]
     pub in_process: bool,
-    /// Override a config key (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// Continue the run from its newest valid checkpoint.
-    #[arg(long)]
-    pub resume: bool,
-    /// Stop at this step with a checkpoint (the LR schedule still spans training.steps).
-    #[arg(long, value_name = "STEP")]
-    pub until_step: Option<u64>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+    #[command(flatten)]
+    pub run: ResumeArgs,
     /// CPU threads per worker (default: this machine's threads / workers).
     #[arg(long)]
     pub threads_per_worker: Option<usize>,
-    /// A worker silent for this long is dropped.
-    #[arg(long, default_value_t = 10_000)]
-    pub lease_ms: u64,
-    /// stop: end the job when a worker dies; recover: restart it and continue from the last checkpoint.
-    #[arg(long, value_enum, default_value_t = OnWorkerLoss::Stop)]
-    pub on_worker_loss: OnWorkerLoss,
+    #[command(flatten)]
+    pub loss: LossArgs,
     /// With --on-worker-loss recover: restarts per worker.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: usize,
-    /// Plain log lines even on a terminal.
-    #[arg(long)]
-    pub no_progress: bool,
-    /// Print the final summary as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 pub fn run_launch(a: LaunchArgs) -> Result<()> {
     let opts = LaunchOptions {
         config: a.config,
-        sets: a.sets,
+        sets: a.overrides.sets,
         workers: a.workers,
         device: a.device,
         in_process: a.in_process,
-        resume: a.resume,
-        until_step: a.until_step,
+        resume: a.run.resume,
+        until_step: a.run.until_step,
         threads_per_worker: a.threads_per_worker,
-        lease: Duration::from_millis(a.lease_ms),
-        on_worker_loss: a.on_worker_loss,
+        lease: a.loss.lease(),
+        on_worker_loss: a.loss.on_worker_loss,
         max_restarts: a.max_restarts,
-        progress: !a.no_progress,
+        progress: !a.output.no_progress,
     };
-    let json = a.json;
+    let json = a.output.json;
     let result = runtime()?.block_on(launch(opts));
     match result {
         Ok(s) => {
@@ -283,24 +252,15 @@ pub fn run_launch(a: LaunchArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// The coordinator, e.g. http://10.0.0.1:50051.
-    #[arg(long)]
-    pub coordinator: String,
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: CoordinatorTarget,
     /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run_status(a: StatusArgs) -> Result<()> {
-    let target = Target {
-        url: a.coordinator,
-        token: Target::token_from(a.token_file.as_deref())?,
-        tls_ca: a.tls_ca,
-    };
+    let target = a.target.target()?;
     let s: pb::JobStatus = runtime()?.block_on(async {
         let mut c = target.connect().await?;
         anyhow::Ok(

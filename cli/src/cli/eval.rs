@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::Args;
-use stackwise_worker::objectives::{Batch, Masking, Objective, nll_and_hits, nll_sum};
+use stackwise_worker::objectives::{Batch, Masking, Objective, Totals};
 
 use super::model_source;
 
@@ -76,22 +76,20 @@ fn masked_eval(
             fractions: vec![f],
             seed: a.seed,
         };
-        let (mut sum, mut hits, mut n) = (0f64, 0usize, 0usize);
+        let mut totals = Totals::default();
         for (i, chunk) in rows.chunks(a.batch).enumerate() {
             let keys: Vec<u64> = (0..chunk.len()).map(|j| (i * a.batch + j) as u64).collect();
             let mut b = Batch::masked(chunk, &keys, 0, &masking, &Device::Cpu)?;
             // Plain mean over masked tokens (not the 1/t training weight).
             b.weights = b.weights.ones_like()?;
-            let (s, h) = nll_and_hits(&m.model, &b)?;
-            sum += s;
-            hits += h;
-            n += b.predicted();
+            totals.add(&m.model, &b)?;
         }
+        let n = totals.predicted.max(1.0);
         out.push(MaskedResult {
             mask_fraction: f,
-            loss: sum / n.max(1) as f64,
-            accuracy: hits as f64 / n.max(1) as f64,
-            masked_tokens: n,
+            loss: totals.nll / n,
+            accuracy: totals.hits / n,
+            masked_tokens: totals.predicted as usize,
         });
     }
     Ok(out)
@@ -138,7 +136,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
             a.seq_len
         );
     }
-    let (mut sum, mut count) = (0f64, 0f64);
     let rows: Vec<(Vec<u32>, Vec<f32>)> = ids
         .chunks_exact(a.seq_len)
         .map(|c| (c.to_vec(), vec![1.0; a.seq_len]))
@@ -160,14 +157,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         return Ok(());
     }
+    let mut totals = Totals::default();
     for chunk in rows.chunks(a.batch) {
-        let b = Batch::from_rows(chunk, &device)?;
-        sum += nll_sum(&m.model, &b)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        count += b.weight()?;
+        totals.add(&m.model, &Batch::from_rows(chunk, &device)?)?;
     }
-    let loss = sum / count;
+    let loss = totals.mean().context("no predicted position")?;
     let r = EvalResult {
         loss,
         perplexity: loss.exp(),

@@ -113,8 +113,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         use_cache: !a.no_cache,
         eos_token_id: m.tok.eos_id().or(m.model.cfg.eos_token_id),
     };
-    let bidirectional = m.model.cfg.attention_mode
-        == stackwise_worker::models::config::AttentionMode::Bidirectional;
+    let bidirectional =
+        m.model.cfg.attention_mode == stackwise_common::config::AttentionMode::Bidirectional;
     let diffusion = match a.sampler {
         Sampler::Ar => false,
         Sampler::Diffusion => true,

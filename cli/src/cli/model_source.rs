@@ -5,12 +5,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use std::collections::HashMap;
-
-use candle_core::Tensor;
 use stackwise_common::checkpoint::{CheckpointStore, LoadedCheckpoint};
 use stackwise_common::store::Store;
 use stackwise_common::tokenizer::Tok;
+use stackwise_worker::checkpoint as layout;
 use stackwise_worker::models::{ModelConfig, Transformer, hf};
 
 pub struct LoadedModel {
@@ -19,15 +17,15 @@ pub struct LoadedModel {
     pub source: String,
 }
 
-/// Load a model and its tokenizer. `ema`: use `ema.safetensors` when the checkpoint has one.
+/// Load a model and its tokenizer. `ema`: use the EMA weights when the checkpoint has them.
 pub fn load(path: &Path, ema: bool, device: &Device) -> Result<LoadedModel> {
     if let Some(ck) = checkpoint_folder(path)? {
         return from_checkpoint(&ck, ema, device, path.display().to_string());
     }
-    if path.join("config.json").exists() {
-        let cfg = hf::read_config(path)?;
-        let weights = if ema && path.join("ema.safetensors").exists() {
-            candle_core::safetensors::load(path.join("ema.safetensors"), device)?
+    if path.join(layout::CONFIG).exists() {
+        let cfg = ModelConfig::read_hf_dir(path)?;
+        let weights = if ema && path.join(layout::EMA).exists() {
+            candle_core::safetensors::load(path.join(layout::EMA), device)?
         } else {
             hf::read_safetensors_dir(path, device)?
         };
@@ -55,51 +53,19 @@ pub fn load(path: &Path, ema: bool, device: &Device) -> Result<LoadedModel> {
     )
 }
 
-/// A verified checkpoint's weights: `model.safetensors` (or the EMA weights) plus the frozen
-/// tensors its stage shares between checkpoints.
-pub fn checkpoint_weights(
-    ck: &LoadedCheckpoint,
-    ema: bool,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let file = |name: &str| {
-        ck.files
-            .get(name)
-            .with_context(|| format!("checkpoint {} has no {name}", ck.name))
-    };
-    let weights_file = if ema && ck.files.contains_key("ema.safetensors") {
-        "ema.safetensors"
-    } else {
-        "model.safetensors"
-    };
-    let mut weights = candle_core::safetensors::load_buffer(file(weights_file)?, device)?;
-    if let Some(frozen) = ck.files.get("frozen.safetensors") {
-        weights.extend(candle_core::safetensors::load_buffer(frozen, device)?);
-    }
-    Ok(weights)
-}
-
 fn from_checkpoint(
     ck: &LoadedCheckpoint,
     ema: bool,
     device: &Device,
     source: String,
 ) -> Result<LoadedModel> {
-    let file = |name: &str| {
-        ck.files
-            .get(name)
-            .with_context(|| format!("checkpoint {} has no {name}", ck.name))
-    };
-    let cfg: serde_json::Value = serde_json::from_slice(file("config.json")?)?;
-    let cfg = ModelConfig::from_hf_json(&cfg)?;
-    let weights = checkpoint_weights(ck, ema, device)?;
+    let cfg = layout::model_config(ck)?;
+    let weights = layout::load_weights(ck, ema, device)?;
     let (model, _) =
         hf::model_from_tensors(&cfg, weights, device).with_context(|| format!("load {source}"))?;
-    let inner = tokenizers::Tokenizer::from_bytes(file("tokenizer.json")?)
-        .map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
     Ok(LoadedModel {
         model,
-        tok: Tok { inner },
+        tok: layout::tokenizer(ck)?,
         source,
     })
 }

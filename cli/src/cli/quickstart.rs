@@ -118,11 +118,9 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
     );
     train(TrainArgs {
         config,
-        sets: vec![],
-        resume: false,
-        until_step: None,
-        no_progress: false,
-        json: false,
+        overrides: Default::default(),
+        run: Default::default(),
+        output: Default::default(),
     })?;
     eprintln!("[3/3] sampling from {}", run_dir.display());
     generate(GenerateArgs {

@@ -4,30 +4,23 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use stackwise_common::config::load_config;
+use stackwise_common::plan::{plan_config, table};
 use stackwise_worker::train::{RunOptions, Trainer};
+
+use super::args::{OutputArgs, Overrides, ResumeArgs};
 
 #[derive(Args)]
 pub struct TrainArgs {
     /// The YAML config (see README: configuration reference).
     pub config: PathBuf,
-    /// Override a config key, e.g. --set training.lr=1e-3 (repeatable; after STACKWISE_* env).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// Continue the run from its newest valid checkpoint.
-    #[arg(long)]
-    pub resume: bool,
-    /// Stop with a checkpoint at this step (the LR schedule still spans training.steps).
-    #[arg(long, value_name = "STEP")]
-    pub until_step: Option<u64>,
-    /// Plain log lines even on a terminal.
-    #[arg(long)]
-    pub no_progress: bool,
-    /// Print the final summary as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub overrides: Overrides,
+    #[command(flatten)]
+    pub run: ResumeArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
-
-pub use stackwise_coordinator::spec::load_config;
 
 /// The first SIGINT or SIGTERM makes the trainer checkpoint after its current step and
 /// stop; a second SIGINT exits at once. Returns the signal number once one arrived.
@@ -71,12 +64,12 @@ fn stop_on_signals(trainer: &mut Trainer) -> Result<std::sync::Arc<std::sync::at
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let cfg = load_config(&a.config, &a.sets)?;
-    let plan = stackwise_coordinator::plan::plan_config(&cfg)?;
+    let cfg = load_config(&a.config, &a.overrides.sets)?;
+    let plan = plan_config(&cfg)?;
     let opts = RunOptions {
-        resume: a.resume,
-        until_step: a.until_step,
-        progress: !a.no_progress,
+        resume: a.run.resume,
+        until_step: a.run.until_step,
+        progress: !a.output.no_progress,
         resume_from: None,
         plan: Some(plan),
     };
@@ -92,7 +85,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
         std::process::exit(128 + signal.load(std::sync::atomic::Ordering::SeqCst));
     }
-    if a.json {
+    if a.output.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         eprintln!(
@@ -117,9 +110,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
 pub struct PlanArgs {
     /// The YAML config.
     pub config: PathBuf,
-    /// Override a config key, e.g. --set training.mode=layerwise (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub overrides: Overrides,
     /// Print the plan as JSON (what the coordinator sends the workers).
     #[arg(long)]
     pub json: bool,
@@ -127,12 +119,12 @@ pub struct PlanArgs {
 
 /// `stackwise plan CONFIG`: the stage table, computed without touching data or stores.
 pub fn run_plan(a: PlanArgs) -> Result<()> {
-    let cfg = load_config(&a.config, &a.sets)?;
-    let plan = stackwise_coordinator::plan::plan_config(&cfg)?;
+    let cfg = load_config(&a.config, &a.overrides.sets)?;
+    let plan = plan_config(&cfg)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        print!("{}", stackwise_coordinator::plan::table(&plan));
+        print!("{}", table(&plan));
     }
     Ok(())
 }

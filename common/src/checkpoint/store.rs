@@ -1,17 +1,13 @@
-//! Checkpoints in object storage (DESIGN §6). A checkpoint is a folder
-//! `<run>/checkpoints/step-NNNNNNNN/` whose `MANIFEST.json` is written last and lists every
-//! file with its size and sha256: without a manifest that verifies, it does not exist.
-
-pub mod manifest;
-pub mod policy;
+//! The checkpoint store: a run's `checkpoints/` folder. A checkpoint is a folder
+//! `step-NNNNNNNN/` whose `MANIFEST.json` is written last and lists every file with its size
+//! and sha256: without a manifest that verifies, it does not exist.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-pub use manifest::{Manifest, ManifestEntry};
-pub use policy::{CheckpointMeta, retention};
-
+use super::manifest::{Manifest, ManifestEntry};
+use super::policy::{CheckpointMeta, retention};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +16,10 @@ pub enum CheckpointError {
     Store(#[from] StoreError),
     #[error("checkpoint {name}: {msg}")]
     Invalid { name: String, msg: String },
+    #[error(
+        "{run} already has checkpoints ({names}); pass --resume to continue it, or set run.name to start a new run"
+    )]
+    AlreadyExists { run: String, names: String },
 }
 
 pub fn step_dir(step: u64) -> String {
@@ -174,6 +174,65 @@ impl CheckpointStore {
             }
         }
         Ok(None)
+    }
+
+    /// The newest checkpoint with a manifest, found by reading manifests only (no file is
+    /// downloaded or hashed: verification happens where the weights are loaded). Folders
+    /// without a readable manifest are skipped with a warning.
+    pub fn newest_manifest(&self) -> Result<Option<(String, Manifest)>, CheckpointError> {
+        for name in self.list_names()?.iter().rev() {
+            let Some(raw) = self.store.get(&format!("{name}/MANIFEST.json"))? else {
+                tracing::warn!(checkpoint = %name, "skipping checkpoint: no MANIFEST.json (torn or unfinished save)");
+                continue;
+            };
+            match Manifest::from_json(&raw) {
+                Ok(m) => return Ok(Some((name.clone(), m))),
+                Err(e) => {
+                    tracing::warn!(checkpoint = %name, "skipping checkpoint: MANIFEST.json: {e}")
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The newest checkpoint older than `name` that verifies (the fallback when `name`
+    /// itself fails verification at load time).
+    pub fn load_latest_before(
+        &self,
+        name: &str,
+    ) -> Result<Option<LoadedCheckpoint>, CheckpointError> {
+        for older in self
+            .list_names()?
+            .iter()
+            .rev()
+            .filter(|n| n.as_str() < name)
+        {
+            match self.load(older) {
+                Ok(c) => return Ok(Some(c)),
+                Err(CheckpointError::Invalid { name, msg }) => {
+                    tracing::warn!(checkpoint = %name, "skipping checkpoint: {msg}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// A run that already has checkpoints continues only with `--resume`: refuse to start it
+    /// again from step 0 on top of them.
+    pub fn require_resume_if_any(
+        &self,
+        resume: bool,
+        run_uri: &str,
+    ) -> Result<(), CheckpointError> {
+        let existing = self.list_names()?;
+        if resume || existing.is_empty() {
+            return Ok(());
+        }
+        Err(CheckpointError::AlreadyExists {
+            run: run_uri.to_string(),
+            names: existing.join(", "),
+        })
     }
 
     /// Manifests of every complete checkpoint (not re-hashing the files).

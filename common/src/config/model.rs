@@ -114,6 +114,24 @@ pub enum ConfigError {
     UnsupportedModelType(String),
     #[error("config.json: missing field {0:?}")]
     Missing(&'static str),
+    #[error("read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse {path}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("in {path}")]
+    In {
+        path: String,
+        #[source]
+        source: Box<ConfigError>,
+    },
 }
 
 fn invalid(field: &'static str, msg: impl Into<String>) -> ConfigError {
@@ -268,6 +286,24 @@ impl RawModelConfig {
 }
 
 impl ModelConfig {
+    /// The `config.json` of a Hugging Face model folder.
+    pub fn read_hf_dir(dir: &std::path::Path) -> Result<Self, ConfigError> {
+        let path = dir.join("config.json");
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_hf_json(&v).map_err(|e| ConfigError::In {
+            path: shown,
+            source: Box::new(e),
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("d_model", self.d_model),

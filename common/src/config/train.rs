@@ -1,13 +1,74 @@
 //! The training config (`stackwise train CONFIG.yaml`): raw serde layer with defaults, then
-//! validation with errors that name the field and the fix.
+//! validation with errors that name the field and the fix. The value types a config names
+//! (objective, storage precision, activation cache) live here too: the planner, the
+//! coordinator and the worker all speak them.
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::RawModelConfig;
-use crate::objectives::Objective;
-use crate::optim::ScheduleKind;
-use crate::train::actcache::ActivationCacheKind;
-use crate::train::plan::Precision;
+use super::model::RawModelConfig;
+use crate::schedule::ScheduleKind;
+
+/// What a stage optimizes (DESIGN §3, "Objectives").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    Clm,
+    Sft,
+    Mlm,
+    Diffusion,
+}
+
+impl Objective {
+    /// Masked objectives predict tokens in place with bidirectional attention.
+    pub fn is_masked(self) -> bool {
+        matches!(self, Objective::Mlm | Objective::Diffusion)
+    }
+}
+
+/// Storage precision of frozen linear weights; they are dequantized to f32 on the fly, so
+/// gradients still flow through them to earlier trainable parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+    Fp8,
+    Nf4,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+            Precision::Fp8 => "fp8",
+            Precision::Nf4 => "nf4",
+        }
+    }
+
+    /// Whether storing at this precision loses information (and so needs a backup).
+    pub fn is_lossy(self) -> bool {
+        self != Precision::Fp32
+    }
+}
+
+/// Where the frozen prefix's outputs of a layer-wise stage come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationCacheKind {
+    /// Computed on the fly every step, without gradients (no memory, one prefix forward).
+    #[default]
+    None,
+    /// In the worker's memory.
+    Memory,
+    /// Files on the worker's local disk (`activation_cache_dir`).
+    Disk,
+    /// Objects in the run's store (`<run>/activation-cache/`), kept across restarts.
+    Store,
+}
 
 /// How the layers are trained (DESIGN §3, "The plan").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -97,7 +158,7 @@ pub struct TrainConfig {
     pub training: TrainingSection,
     /// S3 endpoint, region and credentials for `s3://` URIs (over the `AWS_*` environment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub storage: Option<stackwise_common::store::S3Settings>,
+    pub storage: Option<crate::store::S3Settings>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,14 +1,11 @@
 //! The planner (DESIGN §3): a pure function from the training config and the model depth
 //! to the list of stages. No I/O; `stackwise plan CONFIG` prints its table.
 
-use stackwise_worker::models::config::AttentionMode;
-use stackwise_worker::models::hf;
-use stackwise_worker::objectives::Objective;
-use stackwise_worker::train::TrainConfig;
-use stackwise_worker::train::config::{
-    FusionMode, MaskSchedule, ScheduleShape, TrainingMode, TrainingSection,
+use super::types::{LoraSpec, Plan, StagePlan};
+use crate::config::{
+    AttentionMode, FusionMode, MaskSchedule, ModelConfig, Objective, Precision, ScheduleShape,
+    TrainConfig, TrainingMode, TrainingSection,
 };
-use stackwise_worker::train::{LoraSpec, Plan, Precision, StagePlan};
 
 #[derive(Debug, thiserror::Error)]
 #[error("training.{field}: {msg}")]
@@ -44,12 +41,8 @@ pub fn schedule_fractions(s: &MaskSchedule, n_layers: usize) -> Vec<f64> {
         .collect()
 }
 
-fn is_masked(o: Objective) -> bool {
-    matches!(o, Objective::Mlm | Objective::Diffusion)
-}
-
 fn attention_of(o: Objective) -> AttentionMode {
-    if is_masked(o) {
+    if o.is_masked() {
         AttentionMode::Bidirectional
     } else {
         AttentionMode::Causal
@@ -60,7 +53,7 @@ fn attention_of(o: Objective) -> AttentionMode {
 /// `init_from` folder's config.json.
 pub fn plan_config(cfg: &TrainConfig) -> anyhow::Result<Plan> {
     let n_layers = match &cfg.init_from {
-        Some(dir) => hf::read_config(std::path::Path::new(dir))?.n_layers,
+        Some(dir) => ModelConfig::read_hf_dir(std::path::Path::new(dir))?.n_layers,
         None => {
             cfg.model
                 .resolve(Some(cfg.model.vocab_size.unwrap_or(1)))?
@@ -72,7 +65,7 @@ pub fn plan_config(cfg: &TrainConfig) -> anyhow::Result<Plan> {
 
 /// The stages of a run of a model with `n_layers` layers.
 pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
-    let masked = is_masked(t.objective);
+    let masked = t.objective.is_masked();
     // Per-layer fractions when time-step masking is on.
     let layer_fractions: Option<Vec<f64>> = if t.time_step_masking {
         if !masked {
@@ -231,7 +224,7 @@ pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
         })
         .collect();
     for (i, f) in t.finetune.iter().enumerate() {
-        if is_masked(f.objective) {
+        if f.objective.is_masked() {
             return err(
                 "finetune",
                 format!(
@@ -602,14 +595,14 @@ mod tests {
             mode: TrainingMode::Layerwise,
             steps: 2,
             finetune: vec![
-                stackwise_worker::train::config::FinetuneStage {
+                crate::config::FinetuneStage {
                     objective: Objective::Clm,
                     steps: 3,
                     lr: Some(1e-4),
                     adapters: Some("lora".into()),
                     precision: Some(Precision::Nf4),
                 },
-                stackwise_worker::train::config::FinetuneStage {
+                crate::config::FinetuneStage {
                     objective: Objective::Sft,
                     steps: 2,
                     lr: None,

@@ -5,38 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::config::AttentionMode;
-use crate::objectives::Objective;
-
-/// Storage precision of frozen linear weights; they are dequantized to f32 on the fly, so
-/// gradients still flow through them to earlier trainable parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    Bf16,
-    Fp16,
-    Fp8,
-    Nf4,
-}
-
-impl Precision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-            Precision::Fp16 => "fp16",
-            Precision::Fp8 => "fp8",
-            Precision::Nf4 => "nf4",
-        }
-    }
-
-    /// Whether storing at this precision loses information (and so needs a backup).
-    pub fn is_lossy(self) -> bool {
-        self != Precision::Fp32
-    }
-}
+use crate::config::{AttentionMode, Objective, Precision};
 
 /// LoRA adapters (QLoRA when the base is quantized) on the linear layers of frozen blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -126,5 +95,61 @@ impl Plan {
         all.sort_by(f64::total_cmp);
         all.dedup();
         all
+    }
+}
+
+/// A plan that arrived as JSON (from the coordinator) and does not hold together.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanFormatError {
+    #[error("the stage plan is not valid JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("the stage plan has no stages")]
+    Empty,
+    #[error("stage {stage} ({name}) of the plan: {msg}")]
+    Stage {
+        stage: usize,
+        name: String,
+        msg: String,
+    },
+}
+
+impl Plan {
+    /// Parse a plan sent over the wire and check it holds together.
+    pub fn from_json(raw: &str) -> Result<Self, PlanFormatError> {
+        let plan: Plan = serde_json::from_str(raw)?;
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    /// At least one stage; each with steps, and its layers among its active ones.
+    pub fn validate(&self) -> Result<(), PlanFormatError> {
+        if self.stages.is_empty() {
+            return Err(PlanFormatError::Empty);
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            let bad = |msg: String| PlanFormatError::Stage {
+                stage: i,
+                name: s.name.clone(),
+                msg,
+            };
+            if s.steps == 0 {
+                return Err(bad("has 0 steps".into()));
+            }
+            if let Some(l) = s
+                .trainable
+                .iter()
+                .chain(&s.frozen)
+                .find(|&&l| l >= s.active_layers)
+            {
+                return Err(bad(format!(
+                    "layer {l} is not among its {} active layers",
+                    s.active_layers
+                )));
+            }
+            if let Some(l) = s.trainable.iter().find(|l| s.frozen.contains(l)) {
+                return Err(bad(format!("layer {l} is both trainable and frozen")));
+            }
+        }
+        Ok(())
     }
 }

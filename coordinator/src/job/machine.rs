@@ -1,54 +1,31 @@
-//! The job: intent (what to run, how many workers, the current generation) and observed
-//! state (members, their progress). The service feeds it reports; a reconcile tick moves
-//! observed toward intent: forms generations, notices lost workers, finishes the job.
+//! The job's state machine (pure: no I/O, time passed in). The service feeds it
+//! registrations, session events and reports; a reconcile tick moves observed toward intent:
+//! forms generations, notices lost workers, finishes the job. Every method returns the
+//! [`Action`]s it decided on; the service carries them out.
 
 use std::collections::{BTreeMap, HashMap};
 
-use stackwise_common::checkpoint::CheckpointStore;
-use stackwise_common::store::Store;
 use stackwise_proto::model::{
     Backend, Command, DeviceKind, Fence, ProtoError, Registration, Report, RunStage, StageDone,
     WorkerReport,
 };
 use stackwise_proto::pb;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::{Duration, Instant};
 
+use super::spec::{JobSpec, OnWorkerLoss};
 use crate::membership::Membership;
 
-/// What happens when a worker of the running generation is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnWorkerLoss {
-    /// Stop the job with an error naming the worker.
-    Stop,
-    /// Abort the generation, re-form the group from the live workers and continue from the
-    /// last committed checkpoint.
-    Recover,
-}
-
-#[derive(Debug, Clone)]
-pub struct JobSpec {
-    pub run_id: String,
-    /// The resolved config every worker runs (paths made absolute).
-    pub config_yaml: String,
-    /// The planner's stages (JSON), sent to every worker with the config.
-    pub plan_json: String,
-    /// Where the run's checkpoints are (`<output>/runs/<name>`).
-    pub run_uri: String,
-    pub total_steps: u64,
-    /// The global batch; the world size must divide it.
-    pub batch_size: usize,
-    pub min_workers: usize,
-    pub max_workers: usize,
-    pub lease: Duration,
-    pub heartbeat: Duration,
-    /// Once `min_workers` are there, wait this long for more (up to `max_workers`).
-    pub rendezvous_grace: Duration,
-    /// Continue the run from its newest valid checkpoint.
-    pub resume: bool,
-    pub on_worker_loss: OnWorkerLoss,
-    /// Stop every rank at this step (with a checkpoint).
-    pub until_step: Option<u64>,
+/// What the job asks the service to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send `message` (a fenced command) on worker `to`'s session stream.
+    Send {
+        to: String,
+        message: Box<pb::CoordinatorMessage>,
+    },
+    /// Find the run's newest checkpoint by reading manifests only, then report it with
+    /// [`Job::checkpoint_found`].
+    FindCheckpoint,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +58,10 @@ impl Phase {
     }
 }
 
+/// How long the workers get to agree on a step and commit its checkpoint after a graceful
+/// stop was asked, before the job stops without it.
+pub const CHECKPOINT_STOP_TIMEOUT: Duration = Duration::from_secs(300);
+
 fn instance_nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -93,17 +74,27 @@ fn instance_nonce() -> u64 {
     h.finish()
 }
 
-pub type Downlink = UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+/// Where the checkpoint a new generation resumes from stands.
+#[derive(Debug, Clone, Default, PartialEq)]
+enum Discovery {
+    /// Not looked up for the generation being formed.
+    #[default]
+    Idle,
+    /// `FindCheckpoint` is out.
+    Asked,
+    /// The answer: the newest checkpoint (name, step), if any.
+    Found(Option<(String, u64)>),
+}
 
 pub struct Job {
     pub spec: JobSpec,
     pub members: Membership,
     pub generation: u64,
     pub phase: Phase,
-    /// Open session streams by worker, with a session number so that the end of an old
-    /// stream does not drop a worker that already reconnected.
-    links: HashMap<String, (u64, Downlink)>,
-    sessions: u64,
+    /// Workers with an open session stream, by id, with the stream's session number, so
+    /// that the end of an old stream does not drop a worker that already reconnected.
+    sessions: HashMap<String, u64>,
+    session_counter: u64,
     pub step: u64,
     pub loss: f64,
     pub val_loss: Option<f64>,
@@ -121,36 +112,27 @@ pub struct Job {
     instance: u64,
     /// A graceful stop was asked (SIGTERM): why, and when.
     stop_requested: Option<(String, Instant)>,
-    /// The plan's stage boundaries (global steps) and names, and the stage being trained.
-    stages: Vec<(u64, u64, String)>,
+    /// The stage being trained.
     pub stage: u32,
     /// A stage just ended at this committed checkpoint (name, step): the next generation
     /// starts the next stage from it.
     next_stage_from: Option<(String, u64)>,
+    discovery: Discovery,
+    /// Actions decided but not yet handed to the service.
+    outbox: Vec<Action>,
 }
-
-/// How long the workers get to agree on a step and commit its checkpoint after a graceful
-/// stop was asked, before the job stops without it.
-pub const CHECKPOINT_STOP_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Job {
     pub fn new(spec: JobSpec) -> Self {
-        let stages = match serde_json::from_str::<stackwise_worker::train::Plan>(&spec.plan_json) {
-            Ok(p) => (0..p.stages.len())
-                .map(|i| (p.stage_start(i), p.stage_end(i), p.stages[i].name.clone()))
-                .collect(),
-            Err(_) => vec![(0, spec.total_steps, "end-to-end".to_string())],
-        };
         Self {
-            stages,
             stage: 0,
             next_stage_from: None,
-            members: Membership::new(spec.lease),
+            members: Membership::new(spec.group.lease),
             spec,
             generation: 0,
             phase: Phase::Waiting { enough_since: None },
-            links: HashMap::new(),
-            sessions: 0,
+            sessions: HashMap::new(),
+            session_counter: 0,
             step: 0,
             loss: f64::NAN,
             val_loss: None,
@@ -162,52 +144,55 @@ impl Job {
             steps_window: None,
             instance: instance_nonce(),
             stop_requested: None,
+            discovery: Discovery::Idle,
+            outbox: Vec::new(),
         }
+    }
+
+    fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.outbox)
     }
 
     /// "2/3 block 1 (layers 4-7)": the stage rank 0 trains, from the plan.
     pub fn stage_name(&self) -> String {
-        let name = self
-            .stages
+        let stages = &self.spec.plan.stages;
+        let name = stages
             .get(self.stage as usize)
-            .map(|s| s.2.clone())
+            .map(|s| s.name.clone())
             .unwrap_or_default();
-        format!("{}/{} {name}", self.stage + 1, self.stages.len())
+        format!("{}/{} {name}", self.stage + 1, stages.len())
     }
 
     /// The step the job ends at: `until_step`, or the end of the plan.
     fn target_step(&self) -> u64 {
-        self.spec
-            .until_step
-            .unwrap_or(self.spec.total_steps)
-            .min(self.spec.total_steps)
+        self.spec.target_step()
     }
 
     /// The stage that trains from global step `step`: the first not yet finished there (a
     /// checkpoint at a stage's end starts the next one).
     fn stage_at(&self, step: u64) -> u32 {
-        self.stages
-            .iter()
-            .position(|&(_, end, _)| step < end)
-            .unwrap_or(self.stages.len().saturating_sub(1)) as u32
+        let plan = &self.spec.plan;
+        (0..plan.stages.len())
+            .position(|i| step < plan.stage_end(i))
+            .unwrap_or(plan.stages.len().saturating_sub(1)) as u32
     }
 
     /// Stop gracefully: the running ranks agree on a step, checkpoint it, and end their
     /// stage; then the job stops (resumable with `--resume`). Without a running
     /// generation the job stops at once.
-    pub fn checkpoint_and_stop(&mut self, reason: String, now: Instant) {
+    pub fn checkpoint_and_stop(&mut self, reason: String, now: Instant) -> Vec<Action> {
         if self.phase.is_over() || self.stop_requested.is_some() {
-            return;
+            return Vec::new();
         }
         if !matches!(self.phase, Phase::Running { .. }) {
-            self.finish(Phase::Stopped(reason));
-            return;
+            return self.finish(Phase::Stopped(reason));
         }
         self.event(format!(
             "{reason}: asking the workers for a checkpoint, then stopping"
         ));
         self.broadcast(Command::Checkpoint { step: self.step });
         self.stop_requested = Some((reason, now));
+        self.take_actions()
     }
 
     fn fence(&self) -> Fence {
@@ -235,41 +220,44 @@ impl Job {
         Ok(id)
     }
 
-    /// A session stream opened: commands for `id` go to `link`. Returns the session number.
-    pub fn attach(&mut self, id: &str, link: Downlink, now: Instant) -> Result<u64, ProtoError> {
+    /// A session stream of `id` opened: commands for it go there from now on. Returns the
+    /// session number (for `stream_closed`) and the actions.
+    pub fn attach(&mut self, id: &str, now: Instant) -> Result<(u64, Vec<Action>), ProtoError> {
         self.members.touch(id, now)?;
-        self.sessions += 1;
-        self.links.insert(id.to_string(), (self.sessions, link));
+        self.session_counter += 1;
+        self.sessions.insert(id.to_string(), self.session_counter);
         if self.phase.is_over() {
             let reason = self.phase.name().to_string();
             self.send(id, Command::Shutdown { reason });
         }
-        Ok(self.sessions)
+        Ok((self.session_counter, self.take_actions()))
     }
 
     /// Workers with an open session stream.
     pub fn connected(&self) -> usize {
-        self.links.len()
+        self.sessions.len()
     }
 
     fn send(&mut self, id: &str, cmd: Command) {
-        let msg = cmd.into_pb(&self.fence());
-        if let Some((_, link)) = self.links.get(id)
-            && link.send(Ok(msg)).is_err()
-        {
-            self.links.remove(id);
+        if self.sessions.contains_key(id) {
+            let message = Box::new(cmd.into_pb(&self.fence()));
+            self.outbox.push(Action::Send {
+                to: id.to_string(),
+                message,
+            });
         }
     }
 
     fn broadcast(&mut self, cmd: Command) {
-        let ids: Vec<String> = self.links.keys().cloned().collect();
+        let mut ids: Vec<String> = self.sessions.keys().cloned().collect();
+        ids.sort();
         for id in ids {
             self.send(&id, cmd.clone());
         }
     }
 
     /// Check a report's fence and apply it.
-    pub fn on_report(&mut self, r: WorkerReport, now: Instant) -> Result<(), ProtoError> {
+    pub fn on_report(&mut self, r: WorkerReport, now: Instant) -> Result<Vec<Action>, ProtoError> {
         if r.fence.run_id != self.spec.run_id {
             return Err(ProtoError::WrongRun {
                 got: r.fence.run_id,
@@ -333,18 +321,18 @@ impl Job {
                 ));
             }
         }
-        Ok(())
+        Ok(self.take_actions())
     }
 
     /// Session `session` of `id` ended (the process died or the network broke).
-    pub fn stream_closed(&mut self, id: &str, session: u64) {
-        if self.links.get(id).is_some_and(|(s, _)| *s != session) {
-            return; // an older stream of a worker that has reconnected
+    pub fn stream_closed(&mut self, id: &str, session: u64) -> Vec<Action> {
+        if self.sessions.get(id).is_some_and(|s| *s != session) {
+            return Vec::new(); // an older stream of a worker that has reconnected
         }
-        self.links.remove(id);
+        self.sessions.remove(id);
         if self.phase.is_over() {
             self.members.remove(id);
-            return;
+            return Vec::new();
         }
         if let Some(m) = self.members.remove(id) {
             self.lost(
@@ -354,10 +342,11 @@ impl Job {
                 "its stream closed (process exited or network lost)",
             );
         }
+        self.take_actions()
     }
 
     fn lost(&mut self, id: String, name: String, rank: Option<u32>, why: &str) {
-        self.links.remove(&id);
+        self.sessions.remove(&id);
         match rank {
             Some(r) if matches!(self.phase, Phase::Running { .. }) => {
                 self.generation_lost(format!("worker {id} ({name}, rank {r}) lost: {why}"));
@@ -367,10 +356,10 @@ impl Job {
     }
 
     fn generation_lost(&mut self, why: String) {
-        match self.spec.on_worker_loss {
+        match self.spec.group.on_worker_loss {
             OnWorkerLoss::Stop => {
                 let msg = format!("{why}; stopping the job");
-                self.finish(Phase::Failed(msg));
+                self.end(Phase::Failed(msg));
             }
             OnWorkerLoss::Recover => {
                 self.event(format!(
@@ -379,6 +368,7 @@ impl Job {
                 ));
                 self.broadcast(Command::Abort { reason: why });
                 self.clear_ranks();
+                self.discovery = Discovery::Idle;
                 self.phase = Phase::Waiting { enough_since: None };
             }
         }
@@ -395,7 +385,12 @@ impl Job {
     }
 
     /// End the job; every worker is told to shut down.
-    pub fn finish(&mut self, phase: Phase) {
+    pub fn finish(&mut self, phase: Phase) -> Vec<Action> {
+        self.end(phase);
+        self.take_actions()
+    }
+
+    fn end(&mut self, phase: Phase) {
         if self.phase.is_over() {
             return;
         }
@@ -409,58 +404,17 @@ impl Job {
     }
 
     /// Move toward the intent: expire leases, form a generation, notice completion.
-    pub fn reconcile(&mut self, now: Instant) {
+    pub fn reconcile(&mut self, now: Instant) -> Vec<Action> {
         for m in self.members.expire(now) {
             let why = format!(
                 "missed its lease ({:?} without a heartbeat)",
-                self.spec.lease
+                self.spec.group.lease
             );
             self.lost(m.id, m.name, m.rank, &why);
         }
         match &self.phase {
             Phase::Waiting { .. } => self.reconcile_waiting(now),
-            Phase::Running { ranks, done } if done.len() == ranks.len() => {
-                let step = done.values().map(|d| d.step).max().unwrap_or(0);
-                self.step = step;
-                let asked_by_worker = done.values().any(|d| d.stopped_on_request);
-                let requested = self.stop_requested.take().or_else(|| {
-                    asked_by_worker
-                        .then(|| ("a worker was asked to stop (SIGTERM)".to_string(), now))
-                });
-                let stopped_early = done.values().any(|d| d.stopped_early);
-                match requested {
-                    Some((reason, _)) if step < self.spec.total_steps => {
-                        let ckpt = done
-                            .values()
-                            .find_map(|d| d.last_checkpoint.clone())
-                            .unwrap_or_else(|| "-".into());
-                        self.finish(Phase::Stopped(format!(
-                            "{reason}: stopped at step {step} with checkpoint {ckpt}; continue with --resume"
-                        )));
-                    }
-                    // The stage ended at its boundary checkpoint: the next one starts with the
-                    // workers there now (a group re-formed between stages, joiners included).
-                    _ if step < self.target_step() && !stopped_early => {
-                        let Some(ckpt) = done.values().find_map(|d| d.last_checkpoint.clone())
-                        else {
-                            self.finish(Phase::Failed(format!(
-                                "stage {} ended at step {step} without a checkpoint",
-                                self.stage_name()
-                            )));
-                            return;
-                        };
-                        self.event(format!(
-                            "stage {} done at step {step} (checkpoint {ckpt})",
-                            self.stage_name()
-                        ));
-                        self.next_stage_from = Some((ckpt, step));
-                        self.clear_ranks();
-                        self.phase = Phase::Waiting { enough_since: None };
-                        self.reconcile_waiting(now);
-                    }
-                    _ => self.finish(Phase::Finished),
-                }
-            }
+            Phase::Running { ranks, done } if done.len() == ranks.len() => self.stage_done(now),
             Phase::Running { .. }
                 if self
                     .stop_requested
@@ -468,14 +422,62 @@ impl Job {
                     .is_some_and(|(_, at)| now.duration_since(*at) > CHECKPOINT_STOP_TIMEOUT) =>
             {
                 let (reason, _) = self.stop_requested.take().expect("checked");
-                self.finish(Phase::Stopped(format!(
+                let msg = format!(
                     "{reason}: the workers did not checkpoint within {CHECKPOINT_STOP_TIMEOUT:?}; stopped; \
                      --resume continues from {}",
                     self.last_checkpoint.as_deref().unwrap_or("the start")
-                )));
+                );
+                self.end(Phase::Stopped(msg));
             }
             _ => {}
         }
+        self.take_actions()
+    }
+
+    /// Every rank reported its stage done: stop (if asked), start the next stage, or finish.
+    fn stage_done(&mut self, now: Instant) {
+        let Phase::Running { done, .. } = &self.phase else {
+            return;
+        };
+        let step = done.values().map(|d| d.step).max().unwrap_or(0);
+        let ckpt = done.values().find_map(|d| d.last_checkpoint.clone());
+        let asked_by_worker = done.values().any(|d| d.stopped_on_request);
+        let stopped_early = done.values().any(|d| d.stopped_early);
+        self.step = step;
+        let requested = self.stop_requested.take().or_else(|| {
+            asked_by_worker.then(|| ("a worker was asked to stop (SIGTERM)".to_string(), now))
+        });
+        let outcome = match requested {
+            Some((reason, _)) if step < self.spec.total_steps() => {
+                let ckpt = ckpt.unwrap_or_else(|| "-".into());
+                Phase::Stopped(format!(
+                    "{reason}: stopped at step {step} with checkpoint {ckpt}; continue with --resume"
+                ))
+            }
+            // The stage ended at its boundary checkpoint: the next one starts with the
+            // workers there now (a group re-formed between stages, joiners included).
+            _ if step < self.target_step() && !stopped_early => {
+                let Some(ckpt) = ckpt else {
+                    let msg = format!(
+                        "stage {} ended at step {step} without a checkpoint",
+                        self.stage_name()
+                    );
+                    self.end(Phase::Failed(msg));
+                    return;
+                };
+                self.event(format!(
+                    "stage {} done at step {step} (checkpoint {ckpt})",
+                    self.stage_name()
+                ));
+                self.next_stage_from = Some((ckpt, step));
+                self.clear_ranks();
+                self.phase = Phase::Waiting { enough_since: None };
+                self.reconcile_waiting(now);
+                return;
+            }
+            _ => Phase::Finished,
+        };
+        self.end(outcome);
     }
 
     /// Form a generation once enough workers are connected (and the rendezvous grace for
@@ -488,9 +490,9 @@ impl Job {
         let n = self
             .members
             .members()
-            .filter(|m| self.links.contains_key(&m.id))
+            .filter(|m| self.sessions.contains_key(&m.id))
             .count();
-        if n < self.spec.min_workers {
+        if n < self.spec.group.min_workers {
             self.phase = Phase::Waiting { enough_since: None };
             return;
         }
@@ -500,58 +502,87 @@ impl Job {
         };
         // Between stages the group re-forms at once from the workers that are there.
         let between_stages = self.next_stage_from.is_some();
-        if n >= self.spec.max_workers
+        if n >= self.spec.group.max_workers
             || between_stages
-            || now.duration_since(since) >= self.spec.rendezvous_grace
+            || now.duration_since(since) >= self.spec.group.rendezvous_grace
         {
             self.start_generation();
         }
     }
 
-    fn newest_checkpoint(&self) -> Result<Option<(String, u64)>, String> {
-        let store = Store::open(&self.spec.run_uri).map_err(|e| e.to_string())?;
-        CheckpointStore::new(&store)
-            .load_latest()
-            .map(|c| c.map(|c| (c.name, c.manifest.step)))
-            .map_err(|e| e.to_string())
+    /// The newest checkpoint, once the service has looked it up (manifests only).
+    pub fn checkpoint_found(
+        &mut self,
+        found: Result<Option<(String, u64)>, String>,
+        now: Instant,
+    ) -> Vec<Action> {
+        if self.discovery != Discovery::Asked {
+            return Vec::new();
+        }
+        match found {
+            Ok(c) => {
+                self.discovery = Discovery::Found(c);
+                self.reconcile_waiting(now);
+            }
+            Err(e) => {
+                self.discovery = Discovery::Idle;
+                let msg = format!("cannot read the run's checkpoints: {e}");
+                self.end(Phase::Failed(msg));
+            }
+        }
+        self.take_actions()
+    }
+
+    /// The checkpoint the next generation resumes from: the one that ended the last stage,
+    /// or (a resumed run, a re-formed group) the newest one, which the service looks up
+    /// first. `Err(())` while that lookup is out.
+    fn resume_point(&mut self) -> Result<Option<(String, u64)>, ()> {
+        if let Some(from) = self.next_stage_from.take() {
+            return Ok(Some(from));
+        }
+        if !(self.spec.group.resume || self.generations_formed > 0) {
+            return Ok(None);
+        }
+        match std::mem::take(&mut self.discovery) {
+            Discovery::Found(c) => Ok(c),
+            Discovery::Idle => {
+                self.discovery = Discovery::Asked;
+                self.outbox.push(Action::FindCheckpoint);
+                Err(())
+            }
+            Discovery::Asked => {
+                self.discovery = Discovery::Asked;
+                Err(())
+            }
+        }
     }
 
     fn start_generation(&mut self) {
-        let links = &self.links;
+        let Ok(resume) = self.resume_point() else {
+            return;
+        };
+        let (group, sessions) = (&self.spec.group, &self.sessions);
         let Some(ranks) = self.members.form(
-            self.spec.min_workers,
-            self.spec.max_workers,
+            group.min_workers,
+            group.max_workers,
             self.spec.batch_size,
-            |id| links.contains_key(id),
+            |id| sessions.contains_key(id),
         ) else {
             let n = self.members.len();
             let msg = format!(
                 "no group of {}..={} of the {n} workers divides the global batch {}",
-                self.spec.min_workers, self.spec.max_workers, self.spec.batch_size
+                group.min_workers, group.max_workers, self.spec.batch_size
             );
-            self.finish(Phase::Failed(msg));
+            self.end(Phase::Failed(msg));
             return;
-        };
-        // The next stage starts from the checkpoint that ended the last one; a re-formed
-        // group, or a resumed run, continues from the newest valid checkpoint.
-        let resume = if let Some(from) = self.next_stage_from.take() {
-            Some(from)
-        } else if self.spec.resume || self.generations_formed > 0 {
-            match self.newest_checkpoint() {
-                Ok(c) => c,
-                Err(e) => {
-                    self.finish(Phase::Failed(format!(
-                        "cannot read the run's checkpoints: {e}"
-                    )));
-                    return;
-                }
-            }
-        } else {
-            None
         };
         // Each generation trains one stage of the plan (or what is left of it).
         self.stage = self.stage_at(resume.as_ref().map_or(0, |r| r.1));
-        let until_step = self.stages[self.stage as usize].1.min(self.target_step());
+        let until_step = self
+            .spec
+            .plan
+            .stage_end(self.stage as usize)
+            .min(self.target_step());
         let resume = resume.map(|r| r.0);
         self.generation += 1;
         self.generations_formed += 1;
@@ -581,7 +612,8 @@ impl Job {
                     "resuming from {c}"
                 )),
         ));
-        for (rank, id) in ranks.clone().iter().enumerate() {
+        let plan_json = serde_json::to_string(&self.spec.plan).expect("a plan serializes");
+        for (rank, id) in ranks.iter().enumerate() {
             let cmd = RunStage {
                 rank: rank as u32,
                 world_size: world,
@@ -593,7 +625,7 @@ impl Job {
                 resume_checkpoint: resume.clone(),
                 until_step: Some(until_step),
                 ring_tag: self.instance ^ self.generation.rotate_left(32),
-                plan_json: (!self.spec.plan_json.is_empty()).then(|| self.spec.plan_json.clone()),
+                plan_json: Some(plan_json.clone()),
             };
             self.send(id, Command::RunStage(Box::new(cmd)));
         }
@@ -654,156 +686,12 @@ impl Job {
                 Phase::Failed(m) | Phase::Stopped(m) => m.clone(),
                 _ => String::new(),
             },
-            min_workers: self.spec.min_workers as u32,
-            max_workers: self.spec.max_workers as u32,
+            min_workers: self.spec.group.min_workers as u32,
+            max_workers: self.spec.group.max_workers as u32,
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use stackwise_proto::model::Capabilities;
-    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-
-    type Inbox = UnboundedReceiver<Result<pb::CoordinatorMessage, tonic::Status>>;
-
-    fn layerwise_spec(layers: usize, steps: u64, min: usize, max: usize) -> JobSpec {
-        let t = stackwise_worker::train::config::TrainingSection {
-            mode: stackwise_worker::train::config::TrainingMode::Layerwise,
-            steps,
-            ..Default::default()
-        };
-        let plan = crate::plan::plan(&t, layers).unwrap();
-        JobSpec {
-            run_id: "r".into(),
-            config_yaml: "run: {name: r}".into(),
-            total_steps: plan.total_steps(),
-            plan_json: serde_json::to_string(&plan).unwrap(),
-            run_uri: String::new(),
-            batch_size: 4,
-            min_workers: min,
-            max_workers: max,
-            lease: Duration::from_secs(60),
-            heartbeat: Duration::from_millis(100),
-            rendezvous_grace: Duration::ZERO,
-            resume: false,
-            on_worker_loss: OnWorkerLoss::Stop,
-            until_step: None,
-        }
-    }
-
-    fn join(job: &mut Job, name: &str, now: Instant) -> (String, Inbox) {
-        let reg = Registration {
-            name: name.into(),
-            capabilities: Capabilities {
-                device_kind: DeviceKind::Cpu,
-                device: "cpu".into(),
-                memory_bytes: 1 << 30,
-                host: "localhost".into(),
-                cpu_threads: 1,
-            },
-            ring_address: format!("127.0.0.1:{}", 7000 + name.len()),
-        };
-        let id = job.register(reg, now).unwrap();
-        let (tx, rx) = unbounded_channel();
-        job.attach(&id, tx, now).unwrap();
-        (id, rx)
-    }
-
-    /// The RunStage commands waiting in an inbox.
-    fn run_stages(inbox: &mut Inbox) -> Vec<RunStage> {
-        let mut out = Vec::new();
-        while let Ok(Ok(m)) = inbox.try_recv() {
-            if let Ok((_, Command::RunStage(r))) = <(Fence, Command)>::try_from(m) {
-                out.push(*r);
-            }
-        }
-        out
-    }
-
-    fn stage_done(job: &mut Job, id: &str, step: u64, now: Instant) {
-        let r = WorkerReport {
-            fence: job.fence(),
-            worker_id: id.into(),
-            report: Report::StageDone(StageDone {
-                stage: job.stage,
-                step,
-                train_loss: None,
-                val_loss: None,
-                last_checkpoint: Some(format!("step-{step:08}")),
-                stopped_early: false,
-                stopped_on_request: false,
-            }),
-        };
-        job.on_report(r, now).unwrap();
-    }
-
-    #[test]
-    fn each_stage_is_a_generation_from_the_last_boundary_and_joiners_take_part_in_the_next() {
-        let now = Instant::now();
-        let mut job = Job::new(layerwise_spec(2, 4, 1, 2));
-        job.log_events = false;
-        let (a, mut inbox_a) = join(&mut job, "a", now);
-        job.reconcile(now);
-        let first = run_stages(&mut inbox_a);
-        assert_eq!(first.len(), 1);
-        assert_eq!(
-            (first[0].stage, first[0].world_size, first[0].until_step),
-            (0, 1, Some(2))
-        );
-        assert_eq!(first[0].resume_checkpoint, None);
-        // A second worker joins while stage 1 trains: it waits for the next stage.
-        let (b, mut inbox_b) = join(&mut job, "bb", now);
-        job.reconcile(now);
-        assert!(run_stages(&mut inbox_b).is_empty());
-        stage_done(&mut job, &a, 2, now);
-        job.reconcile(now);
-        assert_eq!(job.generation, 2);
-        for inbox in [&mut inbox_a, &mut inbox_b] {
-            let next = run_stages(inbox);
-            assert_eq!(next.len(), 1);
-            assert_eq!(
-                (next[0].stage, next[0].world_size, next[0].until_step),
-                (1, 2, Some(4))
-            );
-            assert_eq!(next[0].resume_checkpoint.as_deref(), Some("step-00000002"));
-        }
-        assert_eq!(job.status(now).stage_name, "2/2 layer 1");
-        stage_done(&mut job, &a, 4, now);
-        assert_eq!(job.phase.name(), "running", "rank 1 is not done yet");
-        stage_done(&mut job, &b, 4, now);
-        job.reconcile(now);
-        assert_eq!(job.phase, Phase::Finished);
-    }
-
-    #[test]
-    fn the_status_names_the_stage_rank_0_trains_from_the_plan() {
-        let t = stackwise_worker::train::config::TrainingSection {
-            mode: stackwise_worker::train::config::TrainingMode::Layerwise,
-            steps: 4,
-            ..Default::default()
-        };
-        let plan = crate::plan::plan(&t, 2).unwrap();
-        let spec = JobSpec {
-            run_id: "r".into(),
-            config_yaml: String::new(),
-            plan_json: serde_json::to_string(&plan).unwrap(),
-            run_uri: String::new(),
-            total_steps: 4,
-            batch_size: 1,
-            min_workers: 1,
-            max_workers: 1,
-            lease: Duration::from_secs(1),
-            heartbeat: Duration::from_millis(100),
-            rendezvous_grace: Duration::ZERO,
-            resume: false,
-            on_worker_loss: OnWorkerLoss::Stop,
-            until_step: None,
-        };
-        let mut job = Job::new(spec);
-        assert_eq!(job.stage_name(), "1/2 layer 0");
-        job.stage = 1;
-        assert_eq!(job.status(Instant::now()).stage_name, "2/2 layer 1");
-    }
-}
+#[path = "tests.rs"]
+mod tests;

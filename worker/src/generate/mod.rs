@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn diffusion_sampler_unmasks_everything_and_keeps_the_prompt_context() {
-        use crate::models::config::{AttentionMode, RawModelConfig};
+        use stackwise_common::config::{AttentionMode, RawModelConfig};
         let cfg = RawModelConfig {
             d_model: Some(32),
             n_layers: Some(2),

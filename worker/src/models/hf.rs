@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Family, ModelConfig};
 use super::decoder::{Transformer, names};
 use super::params::{ParamBuilder, Params};
+use stackwise_common::config::{Family, ModelConfig};
 
 /// Buffers some checkpoints carry that are not parameters.
 fn is_buffer(key: &str) -> bool {
@@ -65,15 +65,6 @@ pub fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<HashMap<Strin
     )
 }
 
-pub fn read_config(dir: &Path) -> Result<ModelConfig> {
-    let path = dir.join("config.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-    ModelConfig::from_hf_json(&v).with_context(|| format!("in {}", path.display()))
-}
-
 /// Build a model from HF tensors (already read), keeping only what the config uses.
 pub fn model_from_tensors(
     cfg: &ModelConfig,
@@ -103,7 +94,7 @@ pub fn model_from_tensors(
 
 /// Load an HF folder (or a StackWise checkpoint folder, which has the same files).
 pub fn load_model_dir(dir: &Path, device: &Device) -> Result<(Transformer, Params)> {
-    let cfg = read_config(dir)?;
+    let cfg = ModelConfig::read_hf_dir(dir)?;
     let tensors = read_safetensors_dir(dir, device)?;
     model_from_tensors(&cfg, tensors, device)
         .with_context(|| format!("load model from {}", dir.display()))

@@ -1,11 +1,19 @@
-//! Transformer models with Hugging Face parameter names, and HF folder loading/export.
+//! The model code training, generation and serving all use: the decoder-only transformer
+//! (`decoder.rs`) and its layers (projections and norms, attention variants, rotary
+//! positions, the KV cache), parameters and frozen storage, and Hugging Face folders.
 
-pub mod config;
+pub mod attention;
 pub mod decoder;
 pub mod hf;
+pub mod kernel_attention;
+pub mod kv_cache;
+pub mod linear;
+pub mod mla;
 pub mod params;
 pub mod quant;
+pub mod rope;
 
-pub use config::{ModelConfig, RawModelConfig};
-pub use decoder::{KvCache, Transformer};
+pub use decoder::{Transformer, names};
+pub use kv_cache::KvCache;
 pub use params::{ParamBuilder, Params};
+pub use stackwise_common::config::{ModelConfig, RawModelConfig};

@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use stackwise_common::rng::Rng;
 
 use super::quant::Frozen;
-use crate::train::plan::{LoraSpec, Precision, StagePlan};
+use stackwise_common::config::Precision;
+use stackwise_common::plan::{LoraSpec, StagePlan};
 
 /// What a parameter belongs to, read from its checkpoint key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::train::plan::Precision;
+use stackwise_common::config::Precision;
 
 /// The 16 NF4 levels (bitsandbytes' `NF4` table).
 pub const NF4_LEVELS: [f32; 16] = [

@@ -9,23 +9,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
+use stackwise_common::config::ActivationCacheKind;
 use stackwise_common::store::Store;
-
-/// Where the frozen prefix's outputs come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ActivationCacheKind {
-    /// Computed on the fly every step, without gradients (no memory, one prefix forward).
-    #[default]
-    None,
-    /// In the worker's memory.
-    Memory,
-    /// Files on the worker's local disk (`activation_cache_dir`).
-    Disk,
-    /// Objects in the run's store (`<run>/activation-cache/`), kept across restarts.
-    Store,
-}
 
 enum Backend {
     Memory(HashMap<String, Vec<f32>>),

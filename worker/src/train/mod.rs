@@ -1,13 +1,18 @@
-//! Training: config, the single-process trainer, its resumable state and reporting.
+//! Training: the trainer's loop (`trainer.rs`) and the pieces it calls: the run spec resolved
+//! once at start, the stage runner, the step, the checkpointer, evaluation and early
+//! stopping, micro-batches and masking salts, and reporting; the resumable state and the
+//! activation cache.
 
 pub mod actcache;
-pub mod config;
-pub mod plan;
+pub mod batches;
+pub mod checkpointer;
+pub mod eval;
 pub mod report;
+pub mod spec;
+pub mod stage;
 pub mod state;
 pub mod step;
 pub mod trainer;
 
-pub use config::TrainConfig;
-pub use plan::{LoraSpec, Plan, Precision, StagePlan};
+pub use spec::RunSpec;
 pub use trainer::{Aborted, RunOptions, TrainEvent, TrainSummary, Trainer};

@@ -106,3 +106,101 @@ impl Reporter {
         self.flush();
     }
 }
+
+/// One optimizer step as the log and `metrics.jsonl` show it.
+pub struct StepReport {
+    pub step: u64,
+    pub total: u64,
+    pub stages: usize,
+    pub stage: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+    pub tokens_per_s: f64,
+    pub tokens_seen: u64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+}
+
+impl StepReport {
+    /// The `metrics.jsonl` record and the log line.
+    pub fn render(&self) -> (Value, String) {
+        let peak = peak_rss_bytes();
+        let mut rec = serde_json::json!({
+            "step": self.step, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
+            "tokens_per_s": self.tokens_per_s, "tokens_seen": self.tokens_seen, "skipped": self.skipped,
+            "peak_rss_bytes": peak,
+        });
+        rec["stage"] = self.stage.into();
+        let mut line = format!(
+            "step {:>6}/{}{} | loss {:.4} | lr {:.2e} | gnorm {:.3} | {:.0} tok/s | peak mem {:.0} MiB",
+            self.step,
+            self.total,
+            if self.stages > 1 {
+                format!(" (stage {})", self.stage + 1)
+            } else {
+                String::new()
+            },
+            self.loss,
+            self.lr,
+            self.grad_norm,
+            self.tokens_per_s,
+            peak.unwrap_or(0) as f64 / (1 << 20) as f64
+        );
+        if let Some(v) = self.val_loss {
+            rec["val_loss"] = v.into();
+            rec["val_ppl"] = v.exp().into();
+            match self.val_accuracy {
+                Some(acc) => {
+                    rec["val_masked_accuracy"] = acc.into();
+                    line.push_str(&format!(" | val {v:.4} masked acc {acc:.3}"));
+                }
+                None => line.push_str(&format!(" | val {v:.4} ppl {:.2}", v.exp())),
+            }
+        }
+        (rec, line)
+    }
+}
+
+/// "stage 2/3: block 1 (layers 4-7) | 265600 trainable parameters | diffusion at mask
+/// fraction 0.65 | 100 steps".
+pub fn stage_line(
+    stage: usize,
+    stages: usize,
+    plan: &stackwise_common::plan::StagePlan,
+    trainable: usize,
+) -> String {
+    format!(
+        "stage {}/{stages}: {} | {trainable} trainable parameters | {} | {} steps",
+        stage + 1,
+        plan.name,
+        match plan.eval_fraction() {
+            Some(f) => format!("{:?} at mask fraction {f:.2}", plan.objective),
+            None => format!("{:?}", plan.objective),
+        }
+        .to_lowercase(),
+        plan.steps
+    )
+}
+
+/// "stage 2 ends: validation masked loss … at the plan's fractions …; stage 1 ended at …".
+pub fn stage_end_line(
+    result: &super::state::StageResult,
+    fractions: &[f64],
+    before: Option<&super::state::StageResult>,
+) -> String {
+    let before = before.map_or(String::new(), |r| {
+        format!("; stage {} ended at {:.4}", r.stage + 1, r.val_loss)
+    });
+    format!(
+        "stage {} ends: validation masked loss {:.4}{} at the plan's fractions {:.2}-{:.2}{before}",
+        result.stage + 1,
+        result.val_loss,
+        result
+            .val_masked_accuracy
+            .map_or(String::new(), |a| format!(" (masked acc {a:.3})")),
+        fractions[0],
+        fractions[fractions.len() - 1],
+    )
+}

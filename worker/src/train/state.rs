@@ -5,7 +5,7 @@ use stackwise_common::checkpoint::ManifestEntry;
 use stackwise_common::data::Cursor;
 use stackwise_common::rng::Rng;
 
-use crate::optim::Schedule;
+use stackwise_common::schedule::Schedule;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {

@@ -29,6 +29,8 @@ pub struct StepStats {
     pub skipped: bool,
     /// Some rank voted to stop after this step (every rank sees the same answer).
     pub stop: bool,
+    /// The step count after this step (set by the trainer).
+    pub step: u64,
 }
 
 /// Loss, global target count and gradients (by parameter name) of `batches` on this rank,
@@ -193,5 +195,6 @@ pub fn train_step_voting(
         tokens,
         skipped,
         stop,
+        step: 0,
     })
 }

@@ -1,0 +1,22 @@
+//! Configuration (DESIGN §1, STYLE "Configuration"): the raw serde layer of the YAML file
+//! with `STACKWISE_*` and `--set` overrides, then resolved, validated values. The model
+//! section and Hugging Face `config.json` resolve into one [`ModelConfig`].
+
+pub mod device;
+pub mod load;
+pub mod model;
+pub mod overrides;
+pub mod train;
+
+pub use device::DeviceSpec;
+pub use load::{absolutize, load_config, require_world_divides_batch};
+pub use model::{
+    Activation, AttentionKind, AttentionMode, ConfigError, Family, ModelConfig, NormKind,
+    Positions, RawModelConfig,
+};
+pub use overrides::{apply_env, apply_sets};
+pub use train::{
+    ActivationCacheKind, DataSection, FinetuneStage, FusionMode, MaskSchedule, Objective,
+    Precision, RunSection, ScheduleShape, TrainConfig, TrainConfigError, TrainingMode,
+    TrainingSection,
+};

@@ -1,0 +1,8 @@
+//! The training plan (DESIGN §3): the stage types every process speaks, and the pure planner
+//! that computes them from the config.
+
+pub mod planner;
+pub mod types;
+
+pub use planner::{PlanError, plan, plan_config, schedule_fractions, table};
+pub use types::{LoraSpec, Plan, PlanFormatError, StagePlan};

@@ -1,0 +1,28 @@
+//! LoRA (Hu et al. 2021) in PEFT's layout: `A (r, in)`, `B (out, r)`, and the projection
+//! becomes `y = base(x) + scale * (x A^T) B^T` with `scale = alpha / r`. The factors are built
+//! by `ParamBuilder::lora` (kaiming-uniform A, zero B, as PEFT initializes them).
+
+use candle_core::{Result, Tensor};
+
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Lora {
+    /// `scale * (x A^T) B^T` for `x (N, in)`: what the adapter adds to the base output `(N, out)`.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
+    }
+
+    /// The adapter of output features `start..start + len` (a slice of a fused projection).
+    pub fn columns(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            a: self.a.clone(),
+            b: self.b.narrow(0, start, len)?,
+            scale: self.scale,
+        })
+    }
+}

@@ -1,0 +1,319 @@
+//! Self-attention of a decoder layer: multi-head or grouped-query (Ainslie et al. 2023)
+//! softmax attention, kernel (linear) attention (`kernel_attention.rs`), or multi-head latent
+//! attention (`mla.rs`); causal or bidirectional; rotary positions when the model has them.
+
+use candle_core::{Module, Result, Tensor};
+use stackwise_common::config::{AttentionKind, AttentionMode, Family, ModelConfig};
+
+use super::kernel_attention::kernel_attention;
+use super::linear::{INIT_STD, Linear};
+use super::mla::MlaProj;
+use super::params::ParamBuilder;
+use super::rope::Rope;
+use crate::ops;
+
+#[derive(Clone)]
+enum Qkv {
+    /// GPT-2's `c_attn`: `[q | k | v]` in one projection.
+    Fused(Linear),
+    Split {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    Mla(Box<MlaProj>),
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    qkv: Qkv,
+    out: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    bidirectional: bool,
+    kernel: bool,
+}
+
+impl Attention {
+    pub(super) fn load(p: &mut ParamBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let out_std = INIT_STD / (2.0 * cfg.n_layers as f64).sqrt();
+        let bidirectional = cfg.attention_mode == AttentionMode::Bidirectional;
+        if cfg.attention == AttentionKind::Mla {
+            let (mla, out) = MlaProj::load(p, prefix, cfg)?;
+            return Ok(Self {
+                qkv: Qkv::Mla(Box::new(mla)),
+                out: Linear::load(p, &out, cfg.q_dim(), cfg.d_model, cfg, out_std)?,
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_heads,
+                head_dim: cfg.head_dim,
+                bidirectional,
+                kernel: false,
+            });
+        }
+        let (qkv, out) = match cfg.family {
+            Family::Gpt2 => (
+                Qkv::Fused(Linear::load(
+                    p,
+                    &format!("{prefix}.attn.c_attn"),
+                    cfg.d_model,
+                    cfg.q_dim() + 2 * cfg.kv_dim(),
+                    cfg,
+                    INIT_STD,
+                )?),
+                Linear::load(
+                    p,
+                    &format!("{prefix}.attn.c_proj"),
+                    cfg.q_dim(),
+                    cfg.d_model,
+                    cfg,
+                    out_std,
+                )?,
+            ),
+            Family::Llama => (
+                Qkv::Split {
+                    q: Linear::load(
+                        p,
+                        &format!("{prefix}.self_attn.q_proj"),
+                        cfg.d_model,
+                        cfg.q_dim(),
+                        cfg,
+                        INIT_STD,
+                    )?,
+                    k: Linear::load(
+                        p,
+                        &format!("{prefix}.self_attn.k_proj"),
+                        cfg.d_model,
+                        cfg.kv_dim(),
+                        cfg,
+                        INIT_STD,
+                    )?,
+                    v: Linear::load(
+                        p,
+                        &format!("{prefix}.self_attn.v_proj"),
+                        cfg.d_model,
+                        cfg.kv_dim(),
+                        cfg,
+                        INIT_STD,
+                    )?,
+                },
+                Linear::load(
+                    p,
+                    &format!("{prefix}.self_attn.o_proj"),
+                    cfg.q_dim(),
+                    cfg.d_model,
+                    cfg,
+                    out_std,
+                )?,
+            ),
+        };
+        Ok(Self {
+            qkv,
+            out,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            bidirectional,
+            kernel: cfg.attention == AttentionKind::Kernel,
+        })
+    }
+
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rope: Option<&Rope>,
+        start: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        if let Qkv::Mla(m) = &self.qkv {
+            let causal = !self.bidirectional;
+            let y = m.attend(x, (self.n_heads, self.head_dim), causal, start, cache)?;
+            return self.out.forward(&y);
+        }
+        let (b, t, _) = x.dims3()?;
+        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Mla(_) => unreachable!("handled above"),
+            // Split the fused [q | k | v] projection on its weight, not on its output: the
+            // gradient of a narrow is padded to the full tensor, which is far smaller for the
+            // (d, q + 2kv) weight than for the (B, T, q + 2kv) activation.
+            Qkv::Fused(l) => {
+                let l = l.materialized()?;
+                (
+                    l.columns(0, nh * hd)?.forward(x)?,
+                    l.columns(nh * hd, nkv * hd)?.forward(x)?,
+                    l.columns((nh + nkv) * hd, nkv * hd)?.forward(x)?,
+                )
+            }
+            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+        };
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, nh, T, hd)
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (B, nkv, T, hd)
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match rope {
+            Some(r) => (r.apply(&q, start)?, r.apply(&k, start)?),
+            None => (q, k),
+        };
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // GQA: query head h reads kv head h / (nh / nkv), as HF's repeat_kv (repeat_interleave).
+        let (k, v) = if nkv != nh {
+            let rep = nh / nkv;
+            let expand = |x: Tensor| -> Result<Tensor> {
+                x.unsqueeze(2)?
+                    .expand((b, nkv, rep, s, hd))?
+                    .reshape((b, nh, s, hd)) // (B, nh, S, hd)
+            };
+            (expand(k)?, expand(v)?)
+        } else {
+            (k, v)
+        };
+        if self.kernel {
+            let y = kernel_attention(&q, &k, &v, !self.bidirectional)?; // (B, nh, T, hd)
+            let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            return self.out.forward(&y);
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.matmul(&k.t()?)?; // (B, nh, T, S)
+        let att = ops::attention_softmax(&scores, scale, !self.bidirectional && t > 1)?;
+        let y = att.matmul(&v)?; // (B, nh, T, hd)
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.out.forward(&y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use stackwise_common::config::RawModelConfig;
+
+    fn tiny_mla(mode: AttentionMode) -> ModelConfig {
+        RawModelConfig {
+            family: Some(Family::Llama),
+            d_model: Some(32),
+            n_layers: Some(2),
+            n_heads: Some(4),
+            attention_type: Some("mla".into()),
+            vocab_size: Some(50),
+            seq_len: Some(16),
+            attention_mode: Some(mode),
+            ..Default::default()
+        }
+        .resolve(None)
+        .unwrap()
+    }
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = stackwise_common::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn mla_matches_attention_over_explicitly_expanded_keys_and_values() {
+        // Naive reference, position by position: latent c_j = rms(W_a x_j)[..r]; rotary key
+        // rope(W_a x_j)[r..]; per head h: k_j = [W_b^h,nope c_j ; rope key], v_j = W_b^h,v c_j,
+        // q_i = [q nope ; rope(q rot)], softmax over visible j of q_i.k_j / sqrt(hd + dr).
+        for mode in [AttentionMode::Causal, AttentionMode::Bidirectional] {
+            let cfg = tiny_mla(mode);
+            let mut p = ParamBuilder::init(4, &Device::Cpu);
+            let attn = Attention::load(&mut p, "model.layers.0", &cfg).unwrap();
+            let Qkv::Mla(m) = &attn.qkv else { panic!() };
+            let (t, d) = (6, cfg.d_model);
+            let x = rand(&[1, t, d], 9);
+            let got = attn.forward(&x, None, 0, None).unwrap().squeeze(0).unwrap();
+            let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+
+            let mat = |l: &Linear| -> Vec<Vec<f32>> {
+                // As [out][in].
+                l.weight.dense().unwrap().to_vec2().unwrap()
+            };
+            let apply = |w: &Vec<Vec<f32>>, v: &[f32]| -> Vec<f32> {
+                w.iter()
+                    .map(|row| row.iter().zip(v).map(|(a, b)| a * b).sum())
+                    .collect()
+            };
+            let (h, hd, r, dr) = (cfg.n_heads, cfg.head_dim, m.rank, m.rope_dim);
+            let rope = |v: &[f32], pos: usize| -> Vec<f32> {
+                let half = v.len() / 2;
+                let mut out = vec![0f32; v.len()];
+                for i in 0..half {
+                    let ang = pos as f64 / cfg.rope_theta.powf(2.0 * i as f64 / v.len() as f64);
+                    let (c, s) = (ang.cos() as f32, ang.sin() as f32);
+                    out[i] = v[i] * c - v[i + half] * s;
+                    out[i + half] = v[i + half] * c + v[i] * s;
+                }
+                out
+            };
+            let (wq, wa, wb, wo) = (mat(&m.q), mat(&m.kv_a), mat(&m.kv_b), mat(&attn.out));
+            let xs: Vec<Vec<f32>> = x.squeeze(0).unwrap().to_vec2().unwrap();
+            let mut keys = vec![vec![vec![0f32; hd + dr]; t]; h];
+            let mut vals = vec![vec![vec![0f32; hd]; t]; h];
+            let mut qs = vec![vec![vec![0f32; hd + dr]; t]; h];
+            for j in 0..t {
+                let a = apply(&wa, &xs[j]);
+                let ms = a[..r].iter().map(|v| v * v).sum::<f32>() / r as f32;
+                let c: Vec<f32> = a[..r]
+                    .iter()
+                    .map(|v| v / (ms + cfg.norm_eps as f32).sqrt())
+                    .collect();
+                let kr = rope(&a[r..], j);
+                let kv = apply(&wb, &c);
+                let q = apply(&wq, &xs[j]);
+                for hh in 0..h {
+                    let base = hh * 2 * hd;
+                    keys[hh][j][..hd].copy_from_slice(&kv[base..base + hd]);
+                    keys[hh][j][hd..].copy_from_slice(&kr);
+                    vals[hh][j].copy_from_slice(&kv[base + hd..base + 2 * hd]);
+                    let qb = hh * (hd + dr);
+                    qs[hh][j][..hd].copy_from_slice(&q[qb..qb + hd]);
+                    qs[hh][j][hd..].copy_from_slice(&rope(&q[qb + hd..qb + hd + dr], j));
+                }
+            }
+            for i in 0..t {
+                let mut y = vec![0f32; h * hd];
+                for hh in 0..h {
+                    let upto = if mode == AttentionMode::Causal {
+                        i + 1
+                    } else {
+                        t
+                    };
+                    let sc: Vec<f32> = (0..upto)
+                        .map(|j| {
+                            qs[hh][i]
+                                .iter()
+                                .zip(&keys[hh][j])
+                                .map(|(a, b)| a * b)
+                                .sum::<f32>()
+                                / ((hd + dr) as f32).sqrt()
+                        })
+                        .collect();
+                    let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let z: f32 = sc.iter().map(|s| (s - mx).exp()).sum();
+                    for (j, s) in sc.iter().enumerate() {
+                        let w = (s - mx).exp() / z;
+                        for c in 0..hd {
+                            y[hh * hd + c] += w * vals[hh][j][c];
+                        }
+                    }
+                }
+                let want = apply(&wo, &y);
+                for (a, b) in got[i].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{mode:?} t{i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

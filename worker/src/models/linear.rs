@@ -1,0 +1,148 @@
+//! The layers every model is built from: a projection with Hugging Face weights (GPT-2's
+//! `Conv1D` or `nn.Linear` layout; dense, or frozen at reduced precision and dequantized on the
+//! fly; optionally with LoRA factors) and the two norms (LayerNorm, RMSNorm).
+
+use candle_core::{Module, Result, Tensor};
+use stackwise_common::config::{Family, ModelConfig, NormKind};
+
+use super::params::{Init, ParamBuilder, Weight};
+use crate::adapters::Lora;
+use crate::ops;
+
+/// The std of GPT-2's initialization (residual projections get it over sqrt(2 n_layers)).
+pub const INIT_STD: f64 = 0.02;
+
+/// A projection. GPT-2's `Conv1D` stores `[in, out]` and computes `x @ W + b`; `nn.Linear`
+/// stores `[out, in]` and computes `x @ W^T + b`. A frozen weight may be stored at reduced
+/// precision, and may carry LoRA factors (`A (r, in)`, `B (out, r)`, PEFT's layout for both).
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Tensor>,
+    pub conv1d: bool,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    pub(super) fn load(
+        p: &mut ParamBuilder,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        cfg: &ModelConfig,
+        std: f64,
+    ) -> Result<Self> {
+        let conv1d = cfg.family == Family::Gpt2;
+        let shape = if conv1d { [d_in, d_out] } else { [d_out, d_in] };
+        let weight = p.linear_weight(&format!("{name}.weight"), &shape, Init::Normal(std))?;
+        let bias = if cfg.bias {
+            Some(p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?)
+        } else {
+            None
+        };
+        let lora = p
+            .lora(name, d_in, d_out)?
+            .map(|(a, b, scale)| Lora { a, b, scale });
+        Ok(Self {
+            weight,
+            bias,
+            conv1d,
+            lora,
+        })
+    }
+
+    /// This projection with its weight as a dense f32 tensor (dequantized once).
+    pub(super) fn materialized(&self) -> Result<Self> {
+        Ok(match &self.weight {
+            Weight::Dense(_) => self.clone(),
+            Weight::Frozen(f) => Self {
+                weight: Weight::Dense(f.dense()?),
+                ..self.clone()
+            },
+        })
+    }
+
+    /// The projection onto output features `start..start + len`, sharing this one's weights.
+    pub(super) fn columns(&self, start: usize, len: usize) -> Result<Self> {
+        let w = self.weight.dense()?;
+        let weight = if self.conv1d {
+            w.narrow(1, start, len)?
+        } else {
+            w.narrow(0, start, len)?
+        };
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.narrow(0, start, len))
+            .transpose()?;
+        let lora = self
+            .lora
+            .as_ref()
+            .map(|l| l.columns(start, len))
+            .transpose()?;
+        Ok(Self {
+            weight: Weight::Dense(weight),
+            bias,
+            conv1d: self.conv1d,
+            lora,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = dims[dims.len() - 1];
+        let x2 = x.reshape(((), d_in))?; // (B*T, in)
+        let w = self.weight.dense()?;
+        let mut y = if self.conv1d {
+            x2.matmul(&w)?
+        } else {
+            x2.matmul(&w.t()?)?
+        };
+        if let Some(l) = &self.lora {
+            y = (y + l.delta(&x2)?)?;
+        }
+        let y = match &self.bias {
+            Some(b) => ops::add_bias(&y, b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = y.dim(1)?;
+        y.reshape(out_dims)
+    }
+}
+
+#[derive(Clone)]
+pub struct Norm {
+    pub(super) weight: Tensor,
+    pub(super) bias: Option<Tensor>,
+    pub(super) eps: f64,
+}
+
+impl Norm {
+    pub(super) fn load(p: &mut ParamBuilder, name: &str, cfg: &ModelConfig) -> Result<Self> {
+        let weight = p.get(&format!("{name}.weight"), &[cfg.d_model], Init::Ones)?;
+        let bias = match cfg.norm {
+            NormKind::LayerNorm => {
+                Some(p.get(&format!("{name}.bias"), &[cfg.d_model], Init::Zeros)?)
+            }
+            NormKind::RmsNorm => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            eps: cfg.norm_eps,
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => ops::layer_norm(x, &self.weight, b, self.eps),
+            None => ops::rms_norm(x, &self.weight, self.eps),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! One session with the coordinator: register, open the session stream, send heartbeats,
+//! and carry out its commands (RunStage, Abort, Checkpoint, NcclId, Shutdown).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use stackwise_proto::model::{Command, Fence, Report, WorkerReport};
+use stackwise_proto::{PROTOCOL_VERSION, pb};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::stage::{Work, start, stop};
+use super::worker::{Terminate, WorkerOptions, capabilities};
+use crate::comm::RingListener;
+
+/// One registration and session. Returns the Shutdown reason, or the error that ended it.
+pub(super) async fn session(
+    opts: &WorkerOptions,
+    listener: &Arc<RingListener>,
+    ring_address: &str,
+    registered: &mut bool,
+    term: &Terminate,
+) -> Result<String> {
+    let mut client = opts.target.connect().await?;
+    let reg = match client
+        .register(pb::RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            name: opts.name.clone(),
+            capabilities: Some(capabilities(opts.device)),
+            ring_address: ring_address.to_string(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("job is over") => {
+            return Ok(s.message().to_string());
+        }
+        Err(s) => return Err(anyhow::Error::new(s).context("register with the coordinator")),
+    };
+    *registered = true;
+    tracing::info!(worker = %reg.worker_id, run = %reg.run_id, ring = %ring_address, "registered");
+    let (up, up_rx) = tokio::sync::mpsc::unbounded_channel::<pb::WorkerMessage>();
+    let worker_id = reg.worker_id.clone();
+    let report = {
+        let (run_id, worker_id) = (reg.run_id.clone(), worker_id.clone());
+        move |generation: u64, report: Report| {
+            WorkerReport {
+                fence: Fence {
+                    run_id: run_id.clone(),
+                    generation,
+                },
+                worker_id: worker_id.clone(),
+                report,
+            }
+            .into_pb()
+        }
+    };
+    let _ = up.send(report(0, Report::Hello));
+    let mut inbound = client
+        .session(UnboundedReceiverStream::new(up_rx))
+        .await
+        .context("open the session stream")?
+        .into_inner();
+
+    let step = Arc::new(AtomicU64::new(0));
+    let generation = Arc::new(AtomicU64::new(0));
+    let heartbeat = {
+        let (up, step, generation, report) =
+            (up.clone(), step.clone(), generation.clone(), report.clone());
+        let every = Duration::from_millis(reg.heartbeat_ms.max(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let hb = report(
+                    generation.load(Ordering::SeqCst),
+                    Report::Heartbeat {
+                        step: step.load(Ordering::SeqCst),
+                    },
+                );
+                if up.send(hb).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    let mut work: Option<Work> = None;
+    let mut term_handled = false;
+    let result = loop {
+        let next = tokio::select! {
+            m = inbound.message() => Some(m),
+            _ = term.wait(), if !term_handled => None,
+        };
+        let Some(next) = next else {
+            term_handled = true;
+            match &work {
+                // The ranks agree on a step in the next all-reduce, checkpoint it, and
+                // report their stage done; the coordinator then stops the job.
+                Some(w) => w.stop_request.store(true, Ordering::SeqCst),
+                None => break Ok("SIGTERM".to_string()),
+            }
+            continue;
+        };
+        let msg = match next {
+            Ok(Some(m)) => m,
+            Ok(None) => break Err(anyhow!("the coordinator closed the session")),
+            Err(s) => break Err(anyhow::Error::new(s)),
+        };
+        let (fence, cmd) = match <(Fence, Command)>::try_from(msg) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("ignored an invalid command: {e}");
+                continue;
+            }
+        };
+        if fence.run_id != reg.run_id {
+            tracing::warn!(run = %fence.run_id, "ignored a command for another run");
+            continue;
+        }
+        match cmd {
+            Command::RunStage(rs) => {
+                stop(work.take()).await;
+                generation.store(fence.generation, Ordering::SeqCst);
+                tracing::info!(
+                    generation = fence.generation,
+                    rank = rs.rank,
+                    world = rs.world_size,
+                    "starting stage {}",
+                    rs.stage_name
+                );
+                work = Some(start(
+                    *rs,
+                    fence,
+                    opts.device,
+                    listener.clone(),
+                    up.clone(),
+                    report.clone(),
+                    step.clone(),
+                ));
+            }
+            Command::Abort { reason } => {
+                tracing::warn!(
+                    generation = fence.generation,
+                    "generation aborted: {reason}"
+                );
+                stop(work.take()).await;
+            }
+            Command::Shutdown { reason } => break Ok(reason),
+            Command::Checkpoint { step } => {
+                tracing::info!(
+                    step,
+                    "the coordinator asks for a checkpoint and a stop; all ranks stop after the same step"
+                );
+                if let Some(w) = &work {
+                    w.stop_request.store(true, Ordering::SeqCst);
+                }
+            }
+            Command::NcclId(id) => {
+                if let Some(w) = &work {
+                    let _ = w.nccl.send(id);
+                }
+            }
+        }
+    };
+    stop(work.take()).await;
+    heartbeat.abort();
+    result
+}

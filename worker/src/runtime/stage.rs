@@ -1,0 +1,220 @@
+//! A stage on the worker's training thread: the communicator the coordinator chose (local,
+//! TCP ring, NCCL), the trainer, and the reports it streams back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use stackwise_common::config::DeviceSpec;
+use stackwise_common::plan::Plan;
+use stackwise_proto::model::{Backend, Fence, Report, RunStage, StageDone};
+use stackwise_proto::pb;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::worker::run_tag;
+use crate::comm::{Comm, Local, Ring, RingAbort, RingListener};
+use crate::train::{Aborted, RunOptions, TrainEvent, Trainer};
+
+/// The stage running on this worker's training thread.
+pub(super) struct Work {
+    abort: Arc<AtomicBool>,
+    /// Checkpoint and stop at the next step all ranks agree on (the coordinator asked).
+    pub(super) stop_request: Arc<AtomicBool>,
+    ring: Arc<Mutex<Option<RingAbort>>>,
+    pub(super) nccl: std::sync::mpsc::Sender<Vec<u8>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+pub(super) async fn stop(work: Option<Work>) {
+    let Some(w) = work else { return };
+    w.abort.store(true, Ordering::SeqCst);
+    if let Some(r) = w.ring.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        r.abort();
+    }
+    let _ = tokio::task::spawn_blocking(move || w.thread.join()).await;
+}
+
+type ReportFn = dyn Fn(u64, Report) -> pb::WorkerMessage + Send + Sync;
+
+pub(super) fn start(
+    rs: RunStage,
+    fence: Fence,
+    device: DeviceSpec,
+    listener: Arc<RingListener>,
+    up: UnboundedSender<pb::WorkerMessage>,
+    report: impl Fn(u64, Report) -> pb::WorkerMessage + Send + Sync + Clone + 'static,
+    step: Arc<AtomicU64>,
+) -> Work {
+    let abort = Arc::new(AtomicBool::new(false));
+    let stop_request = Arc::new(AtomicBool::new(false));
+    let ring: Arc<Mutex<Option<RingAbort>>> = Arc::default();
+    let (nccl, nccl_rx) = std::sync::mpsc::channel();
+    let thread = {
+        let (abort, ring, stop_request) = (abort.clone(), ring.clone(), stop_request.clone());
+        let report: Arc<ReportFn> = Arc::new(report);
+        std::thread::Builder::new()
+            .name(format!("train-rank{}", rs.rank))
+            .spawn(move || {
+                let gen_ = fence.generation;
+                let stage_name = rs.stage_name.clone();
+                let send = |r: Report| {
+                    let _ = up.send(report(gen_, r));
+                };
+                let result = run_stage(
+                    &rs,
+                    &fence,
+                    device,
+                    &listener,
+                    &abort,
+                    &stop_request,
+                    &ring,
+                    &nccl_rx,
+                    &send,
+                    {
+                        let (up, report) = (up.clone(), report.clone());
+                        Box::new(move |e| {
+                            let r = match e {
+                                TrainEvent::Step(m) => {
+                                    step.store(m.step, Ordering::SeqCst);
+                                    Report::Step(m)
+                                }
+                                TrainEvent::Checkpoint { step, name, uri } => {
+                                    Report::Checkpoint { step, name, uri }
+                                }
+                            };
+                            let _ = up.send(report(gen_, r));
+                        })
+                    },
+                );
+                match result {
+                    Ok(done) => {
+                        tracing::info!(step = done.step, "stage {stage_name} done");
+                        send(Report::StageDone(done));
+                    }
+                    Err(_) if abort.load(Ordering::SeqCst) => {
+                        tracing::info!("stopped: the generation was aborted");
+                    }
+                    Err(e) => {
+                        tracing::error!("stage failed: {e:#}");
+                        send(Report::Failed {
+                            message: format!("{e:#}"),
+                        });
+                    }
+                }
+            })
+            .expect("spawn the training thread")
+    };
+    Work {
+        abort,
+        stop_request,
+        ring,
+        nccl,
+        thread,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_stage(
+    rs: &RunStage,
+    fence: &Fence,
+    device: DeviceSpec,
+    listener: &RingListener,
+    abort: &Arc<AtomicBool>,
+    stop_request: &Arc<AtomicBool>,
+    ring_slot: &Mutex<Option<RingAbort>>,
+    nccl_rx: &std::sync::mpsc::Receiver<Vec<u8>>,
+    send: &dyn Fn(Report),
+    observer: Box<dyn FnMut(TrainEvent) + Send>,
+) -> Result<StageDone> {
+    let mut cfg: stackwise_common::config::TrainConfig =
+        serde_yaml::from_str(&rs.config_yaml).context("the config sent by the coordinator")?;
+    cfg.run.device = device.to_string();
+    let rank = rs.rank as usize;
+    let comm: Box<dyn Comm> = match rs.backend {
+        Backend::Local => Box::new(Local),
+        Backend::Ring => {
+            let ring = Ring::connect(
+                listener,
+                &rs.peers,
+                rank,
+                run_tag(&fence.run_id) ^ rs.ring_tag,
+                fence.generation,
+                Duration::from_secs(120),
+                abort.clone(),
+            )?;
+            *ring_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(ring.abort_handle());
+            if abort.load(Ordering::SeqCst) {
+                return Err(Aborted.into());
+            }
+            Box::new(ring)
+        }
+        Backend::Nccl => nccl_comm(rs, device, nccl_rx, send)?,
+    };
+    let opts = RunOptions {
+        resume: false,
+        until_step: rs.until_step,
+        progress: false,
+        resume_from: rs.resume_checkpoint.clone(),
+        plan: rs
+            .plan_json
+            .as_deref()
+            .map(Plan::from_json)
+            .transpose()
+            .context("the stage plan sent by the coordinator")?,
+    };
+    let mut trainer = Trainer::with_comm(cfg, &opts, comm)?;
+    trainer.set_abort(abort.clone());
+    trainer.set_stop_request(stop_request.clone());
+    trainer.set_observer(observer);
+    let s = trainer.run(&opts)?;
+    Ok(StageDone {
+        stage: rs.stage,
+        step: s.step,
+        train_loss: s.train_loss,
+        val_loss: s.val_loss,
+        last_checkpoint: s.last_checkpoint,
+        stopped_early: s.stopped_early,
+        stopped_on_request: s.stopped_on_request,
+    })
+}
+
+/// Rank 0 makes the NCCL unique id and sends it up; the coordinator relays it to the other
+/// ranks, which wait for it here.
+#[cfg(feature = "cuda")]
+fn nccl_comm(
+    rs: &RunStage,
+    device: DeviceSpec,
+    nccl_rx: &std::sync::mpsc::Receiver<Vec<u8>>,
+    send: &dyn Fn(Report),
+) -> Result<Box<dyn Comm>> {
+    use crate::comm::nccl;
+    let DeviceSpec::Cuda(ordinal) = device else {
+        bail!("the coordinator chose NCCL, but this worker's device is {device}");
+    };
+    let id = if rs.rank == 0 {
+        let id = nccl::new_id()?;
+        send(Report::NcclId(id.clone()));
+        id
+    } else {
+        nccl_rx
+            .recv_timeout(Duration::from_secs(120))
+            .context("waiting for rank 0's NCCL id from the coordinator")?
+    };
+    Ok(Box::new(nccl::Nccl::new(
+        ordinal,
+        rs.rank as usize,
+        rs.world_size as usize,
+        &id,
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_comm(
+    _rs: &RunStage,
+    _device: DeviceSpec,
+    _nccl_rx: &std::sync::mpsc::Receiver<Vec<u8>>,
+    _send: &dyn Fn(Report),
+) -> Result<Box<dyn Comm>> {
+    bail!("the coordinator chose NCCL, but this worker was built without --features cuda")
+}

@@ -1,0 +1,134 @@
+//! Micro-batches of a step (DESIGN §4): every rank draws the same global batch from the
+//! global cursor and takes its slice of each micro-batch, masked (masked objectives) with a
+//! salt per row, and fed from the activation cache when the stage has one.
+
+use anyhow::Result;
+use stackwise_common::data::{Cursor, rank_rows};
+
+use super::trainer::Trainer;
+use crate::objectives::{Batch, Masking};
+
+/// The mask salt of each of `rows` rows drawn from `start`: the step (a new mask every
+/// step), or with static masks (`mask_seeds`) the stage and the sample's mask seed (its
+/// epoch modulo `mask_seeds`), so an epoch later the sample is masked the same way again.
+pub fn mask_salts(
+    step: u64,
+    stage: usize,
+    start: Cursor,
+    samples: usize,
+    rows: usize,
+    mask_seeds: Option<u64>,
+) -> Vec<u64> {
+    match mask_seeds {
+        None => vec![step; rows],
+        Some(seeds) => (0..rows as u64)
+            .map(|r| {
+                let epoch = start.epoch + (start.index + r) / samples as u64;
+                ((stage as u64) << 32) | (epoch % seeds)
+            })
+            .collect(),
+    }
+}
+
+impl Trainer {
+    /// The masking of the current stage at `fractions` (none for causal objectives).
+    pub(super) fn masking(&self, fractions: Vec<f64>) -> Option<Masking> {
+        let stage = self.stage();
+        let mask_id = self.spec.mask_id;
+        stage.objective.is_masked().then(|| Masking {
+            objective: stage.objective,
+            mask_id: mask_id.unwrap_or(0),
+            vocab: self.spec.tok.vocab_size() as u32 - u32::from(mask_id.is_some()),
+            fractions,
+            seed: self.spec.cfg.run.seed,
+        })
+    }
+
+    /// This rank's micro-batches of the next step (advances the cursor).
+    pub(super) fn micro_batches(&mut self) -> Result<Vec<Batch>> {
+        let t = &self.spec.cfg.training;
+        let (batch_size, n) = (t.batch_size, self.spec.train_samples());
+        let start = self.state.cursor;
+        let idx = self.state.cursor.take(
+            batch_size * t.grad_accum,
+            n,
+            self.spec.cfg.run.seed,
+            &mut self.order,
+        );
+        let salts = mask_salts(
+            self.state.step,
+            self.state.stage,
+            start,
+            n,
+            idx.len(),
+            t.mask_seeds,
+        );
+        let spec = &self.spec;
+        let rows: Vec<_> = idx
+            .iter()
+            .map(|&i| {
+                spec.train
+                    .sample(i, spec.seq_len, spec.packed, spec.pad_id, self.all_tokens)
+            })
+            .collect();
+        // This rank's slice of each global micro-batch.
+        let mine = rank_rows(batch_size, self.comm.world_size(), self.comm.rank());
+        let masking = self.masking(self.stage().mask_fractions.clone());
+        let device = self.spec.device.clone();
+        let mut out = Vec::new();
+        for ((c, keys), salts) in rows
+            .chunks(batch_size)
+            .zip(idx.chunks(batch_size))
+            .zip(salts.chunks(batch_size))
+        {
+            let (c, keys, salts) = (&c[mine.clone()], &keys[mine.clone()], &salts[mine.clone()]);
+            let mut b = match &masking {
+                Some(m) => {
+                    let keys: Vec<u64> = keys.iter().map(|&k| k as u64).collect();
+                    Batch::masked_salted(c, &keys, salts, m, &device)?
+                }
+                None => Batch::from_rows(c, &device)?,
+            };
+            if let Some(cache) = &mut self.act_cache {
+                let names: Vec<String> = keys
+                    .iter()
+                    .zip(salts)
+                    .map(|(k, s)| format!("{s:016x}-{k}"))
+                    .collect();
+                let (layer, model) = (cache.layer, &self.model);
+                let x = cache.inputs(&b.input, &names, |ids| model.prefix(ids, layer), &device)?;
+                b.prefix = Some((x, layer));
+            }
+            out.push(b);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_mask_salts_repeat_by_epoch_and_fresh_ones_follow_the_step() {
+        assert_eq!(mask_salts(7, 0, Cursor::start(), 4, 3, None), vec![7, 7, 7]);
+        // 4 samples, 2 mask seeds: rows 2..6 of epoch 0 cross into epoch 1, then epoch 2
+        // (seed 0 again) repeats epoch 0's salt.
+        let start = Cursor { epoch: 0, index: 2 };
+        let s = mask_salts(0, 1, start, 4, 8, Some(2));
+        let stage = 1u64 << 32;
+        assert_eq!(
+            s,
+            vec![
+                stage,
+                stage,
+                stage | 1,
+                stage | 1,
+                stage | 1,
+                stage | 1,
+                stage,
+                stage
+            ]
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! Evaluation during training: validation loss (and masked-token accuracy for masked
+//! objectives) with the EMA weights when enabled, shared out across ranks; early stopping;
+//! and each finished stage scored on the plan-wide mask fractions.
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::report::Reporter;
+use super::state::{StageResult, TrainerState};
+use super::trainer::Trainer;
+use crate::objectives::{Batch, Totals};
+
+/// Record validation loss `v`; returns whether early stopping (`patience` evaluations
+/// without a new best) ends the stage.
+pub fn observe_val_loss(state: &mut TrainerState, v: f64, patience: Option<u64>) -> bool {
+    state.last_val_loss = Some(v);
+    if state.best_val_loss.is_none_or(|b| v < b) {
+        state.best_val_loss = Some(v);
+        state.evals_since_best = 0;
+    } else {
+        state.evals_since_best += 1;
+        if patience.is_some_and(|p| state.evals_since_best >= p) {
+            state.stopped_early = true;
+        }
+    }
+    state.stopped_early
+}
+
+impl Trainer {
+    /// Mean loss on the validation split (first `eval_batches` batches), with the EMA
+    /// weights when enabled. The batches are shared out across ranks. Masked objectives are
+    /// evaluated at the stage's mean mask fraction with fixed masks, and also report the
+    /// masked-token accuracy.
+    pub fn evaluate(&mut self) -> Result<Option<f64>> {
+        self.evaluate_at(self.stage().eval_fraction().into_iter().collect())
+    }
+
+    /// `evaluate` with each validation sequence masked at one of `fractions` (chosen per
+    /// sequence, the same on every call).
+    pub(super) fn evaluate_at(&mut self, fractions: Vec<f64>) -> Result<Option<f64>> {
+        let spec = &self.spec;
+        let n = spec.val.num_samples(spec.seq_len, spec.packed);
+        if n == 0 {
+            return Ok(None);
+        }
+        let t = &spec.cfg.training;
+        let (count, batch_size) = (n.min(t.eval_batches * t.batch_size), t.batch_size);
+        let raw = match &self.ema {
+            Some(ema) => {
+                let raw = self.params.tensors()?;
+                self.params
+                    .load(&ema.shadow.clone().into_iter().collect())?;
+                Some(raw)
+            }
+            None => None,
+        };
+        let masking = self.masking(fractions);
+        let mut totals = Totals::default();
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let all: Vec<usize> = (0..count).collect();
+        let spec = &self.spec;
+        for chunk in all.chunks(batch_size).skip(rank).step_by(world) {
+            let rows: Vec<_> = chunk
+                .iter()
+                .map(|&i| {
+                    spec.val
+                        .sample(i, spec.seq_len, spec.packed, spec.pad_id, self.all_tokens)
+                })
+                .collect();
+            let b = match &masking {
+                Some(m) => {
+                    let keys: Vec<u64> = chunk.iter().map(|&k| k as u64).collect();
+                    Batch::masked(&rows, &keys, u64::MAX, m, &spec.device)?
+                }
+                None => Batch::from_rows(&rows, &spec.device)?,
+            };
+            totals.add(&self.model, &b)?;
+        }
+        if let Some(raw) = raw {
+            self.params.load(&raw.into_iter().collect())?;
+        }
+        if world > 1 {
+            let mut b = totals.to_f32();
+            self.comm.all_reduce_sum(&mut b)?;
+            totals = Totals::from_f32(b);
+        }
+        self.last_val_accuracy = if masking.is_some() {
+            totals.accuracy()
+        } else {
+            None
+        };
+        Ok(totals.mean())
+    }
+
+    /// At the end of a stage of a multi-stage masked plan: the validation masked loss at the
+    /// plan's reference fractions, on which every stage's result compares (logged, kept in
+    /// the trainer state and metrics.jsonl as `stage_end`).
+    pub(super) fn record_stage_result(
+        &mut self,
+        step: u64,
+        stopped_early: bool,
+        rep: &mut Reporter,
+    ) -> Result<()> {
+        let fractions = self.spec.plan.reference_mask_fractions();
+        if fractions.is_empty() || !self.stage().objective.is_masked() {
+            return Ok(());
+        }
+        // The step's own evaluation (at the stage's fraction) stays the one reported.
+        let stage_accuracy = self.last_val_accuracy;
+        let val = self.evaluate_at(fractions.clone())?;
+        let accuracy = std::mem::replace(&mut self.last_val_accuracy, stage_accuracy);
+        let Some(v) = val else {
+            return Ok(());
+        };
+        let result = StageResult {
+            stage: self.state.stage,
+            step,
+            val_loss: v,
+            val_masked_accuracy: accuracy,
+            stopped_early,
+        };
+        let mut rec = json!({
+            "step": step, "stage": self.state.stage, "stage_end": true,
+            "reference_mask_fractions": fractions, "val_loss_reference": v,
+            "stopped_early": stopped_early,
+        });
+        if let Some(acc) = result.val_masked_accuracy {
+            rec["val_masked_accuracy_reference"] = acc.into();
+        }
+        rep.record(&rec);
+        if self.is_leader() {
+            rep.line(&super::report::stage_end_line(
+                &result,
+                &fractions,
+                self.state.stage_results.last(),
+            ));
+        }
+        // A resumed stage end (the checkpoint was written before a crash) replaces its entry.
+        self.state.stage_results.retain(|r| r.stage != result.stage);
+        self.state.stage_results.push(result);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stackwise_common::data::Cursor;
+    use stackwise_common::rng::Rng;
+    use stackwise_common::schedule::{Schedule, ScheduleKind};
+
+    fn state() -> TrainerState {
+        TrainerState {
+            run_id: "r".into(),
+            step: 0,
+            cursor: Cursor::start(),
+            rng: Rng::new(0),
+            schedule: Schedule {
+                kind: ScheduleKind::Constant,
+                lr: 1.0,
+                warmup_steps: 0,
+                total_steps: 1,
+                min_lr_ratio: 0.0,
+                cycles: 1,
+            },
+            tokens_seen: 0,
+            skipped_steps: 0,
+            best_val_loss: None,
+            last_val_loss: None,
+            evals_since_best: 0,
+            ema: false,
+            stopped_early: false,
+            stage: 0,
+            backup: None,
+            frozen_shared: None,
+            stage_results: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn early_stopping_waits_patience_evaluations_without_a_new_best() {
+        let mut s = state();
+        assert!(!observe_val_loss(&mut s, 3.0, Some(2)));
+        assert!(!observe_val_loss(&mut s, 3.5, Some(2)));
+        assert!(
+            !observe_val_loss(&mut s, 2.0, Some(2)),
+            "a new best resets the count"
+        );
+        assert!(!observe_val_loss(&mut s, 2.5, Some(2)));
+        assert!(observe_val_loss(&mut s, 2.1, Some(2)));
+        assert_eq!((s.best_val_loss, s.last_val_loss), (Some(2.0), Some(2.1)));
+        let mut never = state();
+        for v in [1.0, 2.0, 3.0, 4.0] {
+            assert!(!observe_val_loss(&mut never, v, None));
+        }
+    }
+}

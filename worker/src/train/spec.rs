@@ -1,0 +1,174 @@
+//! The run spec: a training config resolved and validated once, at start (STYLE
+//! "Configuration"): the device, the dataset and tokenizer, the full model's config and
+//! initial weights, the stage plan, the mask token, the sequence length and the stores.
+//! Everything the trainer needs to know that does not change while it runs.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+use stackwise_common::checkpoint::CheckpointStore;
+use stackwise_common::config::{
+    DeviceSpec, ModelConfig, Objective, TrainConfig, require_world_divides_batch,
+};
+use stackwise_common::data::{SplitData, TokenIndex};
+use stackwise_common::plan::{Plan, plan_config};
+use stackwise_common::store::Store;
+use stackwise_common::tokenizer::Tok;
+
+use crate::models::hf;
+
+pub struct RunSpec {
+    pub cfg: TrainConfig,
+    pub plan: Plan,
+    /// The full model's config (all layers, vocabulary with the mask token).
+    pub model_cfg: ModelConfig,
+    /// Weights of an `init_from` model (layers a stage has not reached yet come from here).
+    pub initial: HashMap<String, Tensor>,
+    pub device: Device,
+    pub train: SplitData,
+    pub val: SplitData,
+    pub tok: Tok,
+    /// The mask token of masked objectives.
+    pub mask_id: Option<u32>,
+    pub seq_len: usize,
+    /// Samples are packed `seq_len` windows of the token stream (else one per document).
+    pub packed: bool,
+    pub pad_id: u32,
+    /// The run's root (`<output>/runs/<name>`) and its checkpoints.
+    pub run: Store,
+    pub ckpt: CheckpointStore,
+}
+
+impl RunSpec {
+    /// Resolve `cfg` for one rank of a group of `world`. `plan`: the coordinator's (none:
+    /// plan it here, with the same pure planner). `fresh`: the run starts at step 0, so it
+    /// must not have checkpoints already.
+    pub fn resolve(
+        cfg: TrainConfig,
+        plan: Option<Plan>,
+        world: usize,
+        fresh: bool,
+    ) -> Result<Self> {
+        cfg.training.validate()?;
+        require_world_divides_batch(cfg.training.batch_size, world..=world)?;
+        if cfg.storage.is_some() {
+            stackwise_common::store::configure_s3(cfg.storage.clone());
+        }
+        let device_spec: DeviceSpec = cfg.run.device.parse()?;
+        let device = crate::device::open(device_spec)?;
+        let data_store = Store::open(&cfg.data.path)?;
+        let (index, mut tok) = TokenIndex::open(&data_store)?;
+        let train = index.load_split(&data_store, &index.train)?;
+        let val = index.load_split(&data_store, &index.validation)?;
+
+        // The full model's config, and its weights when it starts from an HF folder.
+        let (mut model_cfg, initial) = match &cfg.init_from {
+            Some(dir) => {
+                let mut model_cfg = ModelConfig::read_hf_dir(Path::new(dir))?;
+                let tensors = hf::read_safetensors_dir(Path::new(dir), &device)?;
+                if let Some(mode) = cfg.model.attention_mode {
+                    model_cfg.attention_mode = mode;
+                }
+                let (_, params) = hf::model_from_tensors(&model_cfg, tensors, &device)
+                    .with_context(|| format!("load init_from {dir}"))?;
+                let initial: HashMap<String, Tensor> = params.tensors()?.into_iter().collect();
+                (model_cfg, initial)
+            }
+            None => (cfg.model.resolve(Some(index.vocab_size))?, HashMap::new()),
+        };
+        let plan = match plan {
+            Some(p) => p,
+            None => plan_config(&cfg)?,
+        };
+        plan.validate()?;
+        let masked = plan.stages.iter().any(|s| s.objective.is_masked());
+        let mask_id = if masked {
+            let id = tok.ensure_mask_token()?;
+            if cfg.init_from.is_none() && cfg.model.vocab_size.is_none() {
+                model_cfg.vocab_size = model_cfg.vocab_size.max(id as usize + 1);
+            }
+            if id as usize >= model_cfg.vocab_size {
+                bail!(
+                    "a masked objective needs a mask token: the tokenizer has none, and the model's vocab_size ({}) \
+                     has no room for one at id {id}; raise model.vocab_size",
+                    model_cfg.vocab_size
+                );
+            }
+            model_cfg.mask_token_id = Some(id);
+            Some(id)
+        } else {
+            None
+        };
+        if cfg.init_from.is_none() {
+            if model_cfg.vocab_size < index.vocab_size {
+                bail!(
+                    "model.vocab_size ({}) is smaller than the tokenizer's ({})",
+                    model_cfg.vocab_size,
+                    index.vocab_size
+                );
+            }
+            model_cfg.eos_token_id = tok.eos_id();
+            model_cfg.bos_token_id = tok.eos_id();
+        } else if model_cfg.vocab_size < index.vocab_size {
+            bail!(
+                "init_from {}: the model's vocab_size ({}) is smaller than the dataset tokenizer's ({}); \
+                 prepare the data with the model's tokenizer (`stackwise data prepare --tokenizer {0}`)",
+                cfg.init_from.as_deref().unwrap_or_default(),
+                model_cfg.vocab_size,
+                index.vocab_size
+            );
+        }
+        if !model_cfg.is_hf_compatible() {
+            tracing::info!(
+                "this model uses options transformers has no field for (e.g. bidirectional attention, parallel \
+                 residual, non-default norm or positions); its config.json keeps them under \"stackwise\" and only \
+                 StackWise reloads it exactly"
+            );
+        }
+        let seq_len = cfg.training.seq_len.unwrap_or(model_cfg.seq_len);
+        if seq_len > model_cfg.seq_len {
+            bail!(
+                "training.seq_len ({seq_len}) exceeds the model's seq_len ({}); lower it or raise model.seq_len",
+                model_cfg.seq_len
+            );
+        }
+        let packed = cfg
+            .data
+            .packing
+            .unwrap_or(plan.stages[0].objective != Objective::Sft);
+        if train.num_samples(seq_len, packed) == 0 {
+            bail!(
+                "{}: the training split has {} tokens, fewer than one sequence of {seq_len}; lower training.seq_len or add data",
+                cfg.data.path,
+                train.tokens.len()
+            );
+        }
+        let run = Store::open(&cfg.run.output)?.child(&format!("runs/{}", cfg.run.name));
+        let ckpt = CheckpointStore::new(&run);
+        ckpt.require_resume_if_any(!fresh, run.uri())?;
+        let pad_id = tok.eos_id().unwrap_or(0);
+        Ok(Self {
+            cfg,
+            plan,
+            model_cfg,
+            initial,
+            device,
+            train,
+            val,
+            tok,
+            mask_id,
+            seq_len,
+            packed,
+            pad_id,
+            run,
+            ckpt,
+        })
+    }
+
+    /// Training samples of `seq_len` tokens in the split.
+    pub fn train_samples(&self) -> usize {
+        self.train.num_samples(self.seq_len, self.packed)
+    }
+}
