@@ -6,7 +6,7 @@
 #   bash bench/activation_cache.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p stackwise-coordinator
+cargo build --release --quiet -p stackwise
 sw=$PWD/target/release/stackwise
 work=$PWD/target/bench-actcache
 rm -rf "$work" && mkdir -p "$work"

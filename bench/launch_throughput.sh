@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-2}"
-cargo build --release --quiet -p stackwise-coordinator
+cargo build --release --quiet -p stackwise
 sw=target/release/stackwise
 work=target/bench-launch
 rm -rf "$work" && mkdir -p "$work"

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 per_layer="${1:-2}"
 total=$(( per_layer * 12 ))
-cargo build --release --quiet -p stackwise-coordinator
+cargo build --release --quiet -p stackwise
 sw=target/release/stackwise
 work=target/bench-stackwise
 rm -rf "$work" && mkdir -p "$work"

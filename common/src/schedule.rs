@@ -26,6 +26,18 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// A constant `lr` without warmup (a placeholder until a stage sets its own).
+    pub fn constant(lr: f64) -> Self {
+        Self {
+            kind: ScheduleKind::Constant,
+            lr,
+            warmup_steps: 0,
+            total_steps: 0,
+            min_lr_ratio: 0.0,
+            cycles: 1,
+        }
+    }
+
     /// Learning rate for the update that takes the model from `step` to `step + 1`.
     pub fn at(&self, step: u64) -> f64 {
         if step < self.warmup_steps {

@@ -260,6 +260,7 @@ impl Coordinator {
         tls: Option<TlsFiles>,
     ) -> Result<Self> {
         stackwise_proto::install_tls_provider();
+        spec.plan.validate().context("the job's plan")?;
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("bind the coordinator to {bind}"))?;

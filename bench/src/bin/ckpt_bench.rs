@@ -52,11 +52,11 @@ fn main() -> Result<()> {
     let stage = || -> Result<Vec<(String, Bytes)>> {
         Ok(vec![
             (
-                "model.safetensors".to_string(),
+                stackwise_worker::checkpoint::MODEL.to_string(),
                 Bytes::from(hf::params_to_safetensors(&params.snapshot())?),
             ),
             (
-                "optimizer.safetensors".to_string(),
+                stackwise_worker::checkpoint::OPTIMIZER.to_string(),
                 Bytes::from(hf::params_to_safetensors(&opt.state_tensors())?),
             ),
         ])

@@ -57,6 +57,23 @@ impl LossArgs {
     }
 }
 
+/// The model `eval` and `generate` read.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// HF model folder, checkpoint folder or run folder (its newest checkpoint that verifies).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Use the EMA weights when the checkpoint has them.
+    #[arg(long)]
+    pub ema: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<super::model_source::LoadedModel> {
+        super::model_source::load(&self.model, self.ema, &candle_core::Device::Cpu)
+    }
+}
+
 /// A coordinator to connect to.
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorTarget {

@@ -9,13 +9,13 @@ use candle_core::Device;
 use clap::Args;
 use stackwise_worker::objectives::{Batch, Masking, Objective, Totals};
 
+use super::args::ModelArgs;
 use super::model_source;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// HF model folder, checkpoint folder or run folder.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// A UTF-8 text file, tokenized with the model's tokenizer.
     #[arg(long)]
     pub data: PathBuf,
@@ -31,9 +31,6 @@ pub struct EvalArgs {
     /// Do not add the tokenizer's special tokens (BOS…); HF's `tokenizer(text)` adds them.
     #[arg(long)]
     pub no_special_tokens: bool,
-    /// Evaluate the EMA weights when the checkpoint has them.
-    #[arg(long)]
-    pub ema: bool,
     /// Masked-token evaluation (models trained with mlm / diffusion): mask this share of
     /// the tokens (comma-separated list, e.g. 0.15,0.5,0.9) and report the mean
     /// cross-entropy and accuracy on the masked tokens at each.
@@ -114,7 +111,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     let device = Device::Cpu;
-    let m = model_source::load(&a.model, a.ema, &device)?;
+    let m = a.source.load()?;
     if a.seq_len > m.model.cfg.seq_len {
         bail!(
             "--seq-len {} exceeds the model's maximum of {} positions",

@@ -1,20 +1,17 @@
 //! `stackwise generate`: sample a continuation of a prompt.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use clap::Args;
 use stackwise_worker::generate::{SamplingConfig, generate};
 
-use super::model_source;
+use super::args::ModelArgs;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// HF model folder, checkpoint folder or run folder.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub source: ModelArgs,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value_t = 100)]
@@ -41,9 +38,6 @@ pub struct GenerateArgs {
     /// Recompute the whole context every token (to compare with the KV cache).
     #[arg(long)]
     pub no_cache: bool,
-    /// Use the EMA weights when the checkpoint has them.
-    #[arg(long)]
-    pub ema: bool,
     /// `auto`: mask-diffusion for a bidirectional model trained with a masked objective,
     /// autoregressive otherwise.
     #[arg(long, value_enum, default_value_t = Sampler::Auto)]
@@ -86,7 +80,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.repetition_penalty <= 0.0 {
         bail!("--repetition-penalty must be > 0 (1 = off)");
     }
-    let m = model_source::load(&a.model, a.ema, &Device::Cpu)?;
+    let m = a.source.load()?;
     let prompt = m
         .tok
         .encode(&a.prompt, false)

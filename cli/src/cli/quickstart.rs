@@ -124,7 +124,10 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
     })?;
     eprintln!("[3/3] sampling from {}", run_dir.display());
     generate(GenerateArgs {
-        model: run_dir,
+        source: super::args::ModelArgs {
+            model: run_dir,
+            ema: false,
+        },
         prompt: a.prompt.clone(),
         max_new_tokens: 120,
         min_new_tokens: 0,
@@ -136,7 +139,6 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         no_repeat_ngram: None,
         seed: 0,
         no_cache: false,
-        ema: false,
         sampler: super::generate::Sampler::Auto,
         diffusion_steps: 16,
         remasking: super::generate::Remasking::Confidence,

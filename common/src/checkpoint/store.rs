@@ -164,7 +164,15 @@ impl CheckpointStore {
 
     /// The newest checkpoint that verifies; torn or corrupt ones are skipped with a warning.
     pub fn load_latest(&self) -> Result<Option<LoadedCheckpoint>, CheckpointError> {
-        for name in self.list_names()?.iter().rev() {
+        self.first_valid(self.list_names()?.iter().rev())
+    }
+
+    /// The first of `names` that verifies; the ones before it are skipped with a warning.
+    fn first_valid<'a>(
+        &self,
+        names: impl Iterator<Item = &'a String>,
+    ) -> Result<Option<LoadedCheckpoint>, CheckpointError> {
+        for name in names {
             match self.load(name) {
                 Ok(c) => return Ok(Some(c)),
                 Err(CheckpointError::Invalid { name, msg }) => {
@@ -201,21 +209,8 @@ impl CheckpointStore {
         &self,
         name: &str,
     ) -> Result<Option<LoadedCheckpoint>, CheckpointError> {
-        for older in self
-            .list_names()?
-            .iter()
-            .rev()
-            .filter(|n| n.as_str() < name)
-        {
-            match self.load(older) {
-                Ok(c) => return Ok(Some(c)),
-                Err(CheckpointError::Invalid { name, msg }) => {
-                    tracing::warn!(checkpoint = %name, "skipping checkpoint: {msg}");
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(None)
+        let names = self.list_names()?;
+        self.first_valid(names.iter().rev().filter(|n| n.as_str() < name))
     }
 
     /// A run that already has checkpoints continues only with `--resume`: refuse to start it

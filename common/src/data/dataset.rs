@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::prepare::DataError;
+use super::error::DataError;
 use crate::store::Store;
 use crate::tokenizer::Tok;
 
@@ -179,8 +179,6 @@ impl SplitData {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::prepare::{PrepareOptions, prepare};
-    use crate::tokenizer::TokenizerKind;
 
     #[test]
     fn unigram_entropy_of_uniform_and_constant_streams() {
@@ -189,41 +187,5 @@ mod tests {
                 < 1e-12
         );
         assert_eq!(unigram_entropy([5u32; 10].into_iter(), 8), 0.0);
-    }
-
-    #[test]
-    fn prepare_then_load_round_trips_and_splits() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
-        let f = dir.path().join("t.txt");
-        std::fs::write(&f, &text).unwrap();
-        let tok = Tok::train(TokenizerKind::Byte, std::slice::from_ref(&text), 0).unwrap();
-        let store = Store::open(dir.path().join("ds").to_str().unwrap()).unwrap();
-        let opts = PrepareOptions {
-            val_fraction: 0.1,
-            shard_tokens: 500,
-            ..Default::default()
-        };
-        let index = prepare(&[f], &tok, &store, &opts).unwrap();
-        assert!(!index.train.shards.is_empty());
-        let (again, tok2) = TokenIndex::open(&store).unwrap();
-        let train = again.load_split(&store, &again.train).unwrap();
-        let val = again.load_split(&store, &again.validation).unwrap();
-        let total = text.len() + 1; // bytes + eos
-        assert_eq!(train.tokens.len() + val.tokens.len(), total);
-        assert_eq!(val.tokens.len(), (total as f64 * 0.1).round() as usize);
-        let joined: Vec<u32> = train.tokens.iter().chain(&val.tokens).copied().collect();
-        assert_eq!(tok2.decode(&joined).unwrap(), text);
-        let (ids, mask) = train.sample(1, 16, true, 0, false);
-        assert_eq!(ids, train.tokens[16..32]);
-        assert!(mask.iter().all(|&m| m == 1.0));
-        // An unfinished dataset (no index) is refused.
-        store.delete("index.json").unwrap();
-        assert!(
-            TokenIndex::open(&store)
-                .unwrap_err()
-                .to_string()
-                .contains("no index.json")
-        );
     }
 }

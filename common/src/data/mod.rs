@@ -3,8 +3,10 @@
 
 pub mod cursor;
 pub mod dataset;
+pub mod error;
 pub mod prepare;
 
 pub use cursor::{Cursor, rank_rows};
 pub use dataset::{Sample, SplitData, TokenIndex};
+pub use error::DataError;
 pub use prepare::{PrepareOptions, prepare};

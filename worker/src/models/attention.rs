@@ -195,31 +195,8 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::testing::{rand, tiny};
     use candle_core::Device;
-    use stackwise_common::config::RawModelConfig;
-
-    fn tiny_mla(mode: AttentionMode) -> ModelConfig {
-        RawModelConfig {
-            family: Some(Family::Llama),
-            d_model: Some(32),
-            n_layers: Some(2),
-            n_heads: Some(4),
-            attention_type: Some("mla".into()),
-            vocab_size: Some(50),
-            seq_len: Some(16),
-            attention_mode: Some(mode),
-            ..Default::default()
-        }
-        .resolve(None)
-        .unwrap()
-    }
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = stackwise_common::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     #[test]
     fn mla_matches_attention_over_explicitly_expanded_keys_and_values() {
@@ -227,7 +204,7 @@ mod tests {
         // rope(W_a x_j)[r..]; per head h: k_j = [W_b^h,nope c_j ; rope key], v_j = W_b^h,v c_j,
         // q_i = [q nope ; rope(q rot)], softmax over visible j of q_i.k_j / sqrt(hd + dr).
         for mode in [AttentionMode::Causal, AttentionMode::Bidirectional] {
-            let cfg = tiny_mla(mode);
+            let cfg = tiny(Family::Llama, mode, Some("mla"));
             let mut p = ParamBuilder::init(4, &Device::Cpu);
             let attn = Attention::load(&mut p, "model.layers.0", &cfg).unwrap();
             let Qkv::Mla(m) = &attn.qkv else { panic!() };

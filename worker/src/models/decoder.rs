@@ -321,42 +321,11 @@ impl Transformer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stackwise_common::config::{AttentionMode, RawModelConfig};
-
-    fn tiny_with(family: Family, mode: AttentionMode, attention: Option<&str>) -> ModelConfig {
-        RawModelConfig {
-            family: Some(family),
-            d_model: Some(32),
-            n_layers: Some(2),
-            n_heads: Some(4),
-            n_kv_heads: if attention == Some("mla") {
-                None
-            } else {
-                Some(2)
-            },
-            attention_type: attention.map(str::to_string),
-            vocab_size: Some(50),
-            seq_len: Some(16),
-            attention_mode: Some(mode),
-            ..Default::default()
-        }
-        .resolve(None)
-        .unwrap()
-    }
+    use crate::models::testing::{max_diff, tiny as tiny_with};
+    use stackwise_common::config::AttentionMode;
 
     fn ids() -> Tensor {
         Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

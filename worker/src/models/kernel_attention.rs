@@ -64,16 +64,20 @@ pub fn kernel_attention_chunked(
         let den = (fq.broadcast_mul(&z)?.sum_keepdim(3)? + EPS)?; // (B, H, T, 1)
         return num.broadcast_div(&den);
     }
-    let chunk = chunk.max(1);
+    let chunk = chunk.clamp(1, t);
+    let ones = causal_ones(chunk, chunk, q.device())?;
     let mut out = Vec::with_capacity(t.div_ceil(chunk));
     for c0 in (0..t).step_by(chunk) {
         let c = chunk.min(t - c0);
         let qc = fq.narrow(2, c0, c)?; // (B, H, c, d)
         let kc = fk.narrow(2, shared + c0, c)?;
         let vc = v.narrow(2, shared + c0, c)?;
-        let a = qc
-            .matmul(&kc.t()?)?
-            .broadcast_mul(&causal_ones(c, c, q.device())?)?; // (B, H, c, c)
+        let mask = if c == chunk {
+            ones.clone()
+        } else {
+            ones.narrow(0, 0, c)?.narrow(1, 0, c)?
+        };
+        let a = qc.matmul(&kc.t()?)?.broadcast_mul(&mask)?; // (B, H, c, c)
         let num = (qc.matmul(&state)? + a.matmul(&vc)?)?;
         let den = ((qc.broadcast_mul(&z)?.sum_keepdim(3)? + a.sum_keepdim(3)?)? + EPS)?;
         out.push(num.broadcast_div(&den)?);
@@ -108,14 +112,8 @@ pub fn kernel_attention_quadratic(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::testing::{max_diff, rand};
     use candle_core::Var;
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = stackwise_common::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn to3(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
         // (1, H, T, d) -> [h][t][d]
@@ -162,17 +160,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod mla;
 pub mod params;
 pub mod quant;
 pub mod rope;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use decoder::{Transformer, names};
 pub use kv_cache::KvCache;

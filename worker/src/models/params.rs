@@ -334,9 +334,9 @@ impl Params {
         self.vars.get(name)
     }
 
-    /// A snapshot of every tensor (detached copies are cheap: they share storage until `set`).
-    /// The current values without copying (for serializing them right away, before the
-    /// next optimizer step changes them).
+    /// Every parameter's current value without a copy: each tensor shares its storage with
+    /// the parameter, so the next (in-place) optimizer step changes it too. Serialize it
+    /// right away; use `tensors` for values that must outlive the step.
     pub fn snapshot(&self) -> BTreeMap<String, Tensor> {
         self.vars
             .iter()
@@ -344,6 +344,7 @@ impl Params {
             .collect()
     }
 
+    /// Copies of every parameter's current value.
     pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         self.vars
             .iter()

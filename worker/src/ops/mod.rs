@@ -8,18 +8,10 @@ pub(crate) mod cpu;
 mod cross_entropy;
 mod fastmath;
 mod fused;
-
-use candle_core::{D, Result, Tensor};
+mod log_softmax;
 
 pub use attention::attention_softmax;
 pub use bias::add_bias;
 pub use cross_entropy::token_nll;
 pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
-
-/// Log-softmax over the last dimension (composed, differentiable).
-pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let diff = x.broadcast_sub(&max)?;
-    let lse = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    diff.broadcast_sub(&lse)
-}
+pub use log_softmax::log_softmax_last_dim;

@@ -1,11 +1,14 @@
-//! The worker runtime: the `stackwise worker` process (`worker.rs`), its session with the
+//! The worker runtime: the `stackwise worker` process (`worker.rs`, `options.rs`), its session with the
 //! coordinator (`session.rs`), the stage it runs on its training thread (`stage.rs`) and the
 //! gRPC client (`client.rs`).
 
 pub mod client;
+pub mod options;
 pub mod session;
 pub mod stage;
 pub mod worker;
 
 pub use client::Target;
-pub use worker::{WorkerOptions, run_tag, run_worker};
+pub use options::WorkerOptions;
+pub use stage::run_tag;
+pub use worker::run_worker;

@@ -10,8 +10,8 @@ use stackwise_proto::model::{Command, Fence, Report, WorkerReport};
 use stackwise_proto::{PROTOCOL_VERSION, pb};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::options::{Terminate, WorkerOptions, capabilities};
 use super::stage::{Work, start, stop};
-use super::worker::{Terminate, WorkerOptions, capabilities};
 use crate::comm::RingListener;
 
 /// One registration and session. Returns the Shutdown reason, or the error that ended it.

@@ -12,9 +12,15 @@ use stackwise_proto::model::{Backend, Fence, Report, RunStage, StageDone};
 use stackwise_proto::pb;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::worker::run_tag;
 use crate::comm::{Comm, Local, Ring, RingAbort, RingListener};
 use crate::train::{Aborted, RunOptions, TrainEvent, Trainer};
+
+/// A stable 64-bit tag of the run id (FNV-1a), checked in the ring handshake.
+pub fn run_tag(run_id: &str) -> u64 {
+    run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
 
 /// The stage running on this worker's training thread.
 pub(super) struct Work {

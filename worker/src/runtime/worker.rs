@@ -3,97 +3,15 @@
 //! and reconnects with backoff when the coordinator goes away. Work stops at once when the
 //! session is lost (a worker without a lease must not keep training) or on Abort.
 
-use std::net::{ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use stackwise_common::config::DeviceSpec;
-use stackwise_proto::pb;
 
-use super::client::Target;
+use super::options::{Terminate, WorkerOptions, local_host_towards};
 use super::session::session;
 use crate::comm::RingListener;
-
-#[derive(Debug, Clone)]
-pub struct WorkerOptions {
-    pub target: Target,
-    /// A readable name for logs and `stackwise status`.
-    pub name: String,
-    pub device: DeviceSpec,
-    /// Where to listen for ring connections (`0.0.0.0:0`: any port).
-    pub ring_bind: String,
-    /// The host other workers use to reach this one (default: the address this machine uses
-    /// to reach the coordinator).
-    pub advertise_host: Option<String>,
-    /// Give up after failing to reach the coordinator for this long.
-    pub rejoin_timeout: Duration,
-    /// On SIGTERM, checkpoint at a step all ranks agree on and stop the job (a second
-    /// SIGTERM exits at once). Off for in-process workers, whose launcher handles signals.
-    pub graceful_sigterm: bool,
-}
-
-/// Set once this worker process got SIGTERM.
-#[derive(Default)]
-pub(super) struct Terminate {
-    pub(super) asked: AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl Terminate {
-    pub(super) async fn wait(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.asked.load(Ordering::SeqCst) {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// A stable 64-bit tag of the run id (FNV-1a), checked in the ring handshake.
-pub fn run_tag(run_id: &str) -> u64 {
-    run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// The local address this machine uses to reach `url`'s host (no packet is sent).
-fn local_host_towards(url: &str) -> Option<String> {
-    let rest = url.split("://").nth(1).unwrap_or(url);
-    let authority = rest.split('/').next()?;
-    let addr = authority.to_socket_addrs().ok()?.next()?;
-    let sock = UdpSocket::bind(if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    })
-    .ok()?;
-    sock.connect(addr).ok()?;
-    Some(sock.local_addr().ok()?.ip().to_string())
-}
-
-pub(super) fn capabilities(device: DeviceSpec) -> pb::Capabilities {
-    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kb| kb * 1024);
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    pb::Capabilities {
-        device_kind: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
-        device: device.to_string(),
-        memory_bytes,
-        host,
-        cpu_threads: rayon::current_num_threads() as u32,
-    }
-}
 
 /// Errors that retrying cannot fix.
 fn is_fatal(e: &anyhow::Error) -> bool {

@@ -6,25 +6,9 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::report::Reporter;
-use super::state::{StageResult, TrainerState};
+use super::state::StageResult;
 use super::trainer::Trainer;
 use crate::objectives::{Batch, Totals};
-
-/// Record validation loss `v`; returns whether early stopping (`patience` evaluations
-/// without a new best) ends the stage.
-pub fn observe_val_loss(state: &mut TrainerState, v: f64, patience: Option<u64>) -> bool {
-    state.last_val_loss = Some(v);
-    if state.best_val_loss.is_none_or(|b| v < b) {
-        state.best_val_loss = Some(v);
-        state.evals_since_best = 0;
-    } else {
-        state.evals_since_best += 1;
-        if patience.is_some_and(|p| state.evals_since_best >= p) {
-            state.stopped_early = true;
-        }
-    }
-    state.stopped_early
-}
 
 impl Trainer {
     /// Mean loss on the validation split (first `eval_batches` batches), with the EMA
@@ -139,59 +123,5 @@ impl Trainer {
         self.state.stage_results.retain(|r| r.stage != result.stage);
         self.state.stage_results.push(result);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use stackwise_common::data::Cursor;
-    use stackwise_common::rng::Rng;
-    use stackwise_common::schedule::{Schedule, ScheduleKind};
-
-    fn state() -> TrainerState {
-        TrainerState {
-            run_id: "r".into(),
-            step: 0,
-            cursor: Cursor::start(),
-            rng: Rng::new(0),
-            schedule: Schedule {
-                kind: ScheduleKind::Constant,
-                lr: 1.0,
-                warmup_steps: 0,
-                total_steps: 1,
-                min_lr_ratio: 0.0,
-                cycles: 1,
-            },
-            tokens_seen: 0,
-            skipped_steps: 0,
-            best_val_loss: None,
-            last_val_loss: None,
-            evals_since_best: 0,
-            ema: false,
-            stopped_early: false,
-            stage: 0,
-            backup: None,
-            frozen_shared: None,
-            stage_results: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn early_stopping_waits_patience_evaluations_without_a_new_best() {
-        let mut s = state();
-        assert!(!observe_val_loss(&mut s, 3.0, Some(2)));
-        assert!(!observe_val_loss(&mut s, 3.5, Some(2)));
-        assert!(
-            !observe_val_loss(&mut s, 2.0, Some(2)),
-            "a new best resets the count"
-        );
-        assert!(!observe_val_loss(&mut s, 2.5, Some(2)));
-        assert!(observe_val_loss(&mut s, 2.1, Some(2)));
-        assert_eq!((s.best_val_loss, s.last_val_loss), (Some(2.0), Some(2.1)));
-        let mut never = state();
-        for v in [1.0, 2.0, 3.0, 4.0] {
-            assert!(!observe_val_loss(&mut never, v, None));
-        }
     }
 }

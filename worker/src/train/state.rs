@@ -39,6 +39,30 @@ pub struct TrainerState {
     pub stage_results: Vec<StageResult>,
 }
 
+impl TrainerState {
+    /// The state of a run at step 0 of its first stage.
+    pub fn start(run_id: &str, seed: u64, schedule: Schedule, ema: bool) -> Self {
+        Self {
+            run_id: run_id.to_string(),
+            step: 0,
+            cursor: Cursor::start(),
+            rng: Rng::derive(seed, "trainer"),
+            schedule,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            best_val_loss: None,
+            last_val_loss: None,
+            evals_since_best: 0,
+            ema,
+            stopped_early: false,
+            stage: 0,
+            backup: None,
+            frozen_shared: None,
+            stage_results: Vec::new(),
+        }
+    }
+}
+
 /// A finished stage measured on the plan-wide scale (`Plan::reference_mask_fractions`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageResult {

@@ -1,8 +1,8 @@
 //! The trainer: data → micro-batches → gradients → all-reduce → clip → AdamW, with
 //! evaluation, early stopping, EMA and exact checkpoint/resume. `run` is the loop; the
 //! pieces it calls are the stage runner (`stage.rs`), the step (`step.rs`), the checkpointer
-//! (`checkpointer.rs`), evaluation (`eval.rs`), micro-batches (`batches.rs`) and reporting
-//! (`report.rs`).
+//! (`checkpointer.rs`, `persistence.rs`), evaluation and early stopping (`eval.rs`,
+//! `early_stopping.rs`), micro-batches (`batches.rs`) and reporting (`report.rs`).
 //!
 //! Data parallel: every rank draws the same global batch from the global cursor and takes its
 //! slice (rows `rank*b/w .. (rank+1)*b/w` of each micro-batch), so `w` ranks with batch `b/w`
@@ -20,13 +20,11 @@ use bytes::Bytes;
 use serde_json::json;
 use stackwise_common::checkpoint::{CheckpointError, LoadedCheckpoint};
 use stackwise_common::config::TrainConfig;
-use stackwise_common::data::Cursor;
 use stackwise_common::plan::{Plan, StagePlan};
-use stackwise_common::rng::Rng;
 
 use super::actcache::ActivationCache;
 use super::checkpointer::{Checkpointer, SavePolicy, StepEnd};
-use super::eval::observe_val_loss;
+use super::early_stopping::observe_val_loss;
 use super::report::{Reporter, StepReport, stage_line};
 use super::spec::RunSpec;
 use super::state::TrainerState;
@@ -149,31 +147,12 @@ impl Trainer {
         );
         let (model, params) = Transformer::init(&spec.model_cfg, cfg.run.seed, &spec.device)?;
         let mut trainer = Self {
-            state: TrainerState {
-                run_id: cfg.run.name.clone(),
-                step: 0,
-                cursor: Cursor::start(),
-                rng: Rng::derive(cfg.run.seed, "trainer"),
-                schedule: stackwise_common::schedule::Schedule {
-                    kind: cfg.training.schedule,
-                    lr: 0.0,
-                    warmup_steps: 0,
-                    total_steps: 0,
-                    min_lr_ratio: 0.0,
-                    cycles: 1,
-                },
-                tokens_seen: 0,
-                skipped_steps: 0,
-                best_val_loss: None,
-                last_val_loss: None,
-                evals_since_best: 0,
-                ema: cfg.training.ema_decay.is_some(),
-                stopped_early: false,
-                stage: 0,
-                backup: None,
-                frozen_shared: None,
-                stage_results: Vec::new(),
-            },
+            state: TrainerState::start(
+                &cfg.run.name,
+                cfg.run.seed,
+                stackwise_common::schedule::Schedule::constant(0.0),
+                cfg.training.ema_decay.is_some(),
+            ),
             model,
             params,
             frozen: FrozenSet::default(),
