@@ -49,44 +49,85 @@ pub fn kernel_attention_chunked(
     // Keys every query sees: all of them (bidirectional, or one query at the end), or the
     // prefix before the first query.
     let shared = if !causal || t == 1 { s } else { s - t };
-    let (b, h, d, dv) = (q.dim(0)?, q.dim(1)?, q.dim(3)?, v.dim(3)?);
-    let (mut state, mut z) = if shared > 0 {
-        let (pk, pv) = (fk.narrow(2, 0, shared)?, v.narrow(2, 0, shared)?);
-        (pk.t()?.matmul(&pv)?, pk.sum_keepdim(2)?) // (B, H, d, dv), (B, H, 1, d)
-    } else {
-        (
-            Tensor::zeros((b, h, d, dv), q.dtype(), q.device())?,
-            Tensor::zeros((b, h, 1, d), q.dtype(), q.device())?,
-        )
-    };
-    if shared == s {
-        let num = fq.matmul(&state)?; // (B, H, T, dv)
-        let den = (fq.broadcast_mul(&z)?.sum_keepdim(3)? + EPS)?; // (B, H, T, 1)
-        return num.broadcast_div(&den);
-    }
-    let chunk = chunk.clamp(1, t);
-    let ones = causal_ones(chunk, chunk, q.device())?;
-    let mut out = Vec::with_capacity(t.div_ceil(chunk));
-    for c0 in (0..t).step_by(chunk) {
-        let c = chunk.min(t - c0);
-        let qc = fq.narrow(2, c0, c)?; // (B, H, c, d)
-        let kc = fk.narrow(2, shared + c0, c)?;
-        let vc = v.narrow(2, shared + c0, c)?;
-        let mask = if c == chunk {
-            ones.clone()
-        } else {
-            ones.narrow(0, 0, c)?.narrow(1, 0, c)?
-        };
-        let a = qc.matmul(&kc.t()?)?.broadcast_mul(&mask)?; // (B, H, c, c)
-        let num = (qc.matmul(&state)? + a.matmul(&vc)?)?;
-        let den = ((qc.broadcast_mul(&z)?.sum_keepdim(3)? + a.sum_keepdim(3)?)? + EPS)?;
-        out.push(num.broadcast_div(&den)?);
-        if c0 + c < t {
-            state = (state + kc.t()?.matmul(&vc)?)?;
-            z = (z + kc.sum_keepdim(2)?)?;
+    let prefix = (shared > 0)
+        .then(|| -> Result<(Tensor, Tensor)> {
+            let (pk, pv) = (fk.narrow(2, 0, shared)?, v.narrow(2, 0, shared)?);
+            Ok((pk.t()?.matmul(&pv)?, pk.sum_keepdim(2)?)) // (B, H, d, dv), (B, H, 1, d)
+        })
+        .transpose()?;
+    match prefix {
+        Some((state, z)) if shared == s => {
+            let num = fq.matmul(&state)?; // (B, H, T, dv)
+            let den = (fq.broadcast_mul(&z)?.sum_keepdim(3)? + EPS)?; // (B, H, T, 1)
+            num.broadcast_div(&den)
         }
+        _ => causal_by_chunks(
+            &fq,
+            &fk.narrow(2, shared, t)?,
+            &v.narrow(2, shared, t)?,
+            prefix,
+            chunk.clamp(1, t),
+        ),
     }
-    Tensor::cat(&out, 2)
+}
+
+/// Causal linear attention of feature-mapped `fq, fk (B, H, T, d)` and `v (B, H, T, dv)`,
+/// after the keys summed in `prefix`. All chunks at once: the masked `(C, C)` form inside
+/// each, and each chunk's state (the sums over the chunks before it) from a prefix sum of the
+/// chunks' own sums. No op narrows a chunk out of the sequence, whose gradient would be
+/// padded to the whole sequence once per chunk.
+fn causal_by_chunks(
+    fq: &Tensor,
+    fk: &Tensor,
+    v: &Tensor,
+    prefix: Option<(Tensor, Tensor)>,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (b, h, t, d) = fq.dims4()?;
+    let dv = v.dim(3)?;
+    let n = t.div_ceil(chunk);
+    // Zero-padded to whole chunks: a zero key adds nothing to any sum.
+    let pad = |x: &Tensor| -> Result<Tensor> {
+        let extra = n * chunk - t;
+        let x = if extra == 0 {
+            x.clone()
+        } else {
+            let z = Tensor::zeros((b, h, extra, x.dim(3)?), x.dtype(), x.device())?;
+            Tensor::cat(&[x, &z], 2)?
+        };
+        x.reshape((b * h, n, chunk, x.dim(3)?)) // (BH, n, C, ·)
+    };
+    let (q, k, v) = (pad(fq)?, pad(fk)?, pad(v)?);
+    let ones = causal_ones(chunk, chunk, q.device())?;
+    let a = q.matmul(&k.t()?)?.broadcast_mul(&ones)?; // (BH, n, C, C)
+    let kv = k.t()?.matmul(&v)?; // (BH, n, d, dv): each chunk's own sums
+    let zk = k.sum_keepdim(2)?; // (BH, n, 1, d)
+    let mut state = (prefix_sum(&kv, 1)? - &kv)?; // the chunks before each one
+    let mut z = (prefix_sum(&zk, 1)? - &zk)?;
+    if let Some((s0, z0)) = prefix {
+        state = state.broadcast_add(&s0.reshape((b * h, 1, d, dv))?)?;
+        z = z.broadcast_add(&z0.reshape((b * h, 1, 1, d))?)?;
+    }
+    let num = (q.matmul(&state)? + a.matmul(&v)?)?; // (BH, n, C, dv)
+    let den = ((q.matmul(&z.t()?)? + a.sum_keepdim(3)?)? + EPS)?; // (BH, n, C, 1)
+    num.broadcast_div(&den)?
+        .reshape((b, h, n * chunk, dv))?
+        .narrow(2, 0, t)
+}
+
+/// Inclusive prefix sum along `dim` in `log2(n)` shifted adds (Hillis & Steele), each
+/// linear in the tensor's size, forward and backward.
+fn prefix_sum(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let n = x.dim(dim)?;
+    let mut acc = x.clone();
+    let mut step = 1;
+    while step < n {
+        let zeros = acc.narrow(dim, 0, step)?.zeros_like()?;
+        let shifted = Tensor::cat(&[&zeros, &acc.narrow(dim, 0, n - step)?], dim)?;
+        acc = (acc + shifted)?;
+        step *= 2;
+    }
+    Ok(acc)
 }
 
 /// The quadratic form, `O(T S d)`: `a_ij = phi(q_i) . phi(k_j)` over the visible keys, then
