@@ -36,6 +36,9 @@ enum Command {
     /// List, inspect and verify checkpoints in any store (path, file://, s3://).
     #[command(subcommand)]
     Ckpt(cli::ckpt::CkptCommand),
+    /// Merge and inspect PEFT LoRA adapter folders.
+    #[command(subcommand)]
+    Adapter(cli::adapter::AdapterCommand),
     /// Prepare datasets.
     #[command(subcommand)]
     Data(cli::data::DataCommand),
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
         Command::Worker(a) => cli::dist::run_worker_cmd(a),
         Command::Status(a) => cli::dist::run_status(a),
         Command::Ckpt(c) => cli::ckpt::run(c),
+        Command::Adapter(c) => cli::adapter::run(c),
         Command::Data(c) => cli::data::run_data(c),
         Command::Tokenizer(c) => cli::data::run_tokenizer(c),
         Command::Eval(a) => cli::eval::run(a),

@@ -320,3 +320,76 @@ fn a_checkpoint_folder_loads_only_when_its_manifest_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn eval_with_a_peft_lora_adapter_and_its_merge_give_peft_loss() {
+    let src = fixtures().join("gpt2-tiny-lora");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), base.join(f)).unwrap();
+    }
+    std::fs::write(base.join("tokenizer.json"), identity_tokenizer_json(256)).unwrap();
+    let ids: Vec<Vec<u32>> =
+        serde_json::from_str(&std::fs::read_to_string(src.join("input_ids.json")).unwrap())
+            .unwrap();
+    let text: String = ids
+        .iter()
+        .flatten()
+        .map(|&i| char::from_u32(0x100 + i).unwrap())
+        .collect();
+    let data = dir.path().join("eval.txt");
+    std::fs::write(&data, text).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
+    let want = expected["loss"].as_f64().unwrap();
+    let eval = |model: &Path, adapter: Option<&Path>| -> f64 {
+        let mut c = bin();
+        c.args(["eval", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(&data);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        let out = run_ok(c.args(["--seq-len", "16", "--json"]));
+        let v: Value = serde_json::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let adapted = eval(&base, Some(&src));
+    assert!(
+        ((adapted - want) / want).abs() < 1e-5,
+        "eval --adapter {adapted}, PEFT {want}"
+    );
+    let plain = eval(&base, None);
+    assert!(
+        (plain - expected["base_loss"].as_f64().unwrap()).abs() < 1e-4,
+        "{plain}"
+    );
+
+    let merged = dir.path().join("merged");
+    run_ok(
+        bin()
+            .args(["adapter", "merge", "--model"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(&src)
+            .arg("--out")
+            .arg(&merged),
+    );
+    let m = eval(&merged, None);
+    assert!(
+        ((m - want) / want).abs() < 1e-5,
+        "merged model {m}, PEFT {want}"
+    );
+    let out = run_ok(bin().args(["adapter", "inspect", "--json"]).arg(&src));
+    let v: Value = serde_json::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(
+        (v["kind"].as_str(), v["r"].as_u64()),
+        (Some("lora"), Some(4))
+    );
+    assert_eq!(v["modules"].as_array().unwrap().len(), 6);
+    // 2 blocks x (c_attn 4x(64+192) + attn.c_proj 4x(64+64) + mlp.c_proj 4x(256+64)).
+    assert_eq!(v["trainable_parameters"], 2 * (1024 + 512 + 1280));
+}

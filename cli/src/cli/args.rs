@@ -66,11 +66,16 @@ pub struct ModelArgs {
     /// Use the EMA weights when the checkpoint has them.
     #[arg(long)]
     pub ema: bool,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply
+    /// to the model, unmerged.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<super::model_source::LoadedModel> {
-        super::model_source::load(&self.model, self.ema, &candle_core::Device::Cpu)
+        let device = candle_core::Device::Cpu;
+        super::model_source::load(&self.model, self.ema, self.adapter.as_deref(), &device)
     }
 }
 

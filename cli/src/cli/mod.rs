@@ -1,5 +1,6 @@
 //! Subcommands of the `stackwise` binary.
 
+pub mod adapter;
 pub mod args;
 pub mod ckpt;
 pub mod data;

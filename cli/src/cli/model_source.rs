@@ -1,13 +1,15 @@
 //! `--model` for eval / generate: a Hugging Face folder, a StackWise checkpoint folder, or a
 //! run folder (its newest checkpoint whose manifest verifies).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use stackwise_common::checkpoint::{CheckpointStore, LoadedCheckpoint};
 use stackwise_common::store::Store;
 use stackwise_common::tokenizer::Tok;
+use stackwise_worker::adapters::LoraAdapter;
 use stackwise_worker::checkpoint as layout;
 use stackwise_worker::models::{ModelConfig, Transformer, hf};
 
@@ -17,8 +19,41 @@ pub struct LoadedModel {
     pub source: String,
 }
 
-/// Load a model and its tokenizer. `ema`: use the EMA weights when the checkpoint has them.
-pub fn load(path: &Path, ema: bool, device: &Device) -> Result<LoadedModel> {
+/// A model's config, weights (by the model's parameter names) and tokenizer, before the
+/// model is built: what an adapter is applied to or merged into.
+pub struct ModelWeights {
+    pub cfg: ModelConfig,
+    pub weights: HashMap<String, Tensor>,
+    pub tok: Tok,
+    pub source: String,
+}
+
+/// Load a model and its tokenizer. `ema`: use the EMA weights when the checkpoint has them;
+/// `adapter`: a PEFT LoRA folder applied unmerged.
+pub fn load(
+    path: &Path,
+    ema: bool,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let mut w = weights(path, ema, device)?;
+    if let Some(dir) = adapter {
+        LoraAdapter::load(dir, device)?
+            .apply(&mut w.weights, &mut w.cfg)
+            .with_context(|| format!("apply the adapter {} to {}", dir.display(), w.source))?;
+        w.source = format!("{} + {}", w.source, dir.display());
+    }
+    let (model, _) = hf::model_from_tensors(&w.cfg, w.weights, device)
+        .with_context(|| format!("load {}", w.source))?;
+    Ok(LoadedModel {
+        model,
+        tok: w.tok,
+        source: w.source,
+    })
+}
+
+/// The config, weights and tokenizer of an HF folder, a checkpoint folder or a run folder.
+pub fn weights(path: &Path, ema: bool, device: &Device) -> Result<ModelWeights> {
     if let Some(ck) = checkpoint_folder(path)? {
         return from_checkpoint(&ck, ema, device, path.display().to_string());
     }
@@ -29,12 +64,11 @@ pub fn load(path: &Path, ema: bool, device: &Device) -> Result<LoadedModel> {
         } else {
             hf::read_safetensors_dir(path, device)?
         };
-        let (model, _) = hf::model_from_tensors(&cfg, weights, device)
-            .with_context(|| format!("load {}", path.display()))?;
         let tok = Tok::load(path)
             .with_context(|| format!("{}: the model folder needs its tokenizer", path.display()))?;
-        return Ok(LoadedModel {
-            model,
+        return Ok(ModelWeights {
+            weights: hf::normalize_keys(&cfg, weights),
+            cfg,
             tok,
             source: path.display().to_string(),
         });
@@ -58,13 +92,11 @@ fn from_checkpoint(
     ema: bool,
     device: &Device,
     source: String,
-) -> Result<LoadedModel> {
+) -> Result<ModelWeights> {
     let cfg = layout::model_config(ck)?;
-    let weights = layout::load_weights(ck, ema, device)?;
-    let (model, _) =
-        hf::model_from_tensors(&cfg, weights, device).with_context(|| format!("load {source}"))?;
-    Ok(LoadedModel {
-        model,
+    Ok(ModelWeights {
+        weights: hf::normalize_keys(&cfg, layout::load_weights(ck, ema, device)?),
+        cfg,
         tok: layout::tokenizer(ck)?,
         source,
     })

@@ -127,6 +127,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         source: super::args::ModelArgs {
             model: run_dir,
             ema: false,
+            adapter: None,
         },
         prompt: a.prompt.clone(),
         max_new_tokens: 120,

@@ -28,6 +28,18 @@ fn normalize_key(cfg: &ModelConfig, key: &str) -> String {
     }
 }
 
+/// An HF model's tensors by the names the model uses: buffers dropped, keys normalized.
+pub fn normalize_keys(
+    cfg: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+) -> HashMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .filter(|(k, _)| !is_buffer(k))
+        .map(|(k, t)| (normalize_key(cfg, &k), t))
+        .collect()
+}
+
 /// Read every tensor of a safetensors model in `dir` (single file or sharded index).
 pub fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let single = dir.join("model.safetensors");
@@ -71,13 +83,7 @@ pub fn model_from_tensors(
     tensors: HashMap<String, Tensor>,
     device: &Device,
 ) -> Result<(Transformer, Params)> {
-    let mut loaded = HashMap::new();
-    for (k, t) in tensors {
-        if is_buffer(&k) {
-            continue;
-        }
-        loaded.insert(normalize_key(cfg, &k), t);
-    }
+    let mut loaded = normalize_keys(cfg, tensors);
     if cfg.tie_embeddings {
         // transformers may write the tied head too; it is the embedding table.
         loaded.remove(names::LM_HEAD);

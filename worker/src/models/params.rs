@@ -50,6 +50,9 @@ pub struct StagePolicy {
     pub train_head: bool,
     pub precision: Precision,
     pub lora: Option<LoraSpec>,
+    /// The linears that get adapters, by PEFT's suffix match (`c_proj` matches
+    /// `attn.c_proj` and `mlp.c_proj`); empty: every frozen linear.
+    pub lora_targets: Vec<String>,
 }
 
 impl StagePolicy {
@@ -60,7 +63,17 @@ impl StagePolicy {
             train_head: stage.train_head,
             precision: stage.frozen_precision,
             lora: stage.adapters,
+            lora_targets: Vec::new(),
         }
+    }
+
+    /// Whether the linear `module` (its name without `.weight`) gets an adapter.
+    pub fn targets(&self, module: &str) -> bool {
+        self.lora_targets.is_empty()
+            || self
+                .lora_targets
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}")))
     }
 
     pub fn trains(&self, name: &str) -> bool {
@@ -225,7 +238,7 @@ impl ParamBuilder {
             format!("{name}.lora_B.weight"),
         );
         let wanted = match &self.policy {
-            Some(p) => p.lora.is_some() && !p.trains(&format!("{name}.weight")),
+            Some(p) => p.lora.is_some() && !p.trains(&format!("{name}.weight")) && p.targets(name),
             None => false,
         };
         let present = self.loaded.contains_key(&a_name) || self.vars.contains_key(&a_name);
