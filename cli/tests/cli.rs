@@ -393,3 +393,54 @@ fn eval_with_a_peft_lora_adapter_and_its_merge_give_peft_loss() {
     // 2 blocks x (c_attn 4x(64+192) + attn.c_proj 4x(64+64) + mlp.c_proj 4x(256+64)).
     assert_eq!(v["trainable_parameters"], 2 * (1024 + 512 + 1280));
 }
+
+#[test]
+fn eval_with_a_peft_boft_adapter_gives_peft_loss() {
+    let src = fixtures().join("llama-tiny-boft");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        identity_tokenizer_json(256),
+    )
+    .unwrap();
+    let ids: Vec<Vec<u32>> =
+        serde_json::from_str(&std::fs::read_to_string(src.join("input_ids.json")).unwrap())
+            .unwrap();
+    let text: String = ids
+        .iter()
+        .flatten()
+        .map(|&i| char::from_u32(0x100 + i).unwrap())
+        .collect();
+    let data = dir.path().join("eval.txt");
+    std::fs::write(&data, text).unwrap();
+    let out = run_ok(
+        bin()
+            .args(["eval", "--model"])
+            .arg(dir.path())
+            .arg("--adapter")
+            .arg(&src)
+            .arg("--data")
+            .arg(&data)
+            .args(["--seq-len", "16", "--json", "--no-special-tokens"]),
+    );
+    let v: Value = serde_json::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
+    let (got, want) = (
+        v["loss"].as_f64().unwrap(),
+        expected["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        ((got - want) / want).abs() < 1e-5,
+        "eval --adapter (BOFT) {got}, PEFT {want}"
+    );
+    let out = run_ok(bin().args(["adapter", "inspect", "--json"]).arg(&src));
+    let v: Value = serde_json::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(
+        (v["kind"].as_str(), v["butterfly_factors"].as_u64()),
+        (Some("boft"), Some(3))
+    );
+}

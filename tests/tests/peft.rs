@@ -1,6 +1,8 @@
-//! PEFT LoRA adapter folders against the PyTorch / PEFT fixture `tests/fixtures/gpt2-tiny-lora`
-//! (made by `tests/fixtures/make_fixtures.py`): the adapted logits, the merged weights, the
-//! LoRA gradients and 3 AdamW steps on the adapter alone, within the fixtures' tolerances.
+//! PEFT adapter folders against the PyTorch / PEFT fixtures (made by
+//! `tests/fixtures/make_fixtures.py`): LoRA on GPT-2 (`gpt2-tiny-lora`: the adapted logits, the
+//! merged weights, the LoRA gradients and 3 AdamW steps on the adapter alone) and BOFT with
+//! real butterfly factors on LLaMA (`llama-tiny-boft`: the adapted logits and the merged
+//! weights), within the fixtures' tolerances.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use stackwise_common::config::{ModelConfig, Precision};
 use stackwise_common::plan::LoraSpec;
-use stackwise_worker::adapters::LoraAdapter;
+use stackwise_worker::adapters::{LoraAdapter, PeftAdapter};
 use stackwise_worker::models::params::StagePolicy;
 use stackwise_worker::models::{ParamBuilder, Transformer, hf};
 use stackwise_worker::objectives::{Batch, mean_loss};
@@ -168,7 +170,7 @@ fn a_bad_adapter_folder_is_refused_naming_the_problem() -> Result<()> {
     };
     assert!(err(dir.path()).contains("adapter_config.json"));
     let boft = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-tiny-boft");
-    assert!(err(&boft).contains("BOFT is not supported yet"));
+    assert!(err(&boft).contains("is not a LoRA adapter"));
     // An adapter for another model does not fit the base.
     let (mut cfg, _, _, _) = base()?;
     let adapter = LoraAdapter::load(&fixture(), &Device::Cpu)?;
@@ -176,5 +178,37 @@ fn a_bad_adapter_folder_is_refused_naming_the_problem() -> Result<()> {
     let mut other = hf::read_safetensors_dir(&llama, &Device::Cpu)?;
     let e = adapter.apply(&mut other, &mut cfg).unwrap_err().to_string();
     assert!(e.contains("which the base model does not have"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn a_boft_adapter_with_three_butterfly_factors_gives_peft_logits_and_merge() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-tiny-boft");
+    let mut cfg = ModelConfig::read_hf_dir(&dir)?;
+    let mut tensors = hf::normalize_keys(&cfg, hf::read_safetensors_dir(&dir, &Device::Cpu)?);
+    let adapter = PeftAdapter::load(&dir, &Device::Cpu)?;
+    let PeftAdapter::Boft(boft) = &adapter else {
+        panic!("a BOFT folder")
+    };
+    // The factors come from boft_R's shape: 3, of 4x4 blocks (16 on q_proj's 64 input
+    // features, 32 on down_proj's 128).
+    assert_eq!((boft.factors, boft.block_size), (3, 4));
+    assert_eq!(boft.params["model.layers.0.mlp.down_proj"].0.dim(1)?, 32);
+    assert_eq!(adapter.modules_and_parameters().0.len(), 2 * 3);
+    adapter.apply(&mut tensors, &mut cfg)?;
+    let want = st(&dir.join("merged_model.safetensors"));
+    for (key, w) in &want {
+        let d = max_abs(&tensors[key], w);
+        assert!(d <= 1e-5, "merged {key}: max |diff| {d}");
+    }
+    let ids: Vec<Vec<u32>> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("input_ids.json"))?)?;
+    let (model, _) = hf::model_from_tensors(&cfg, tensors, &Device::Cpu)?;
+    let logits = model.forward(&Tensor::new(ids, &Device::Cpu)?, 0, None)?;
+    let d = max_abs(&logits, &st(&dir.join("logits.safetensors"))["logits"]);
+    assert!(d <= 2e-5, "BOFT logits: max |diff| {d}");
+    let base = &st(&dir.join("base_logits.safetensors"))["logits"];
+    assert!(max_abs(&logits, base) > 0.1, "the adapter matters");
+    println!("BOFT logits max |diff| {d:.2e}");
     Ok(())
 }

@@ -1,18 +1,18 @@
-//! `stackwise adapter merge | inspect`: PEFT LoRA adapter folders.
+//! `stackwise adapter merge | inspect`: PEFT adapter folders (LoRA, BOFT).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Subcommand;
-use stackwise_worker::adapters::LoraAdapter;
+use stackwise_worker::adapters::PeftAdapter;
 use stackwise_worker::models::hf;
 
 use super::model_source;
 
 #[derive(Subcommand)]
 pub enum AdapterCommand {
-    /// Merge a LoRA adapter into its base model and write a plain Hugging Face folder
+    /// Merge a LoRA or BOFT adapter into its base model and write a plain Hugging Face folder
     /// (config.json, model.safetensors, tokenizer.json) that transformers loads.
     Merge {
         /// The base: an HF folder, a checkpoint folder or a run folder.
@@ -50,18 +50,18 @@ pub fn run(c: AdapterCommand) -> Result<()> {
 fn merge(model: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path) -> Result<()> {
     let device = Device::Cpu;
     let mut base = model_source::weights(model, false, &device)?;
-    let lora = LoraAdapter::load(adapter, &device)?;
-    lora.merge(&mut base.weights, &base.cfg)
+    let peft = PeftAdapter::load(adapter, &device)?;
+    peft.merge(&mut base.weights, &base.cfg)
         .with_context(|| format!("merge {} into {}", adapter.display(), base.source))?;
     let mut cfg = base.cfg.clone();
     cfg.lora_scale = None;
     let (_, params) = hf::model_from_tensors(&cfg, base.weights, &device)?;
     hf::export_dir(&cfg, &params, Some(&base.tok.to_json()?), out)?;
+    let (kind, what) = peft.describe();
     println!(
-        "merged {} ({} modules, r {}) into {}: wrote {}",
+        "merged {} ({kind}: {what}, {} modules) into {}: wrote {}",
         adapter.display(),
-        lora.modules().len(),
-        lora.config.r,
+        peft.modules_and_parameters().0.len(),
         base.source,
         out.display()
     );
@@ -69,33 +69,33 @@ fn merge(model: &std::path::Path, adapter: &std::path::Path, out: &std::path::Pa
 }
 
 fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
-    let lora = LoraAdapter::load(dir, &Device::Cpu)?;
-    let params: usize = lora.factors.values().map(|t| t.elem_count()).sum();
-    let modules = lora.modules();
-    let c = &lora.config;
+    let peft = PeftAdapter::load(dir, &Device::Cpu)?;
+    let (modules, params) = peft.modules_and_parameters();
+    let (kind, what) = peft.describe();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"kind": "lora", "r": c.r, "lora_alpha": c.lora_alpha, "scale": c.scale(),
-                "use_rslora": c.use_rslora, "lora_dropout": c.lora_dropout, "fan_in_fan_out": c.fan_in_fan_out,
-                "target_modules": format!("{:?}", c.target_modules), "modules": modules,
-                "trainable_parameters": params})
-        );
+        let mut v =
+            serde_json::json!({"kind": kind, "modules": modules, "trainable_parameters": params});
+        match &peft {
+            PeftAdapter::Lora(a) => {
+                let c = &a.config;
+                v["r"] = c.r.into();
+                v["lora_alpha"] = c.lora_alpha.into();
+                v["scale"] = c.scale().into();
+                v["use_rslora"] = c.use_rslora.into();
+                v["lora_dropout"] = c.lora_dropout.into();
+                v["fan_in_fan_out"] = c.fan_in_fan_out.into();
+            }
+            PeftAdapter::Boft(a) => {
+                v["butterfly_factors"] = a.factors.into();
+                v["block_size"] = a.block_size.into();
+                v["dropout"] = a.dropout.into();
+            }
+        }
+        println!("{v}");
         return Ok(());
     }
-    println!(
-        "{}: LoRA r {} alpha {} (scale {:.4}{})",
-        dir.display(),
-        c.r,
-        c.lora_alpha,
-        c.scale(),
-        if c.use_rslora { ", rsLoRA" } else { "" }
-    );
-    println!(
-        "targets {:?}: {} modules, {params} trainable parameters",
-        c.target_modules,
-        modules.len()
-    );
+    println!("{}: {kind}, {what}", dir.display());
+    println!("{} modules, {params} trainable parameters", modules.len());
     for m in &modules {
         println!("  {m}");
     }

@@ -66,8 +66,8 @@ pub struct ModelArgs {
     /// Use the EMA weights when the checkpoint has them.
     #[arg(long)]
     pub ema: bool,
-    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply
-    /// to the model, unmerged.
+    /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply to
+    /// the model: LoRA unmerged, BOFT merged on load.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
 }

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use stackwise_common::checkpoint::{CheckpointStore, LoadedCheckpoint};
 use stackwise_common::store::Store;
 use stackwise_common::tokenizer::Tok;
-use stackwise_worker::adapters::LoraAdapter;
+use stackwise_worker::adapters::PeftAdapter;
 use stackwise_worker::checkpoint as layout;
 use stackwise_worker::models::{ModelConfig, Transformer, hf};
 
@@ -29,7 +29,7 @@ pub struct ModelWeights {
 }
 
 /// Load a model and its tokenizer. `ema`: use the EMA weights when the checkpoint has them;
-/// `adapter`: a PEFT LoRA folder applied unmerged.
+/// `adapter`: a PEFT folder (LoRA applied unmerged, BOFT merged).
 pub fn load(
     path: &Path,
     ema: bool,
@@ -38,7 +38,7 @@ pub fn load(
 ) -> Result<LoadedModel> {
     let mut w = weights(path, ema, device)?;
     if let Some(dir) = adapter {
-        LoraAdapter::load(dir, device)?
+        PeftAdapter::load(dir, device)?
             .apply(&mut w.weights, &mut w.cfg)
             .with_context(|| format!("apply the adapter {} to {}", dir.display(), w.source))?;
         w.source = format!("{} + {}", w.source, dir.display());

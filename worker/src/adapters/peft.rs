@@ -1,6 +1,7 @@
 //! PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`, as
-//! `PeftModel.save_pretrained` writes them) for LoRA: read the config and the factors, apply
-//! them to a base model's tensors unmerged, or merge them into its weights.
+//! `PeftModel.save_pretrained` writes them), LoRA and BOFT: read the config and the tensors,
+//! apply them to a base model's tensors (LoRA unmerged; BOFT merged, see `PeftAdapter::apply`),
+//! or merge them into its weights.
 //!
 //! PEFT's key `base_model.model.<module>.lora_A.weight` is our `<module>.lora_A.weight`
 //! (HF parameter names, so no rename table beyond the prefix). `target_modules` is a suffix
@@ -15,6 +16,8 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use stackwise_common::config::{Family, ModelConfig};
+
+use super::boft;
 
 pub const CONFIG: &str = "adapter_config.json";
 pub const WEIGHTS: &str = "adapter_model.safetensors";
@@ -92,7 +95,7 @@ impl LoraAdapter {
         let peft_type = raw.get("peft_type").and_then(|t| t.as_str()).unwrap_or("");
         if peft_type != "LORA" {
             bail!(
-                "{shown}: peft_type {peft_type:?}; StackWise loads LORA adapters (BOFT is not supported yet)"
+                "{shown}: peft_type {peft_type:?} is not a LoRA adapter (PeftAdapter::load reads LORA and BOFT)"
             );
         }
         let config: LoraConfig =
@@ -222,4 +225,195 @@ impl LoraAdapter {
 /// GPT-2's projections are `Conv1D`s: weights `[in, out]`.
 fn conv1d(cfg: &ModelConfig) -> bool {
     cfg.family == Family::Gpt2
+}
+
+/// A PEFT adapter folder of either kind.
+pub enum PeftAdapter {
+    Lora(LoraAdapter),
+    Boft(BoftAdapter),
+}
+
+impl PeftAdapter {
+    /// Read `dir`, LoRA or BOFT by its `peft_type`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let path = dir.join(CONFIG);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read {} (a PEFT adapter folder has one)", path.display()))?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        match raw.get("peft_type").and_then(|t| t.as_str()) {
+            Some("LORA") => Ok(Self::Lora(LoraAdapter::load(dir, device)?)),
+            Some("BOFT") => Ok(Self::Boft(BoftAdapter::load(dir, device)?)),
+            other => bail!(
+                "{}: peft_type {other:?}; StackWise reads LORA and BOFT adapters",
+                path.display()
+            ),
+        }
+    }
+
+    /// Apply the adapter to `base`: LoRA unmerged (the model computes `base(x) + scale x A^T
+    /// B^T`); BOFT merged into the weights, which computes the same outputs (unmerged BOFT,
+    /// for training it or serving several adapters on one base, is not built yet).
+    pub fn apply(&self, base: &mut HashMap<String, Tensor>, cfg: &mut ModelConfig) -> Result<()> {
+        match self {
+            Self::Lora(a) => a.apply(base, cfg),
+            Self::Boft(a) => a.merge(base, cfg),
+        }
+    }
+
+    /// Merge the adapter into `base`'s weights.
+    pub fn merge(&self, base: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
+        match self {
+            Self::Lora(a) => a.merge(base, cfg),
+            Self::Boft(a) => a.merge(base, cfg),
+        }
+    }
+
+    /// "lora" or "boft", and a one-line description.
+    pub fn describe(&self) -> (&'static str, String) {
+        match self {
+            Self::Lora(a) => (
+                "lora",
+                format!(
+                    "r {} alpha {} (scale {:.4})",
+                    a.config.r,
+                    a.config.lora_alpha,
+                    a.config.scale()
+                ),
+            ),
+            Self::Boft(a) => (
+                "boft",
+                format!(
+                    "{} butterfly factor(s) of {}x{} blocks",
+                    a.factors, a.block_size, a.block_size
+                ),
+            ),
+        }
+    }
+
+    /// The adapted modules, sorted, and the adapter's parameter count.
+    pub fn modules_and_parameters(&self) -> (Vec<String>, usize) {
+        match self {
+            Self::Lora(a) => (
+                a.modules(),
+                a.factors.values().map(|t| t.elem_count()).sum(),
+            ),
+            Self::Boft(a) => {
+                let mut m: Vec<String> = a.params.keys().cloned().collect();
+                m.sort();
+                let n = a
+                    .params
+                    .values()
+                    .map(|(r, s)| r.elem_count() + s.elem_count())
+                    .sum();
+                (m, n)
+            }
+        }
+    }
+}
+
+/// A BOFT adapter: per adapted Linear, `boft_R [N, block_num, b, b]` (`block_num` = its input
+/// features / b) and `boft_s [out, 1]`.
+pub struct BoftAdapter {
+    /// Butterfly factors and block size, from `boft_R`'s shape (the same for every module).
+    pub factors: usize,
+    pub block_size: usize,
+    pub dropout: f64,
+    pub params: HashMap<String, (Tensor, Tensor)>,
+}
+
+impl BoftAdapter {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let path = dir.join(CONFIG);
+        let raw: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?,
+        )
+        .with_context(|| format!("parse {}", path.display()))?;
+        let dropout = raw
+            .get("boft_dropout")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0);
+        let weights = dir.join(WEIGHTS);
+        let tensors = candle_core::safetensors::load(&weights, device)
+            .with_context(|| format!("read {}", weights.display()))?;
+        let mut params: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        for (key, t) in tensors {
+            let name = key
+                .strip_prefix(PREFIX)
+                .unwrap_or(&key)
+                .replace(".default", "");
+            if let Some(m) = name.strip_suffix(".boft_R") {
+                params.entry(m.to_string()).or_default().0 = Some(t);
+            } else if let Some(m) = name.strip_suffix(".boft_s") {
+                params.entry(m.to_string()).or_default().1 = Some(t);
+            } else {
+                bail!(
+                    "{}: {key} is not a BOFT parameter (boft_R / boft_s)",
+                    weights.display()
+                );
+            }
+        }
+        let mut out = HashMap::new();
+        let mut shape = None;
+        for (module, (r, s)) in params {
+            let (Some(r), Some(s)) = (r, s) else {
+                bail!(
+                    "{}: {module} needs both boft_R and boft_s",
+                    weights.display()
+                );
+            };
+            let (n, blocks, b, b2) = r.dims4().with_context(|| format!("{module}.boft_R"))?;
+            if b != b2 || shape.is_some_and(|sh| sh != (n, b)) {
+                bail!(
+                    "{module}.boft_R has shape {:?}; every module needs [N, blocks, b, b] with the same N and b",
+                    r.dims()
+                );
+            }
+            if n > 1 && (b % 2 != 0 || blocks % (1 << (n - 1)) != 0) {
+                bail!(
+                    "{module}.boft_R {:?}: {n} butterfly factors need an even block size and a block count divisible by 2^{}",
+                    r.dims(),
+                    n - 1
+                );
+            }
+            shape = Some((n, b));
+            out.insert(module, (r, s));
+        }
+        let Some((factors, block_size)) = shape else {
+            bail!("{}: no BOFT parameters", weights.display());
+        };
+        Ok(Self {
+            factors,
+            block_size,
+            dropout,
+            params: out,
+        })
+    }
+
+    /// `W' = diag(s) W Q^T` for every adapted Linear.
+    pub fn merge(&self, base: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
+        if conv1d(cfg) {
+            bail!(
+                "BOFT on GPT-2's Conv1D projections is not supported yet (PEFT's BOFT wraps nn.Linear only)"
+            );
+        }
+        for (module, (r, s)) in &self.params {
+            let key = format!("{module}.weight");
+            let w = base.get(&key).with_context(|| {
+                format!("the adapter adapts {module}, which the base model does not have")
+            })?;
+            let (out, inp) = w.dims2()?;
+            if r.dim(1)? * self.block_size != inp || s.dims() != [out, 1] {
+                bail!(
+                    "{module}: boft_R {:?} / boft_s {:?} do not fit its weight {:?}",
+                    r.dims(),
+                    s.dims(),
+                    w.dims()
+                );
+            }
+            let merged = boft::merge(w, &boft::rotation(r)?, s)?;
+            base.insert(key, merged);
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,146 @@
+//! Butterfly orthogonal fine-tuning (BOFT; Liu et al. 2024, "Parameter-Efficient Orthogonal
+//! Finetuning via Butterfly Factorization") as PEFT computes it (`peft/tuners/boft/layer.py`):
+//!
+//! ```text
+//! per factor i:  S = (R_i - R_i^T) / 2 per block,  C = (I - S)(I + S)^-1   (Cayley, orthogonal)
+//!                M_i = P_i blockdiag(C) P_i^T      (P_i: the i-th butterfly permutation)
+//! Q = M_{N-1} ... M_1 M_0                          (an orthogonal rotation of the input side)
+//! y = (base(x Q) - b) * s + b,      merged: W' = diag(s) W Q^T
+//! ```
+//!
+//! `boft_R` is `[N, block_num, b, b]`; the number of factors `N` comes from its shape, not from
+//! the config (PEFT without its CUDA extension silently uses one; see the fixtures' README).
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The butterfly permutation of PEFT's `block_butterfly_perm(n, blocks, r, factors - 1)`: the
+/// row of `P` that is 1 in column `perm[row]`.
+pub fn butterfly_perm(n: usize, blocks: usize, r: usize, factors: usize) -> Vec<usize> {
+    if factors <= 1 {
+        return (0..n).collect();
+    }
+    let block = n / blocks;
+    // Inside a block of `block` features, runs of `r`: the even runs first, then the odd.
+    let runs = block / r;
+    let order: Vec<usize> = (0..runs)
+        .step_by(2)
+        .chain((1..runs).step_by(2))
+        .flat_map(|run| run * r..run * r + r)
+        .collect();
+    (0..n)
+        .step_by(block)
+        .flat_map(|start| order.iter().map(move |&o| start + o))
+        .collect()
+}
+
+/// `(I - S)(I + S)^-1` of the skew part `S = (m - m^T) / 2` of a `b x b` row-major block.
+pub fn cayley(m: &[f64], b: usize) -> Vec<f64> {
+    let s = |i: usize, j: usize| 0.5 * (m[i * b + j] - m[j * b + i]);
+    let eye = |i: usize, j: usize| if i == j { 1.0 } else { 0.0 };
+    // Invert I + S by Gauss-Jordan (I + S is invertible for skew S: its eigenvalues are 1 + i*y).
+    let mut a: Vec<f64> = (0..b * b)
+        .map(|k| eye(k / b, k % b) + s(k / b, k % b))
+        .collect();
+    let mut inv: Vec<f64> = (0..b * b).map(|k| eye(k / b, k % b)).collect();
+    for col in 0..b {
+        let pivot = (col..b)
+            .max_by(|&x, &y| a[x * b + col].abs().total_cmp(&a[y * b + col].abs()))
+            .expect("b > 0");
+        for k in 0..b {
+            a.swap(col * b + k, pivot * b + k);
+            inv.swap(col * b + k, pivot * b + k);
+        }
+        let p = a[col * b + col];
+        for k in 0..b {
+            a[col * b + k] /= p;
+            inv[col * b + k] /= p;
+        }
+        for row in (0..b).filter(|&r| r != col) {
+            let f = a[row * b + col];
+            for k in 0..b {
+                a[row * b + k] -= f * a[col * b + k];
+                inv[row * b + k] -= f * inv[col * b + k];
+            }
+        }
+    }
+    (0..b * b)
+        .map(|k| {
+            let (i, j) = (k / b, k % b);
+            (0..b).map(|l| (eye(i, l) - s(i, l)) * inv[l * b + j]).sum()
+        })
+        .collect()
+}
+
+/// The rotation `Q (n, n)` of the input side from `boft_R [N, block_num, b, b]`.
+pub fn rotation(boft_r: &Tensor) -> Result<Tensor> {
+    let (factors, blocks, b, _) = boft_r.dims4()?;
+    let n = blocks * b;
+    let r: Vec<f64> = boft_r
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let mut q = Tensor::eye(n, DType::F64, &Device::Cpu)?;
+    for i in 0..factors {
+        let mut dense = vec![0f64; n * n];
+        for k in 0..blocks {
+            let off = (i * blocks + k) * b * b;
+            let c = cayley(&r[off..off + b * b], b);
+            for row in 0..b {
+                for col in 0..b {
+                    dense[(k * b + row) * n + k * b + col] = c[row * b + col];
+                }
+            }
+        }
+        let perm = butterfly_perm(n, blocks >> i, b / 2, factors);
+        // P A P^T: rows and columns of the block diagonal taken in the permutation's order.
+        let m: Vec<f64> = (0..n * n)
+            .map(|k| dense[perm[k / n] * n + perm[k % n]])
+            .collect();
+        let m = Tensor::from_vec(m, (n, n), &Device::Cpu)?;
+        q = m.matmul(&q)?;
+    }
+    q.to_dtype(DType::F32)?.to_device(boft_r.device())
+}
+
+/// `W' = diag(s) W Q^T` for a Linear weight `W (out, in)` and `boft_s (out, 1)`.
+pub fn merge(weight: &Tensor, q: &Tensor, boft_s: &Tensor) -> Result<Tensor> {
+    weight
+        .matmul(&q.t()?)?
+        .broadcast_mul(&boft_s.to_dtype(weight.dtype())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rotation_is_orthogonal_and_2x2_cayley_blocks_are_givens_rotations() {
+        let r = crate::models::testing::rand(&[3, 4, 4, 4], 7);
+        let q = rotation(&r).unwrap();
+        let qtq = q.t().unwrap().matmul(&q).unwrap();
+        let eye = Tensor::eye(16, DType::F32, &Device::Cpu).unwrap();
+        assert!(crate::models::testing::max_diff(&qtq, &eye) < 1e-5);
+        // b = 2: S = [[0, -t], [t, 0]]; (I - S)(I + S)^-1 = [[1 - t^2, 2t], [-2t, 1 - t^2]] /
+        // (1 + t^2), the rotation by -theta with theta = 2 atan(t): a Givens rotation.
+        let t: f64 = 0.3;
+        let c = cayley(&[0.0, -t, t, 0.0], 2);
+        let theta = 2.0 * t.atan();
+        let want = [theta.cos(), theta.sin(), -theta.sin(), theta.cos()];
+        for (a, b) in c.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{c:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn butterfly_permutations_follow_peft() {
+        // PEFT, n 16, block size 4 (r 2): factor 0 keeps each block of 4 in place as
+        // runs [0,1] [2,3] -> evens then odds of 2 runs = identity; factor 1 works on blocks of
+        // 8: runs [0,1],[2,3],[4,5],[6,7] -> [0,1],[4,5],[2,3],[6,7].
+        assert_eq!(butterfly_perm(16, 4, 2, 3), (0..16).collect::<Vec<_>>());
+        assert_eq!(
+            butterfly_perm(16, 2, 2, 3),
+            vec![0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+        );
+        assert_eq!(butterfly_perm(8, 4, 1, 1), (0..8).collect::<Vec<_>>());
+    }
+}
