@@ -212,3 +212,44 @@ fn a_boft_adapter_with_three_butterfly_factors_gives_peft_logits_and_merge() -> 
     println!("BOFT logits max |diff| {d:.2e}");
     Ok(())
 }
+
+#[test]
+fn merge_then_unmerge_restores_the_base_for_lora_and_boft() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    for name in ["gpt2-tiny-lora", "llama-tiny-boft"] {
+        let dir = root.join(name);
+        let cfg = ModelConfig::read_hf_dir(&dir)?;
+        let base = hf::normalize_keys(&cfg, hf::read_safetensors_dir(&dir, &Device::Cpu)?);
+        let adapter = PeftAdapter::load(&dir, &Device::Cpu)?;
+        let mut w = base.clone();
+        adapter.merge(&mut w, &cfg)?;
+        adapter.unmerge(&mut w, &cfg)?;
+        let worst = base
+            .iter()
+            .map(|(k, t)| max_abs(t, &w[k]))
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{name}: merge -> unmerge max |diff| {worst}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_saved_lora_folder_loads_back_identically() -> Result<()> {
+    let adapter = LoraAdapter::load(&fixture(), &Device::Cpu)?;
+    let out = tempfile::tempdir()?;
+    adapter.save(out.path(), "GPT2LMHeadModel")?;
+    let again = LoraAdapter::load(out.path(), &Device::Cpu)?;
+    assert_eq!(again.config.scale(), adapter.config.scale());
+    assert_eq!(again.modules(), adapter.modules());
+    for (k, t) in &adapter.factors {
+        assert_eq!(max_abs(t, &again.factors[k]), 0.0, "{k}");
+    }
+    // PEFT's key names, as the fixture has them.
+    let saved = st(&out.path().join("adapter_model.safetensors"));
+    let want = st(&fixture().join("adapter_model.safetensors"));
+    let (mut a, mut b): (Vec<_>, Vec<_>) = (saved.keys().collect(), want.keys().collect());
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    Ok(())
+}

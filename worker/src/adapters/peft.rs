@@ -222,6 +222,59 @@ impl LoraAdapter {
     }
 }
 
+impl LoraAdapter {
+    /// Undo `merge`: `W -= scale * B A` (transposed for `Conv1D`).
+    pub fn unmerge(&self, merged: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
+        self.check(merged, cfg)?;
+        let scale = self.config.scale();
+        for module in self.modules() {
+            let delta = (self
+                .factor(&module, "B")?
+                .matmul(self.factor(&module, "A")?)?
+                * scale)?;
+            let delta = if conv1d(cfg) { delta.t()? } else { delta };
+            let key = format!("{module}.weight");
+            let w = &merged[&key];
+            let base = (w - delta.to_dtype(w.dtype())?)?;
+            merged.insert(key, base);
+        }
+        Ok(())
+    }
+
+    /// Write `dir/adapter_config.json` and `dir/adapter_model.safetensors` in PEFT's layout
+    /// (keys `base_model.model.<module>.lora_A.weight`), which `PeftModel.from_pretrained`
+    /// loads.
+    pub fn save(&self, dir: &Path, base_model_class: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let c = &self.config;
+        let targets = match &c.target_modules {
+            TargetModules::List(l) => l.clone(),
+            _ => Vec::new(),
+        };
+        let config = serde_json::json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.r, "lora_alpha": c.lora_alpha,
+            "lora_dropout": c.lora_dropout, "use_rslora": c.use_rslora, "fan_in_fan_out": c.fan_in_fan_out,
+            "target_modules": targets, "bias": "none", "base_model_name_or_path": null,
+            "inference_mode": true, "init_lora_weights": true, "modules_to_save": null,
+            "rank_pattern": {}, "alpha_pattern": {},
+            "auto_mapping": {"base_model_class": base_model_class},
+        });
+        crate::models::hf::write_atomic(
+            &dir.join(CONFIG),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        let tensors: std::collections::BTreeMap<String, Tensor> = self
+            .factors
+            .iter()
+            .map(|(k, t)| (format!("{PREFIX}{k}"), t.clone()))
+            .collect();
+        crate::models::hf::write_atomic(
+            &dir.join(WEIGHTS),
+            &crate::models::hf::params_to_safetensors(&tensors)?,
+        )
+    }
+}
+
 /// GPT-2's projections are `Conv1D`s: weights `[in, out]`.
 fn conv1d(cfg: &ModelConfig) -> bool {
     cfg.family == Family::Gpt2
@@ -266,6 +319,14 @@ impl PeftAdapter {
         match self {
             Self::Lora(a) => a.merge(base, cfg),
             Self::Boft(a) => a.merge(base, cfg),
+        }
+    }
+
+    /// Undo `merge` on merged weights.
+    pub fn unmerge(&self, merged: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
+        match self {
+            Self::Lora(a) => a.unmerge(merged, cfg),
+            Self::Boft(a) => a.unmerge(merged),
         }
     }
 
@@ -413,6 +474,21 @@ impl BoftAdapter {
             }
             let merged = boft::merge(w, &boft::rotation(r)?, s)?;
             base.insert(key, merged);
+        }
+        Ok(())
+    }
+
+    /// Undo `merge`: `W = diag(1/s) W' Q` (Q is orthogonal).
+    pub fn unmerge(&self, merged: &mut HashMap<String, Tensor>) -> Result<()> {
+        for (module, (r, s)) in &self.params {
+            let key = format!("{module}.weight");
+            let w = merged
+                .get(&key)
+                .with_context(|| format!("the merged model has no {key}"))?;
+            let base = w
+                .broadcast_div(&s.to_dtype(w.dtype())?)?
+                .matmul(&boft::rotation(r)?)?;
+            merged.insert(key, base);
         }
         Ok(())
     }
