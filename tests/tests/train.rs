@@ -229,3 +229,60 @@ fn early_stopping_halts_when_validation_stops_improving() {
         "a checkpoint is written when stopping"
     );
 }
+
+#[test]
+fn resuming_on_a_changed_dataset_is_an_error_naming_both_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "c", &corpus(), false);
+    let out = dir.path().join("run");
+    let first = RunOptions {
+        until_step: Some(4),
+        ..Default::default()
+    };
+    let mut a = Trainer::new(config(&out, &data, ""), &first).unwrap();
+    assert_eq!(a.run(&first).unwrap().step, 4);
+    drop(a);
+    let resume = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    let err = |cfg| match Trainer::new(cfg, &resume) {
+        Ok(_) => panic!("resumed on other data"),
+        Err(e) => format!("{e:#}"),
+    };
+    // The corpus is re-prepared smaller in the same place.
+    std::fs::remove_dir_all(&data).unwrap();
+    let lines: String = corpus().chars().take(1500).collect();
+    assert_eq!(dataset(dir.path(), "c", &lines, false), data);
+    let e = err(config(&out, &data, ""));
+    assert!(
+        e.contains("the data changed") && e.contains(&data) && e.contains("allow_data_change"),
+        "{e}"
+    );
+    // Allowed explicitly, it continues (the cursor is still inside the smaller data).
+    let allowed = config(&out, &data, "training: {allow_data_change: true}");
+    let mut b = Trainer::new(allowed, &resume).unwrap();
+    assert_eq!(b.run(&resume).unwrap().step, 8);
+    drop(b);
+    // A dataset smaller than the cursor is refused even then, instead of indexing past it.
+    std::fs::remove_dir_all(&data).unwrap();
+    let tiny: String = corpus().chars().take(300).collect();
+    dataset(dir.path(), "c", &tiny, false);
+    let again = RunOptions {
+        resume: true,
+        until_step: Some(8),
+        ..Default::default()
+    };
+    std::fs::remove_dir_all(out.join("runs/r/checkpoints/step-00000008")).unwrap();
+    let e = match Trainer::new(
+        config(&out, &data, "training: {allow_data_change: true}"),
+        &again,
+    ) {
+        Ok(_) => panic!("resumed past the data"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("data cursor") && e.contains("training samples"),
+        "{e}"
+    );
+}

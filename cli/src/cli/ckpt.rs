@@ -232,7 +232,7 @@ fn inspect(uri: &str) -> Result<()> {
             "    {:<24} {:>11}  sha256 {}…",
             f.path,
             human(f.bytes),
-            &f.sha256[..16]
+            f.sha256.get(..16).unwrap_or(&f.sha256)
         );
     }
     println!("    {:<24} {:>11}", "total", human(total(&m)));

@@ -18,12 +18,17 @@ pub struct ManifestEntry {
     pub object: Option<String>,
 }
 
+/// The lowercase hex sha256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
 impl ManifestEntry {
     pub fn of(path: &str, data: &[u8]) -> Self {
         Self {
             path: path.to_string(),
             bytes: data.len() as u64,
-            sha256: hex::encode(Sha256::digest(data)),
+            sha256: sha256_hex(data),
             object: None,
         }
     }
@@ -37,7 +42,7 @@ impl ManifestEntry {
                 self.bytes
             ));
         }
-        let got = hex::encode(Sha256::digest(data));
+        let got = sha256_hex(data);
         if got != self.sha256 {
             return Err(format!(
                 "{}: sha256 {got} does not match the manifest's {}",
@@ -46,6 +51,15 @@ impl ManifestEntry {
         }
         Ok(())
     }
+}
+
+/// A relative path without `..`, empty or absolute parts.
+fn relative_inside(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\\')
+        && p.split('/')
+            .all(|part| !part.is_empty() && part != ".." && part != ".")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +93,64 @@ impl Manifest {
                 m.format_version
             ));
         }
+        for f in &m.files {
+            let hex = f.sha256.len() == 64 && f.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex {
+                return Err(format!(
+                    "{}: sha256 {:?} is not 64 hex digits",
+                    f.path, f.sha256
+                ));
+            }
+            for p in std::iter::once(&f.path).chain(&f.object) {
+                if !relative_inside(p) {
+                    return Err(format!(
+                        "file path {p:?} must be a relative path inside the checkpoints folder"
+                    ));
+                }
+            }
+        }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_with_bad_hashes_or_paths_are_refused() {
+        let good = Manifest::new(
+            3,
+            CheckpointMeta::default(),
+            vec![ManifestEntry::of("model.safetensors", b"x")],
+        );
+        assert!(Manifest::from_json(&good.to_json()).is_ok());
+        let with =
+            |f: ManifestEntry| Manifest::new(3, CheckpointMeta::default(), vec![f]).to_json();
+        let short = ManifestEntry {
+            sha256: "abc".into(),
+            ..ManifestEntry::of("model.safetensors", b"x")
+        };
+        assert!(
+            Manifest::from_json(&with(short))
+                .unwrap_err()
+                .contains("64 hex digits")
+        );
+        for bad in ["../secret", "/etc/passwd", "a//b", ""] {
+            let e = Manifest::from_json(&with(ManifestEntry::of(bad, b"x"))).unwrap_err();
+            assert!(e.contains("relative path"), "{bad}: {e}");
+        }
+        let shared = ManifestEntry {
+            object: Some("../../elsewhere".into()),
+            ..ManifestEntry::of("frozen.safetensors", b"x")
+        };
+        assert!(Manifest::from_json(&with(shared)).is_err());
+        assert!(
+            Manifest::from_json(&with(ManifestEntry::of(
+                "adapter/adapter_model.safetensors",
+                b"x"
+            )))
+            .is_ok()
+        );
     }
 }

@@ -7,6 +7,6 @@ pub mod manifest;
 pub mod policy;
 pub mod store;
 
-pub use manifest::{Manifest, ManifestEntry};
+pub use manifest::{Manifest, ManifestEntry, sha256_hex};
 pub use policy::{CheckpointMeta, retention};
 pub use store::{CheckpointError, CheckpointStore, LoadedCheckpoint, step_dir};

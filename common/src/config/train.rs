@@ -266,6 +266,9 @@ pub struct TrainingSection {
     pub checkpoint_every: u64,
     pub keep_last: usize,
     pub log_every: u64,
+    /// Resume even when the dataset's content differs from the one the checkpoint was
+    /// trained on; off by default, so a changed dataset is an error.
+    pub allow_data_change: bool,
 }
 
 impl Default for TrainingSection {
@@ -310,6 +313,7 @@ impl Default for TrainingSection {
             checkpoint_every: 200,
             keep_last: 3,
             log_every: 10,
+            allow_data_change: false,
         }
     }
 }

@@ -113,17 +113,25 @@ impl TokenIndex {
                     s.stem
                 )));
             }
+            let offsets: Vec<u64> = docs
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            let in_order = offsets.windows(2).all(|w| w[0] <= w[1]);
+            if offsets.first() != Some(&0) || offsets.last() != Some(&s.tokens) || !in_order {
+                return Err(err(format!(
+                    "shard {}.docs: document offsets must rise from 0 to its {} tokens; re-run `stackwise data prepare`",
+                    s.stem, s.tokens
+                )));
+            }
             let base = out.tokens.len() as u64;
             out.tokens.extend(
                 bin.chunks_exact(4)
                     .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             );
             out.mask.extend_from_slice(&mask);
-            out.doc_offsets.extend(
-                docs.chunks_exact(8)
-                    .skip(1)
-                    .map(|c| base + u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-            );
+            out.doc_offsets
+                .extend(offsets.iter().skip(1).map(|o| base + o));
         }
         if let Some(&bad) = out.tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(err(format!(
@@ -133,6 +141,25 @@ impl TokenIndex {
         }
         Ok(out)
     }
+}
+
+/// A fingerprint of a dataset's content: the sha256 of its vocabulary size and the tokens,
+/// document boundaries and loss masks of both splits (not of where it was prepared from).
+pub fn fingerprint(vocab_size: usize, splits: &[&SplitData]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((vocab_size as u64).to_le_bytes());
+    for s in splits {
+        h.update((s.tokens.len() as u64).to_le_bytes());
+        for t in &s.tokens {
+            h.update(t.to_le_bytes());
+        }
+        for o in &s.doc_offsets {
+            h.update(o.to_le_bytes());
+        }
+        h.update(&s.mask);
+    }
+    hex::encode(h.finalize())
 }
 
 impl SplitData {

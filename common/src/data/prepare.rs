@@ -414,4 +414,32 @@ mod tests {
                 .contains("no index.json")
         );
     }
+
+    #[test]
+    fn document_offsets_outside_the_shard_are_refused_not_sliced() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.jsonl");
+        std::fs::write(
+            &f,
+            "{\"text\": \"one doc\"}\n{\"text\": \"another doc\"}\n".repeat(20),
+        )
+        .unwrap();
+        let tok = Tok::train(TokenizerKind::Byte, &["one another doc".into()], 0).unwrap();
+        let store = Store::open(dir.path().join("ds").to_str().unwrap()).unwrap();
+        let index = prepare(&[f], &tok, &store, &PrepareOptions::default()).unwrap();
+        let stem = &index.train.shards[0].stem;
+        let docs = store.get(&format!("{stem}.docs")).unwrap().unwrap();
+        // The second offset points far past the shard's tokens.
+        let mut bad = docs.to_vec();
+        bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        store
+            .put(&format!("{stem}.docs"), Bytes::from(bad))
+            .unwrap();
+        let (again, _) = TokenIndex::open(&store).unwrap();
+        let e = again
+            .load_split(&store, &again.train)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("document offsets must rise"), "{e}");
+    }
 }

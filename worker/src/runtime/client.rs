@@ -36,14 +36,25 @@ pub struct Target {
 impl Target {
     /// The token from `--token-file`, else `STACKWISE_TOKEN`.
     pub fn token_from(file: Option<&std::path::Path>) -> Result<Option<String>> {
-        if let Some(f) = file {
-            let t = std::fs::read_to_string(f)
-                .with_context(|| format!("read token file {}", f.display()))?;
-            return Ok(Some(t.trim().to_string()));
+        let (token, from) = match file {
+            Some(f) => (
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("read token file {}", f.display()))?,
+                format!("the token file {}", f.display()),
+            ),
+            None => match std::env::var("STACKWISE_TOKEN") {
+                Ok(t) => (t, "STACKWISE_TOKEN".to_string()),
+                Err(_) => return Ok(None),
+            },
+        };
+        let token = token.trim();
+        if token.is_empty() {
+            anyhow::bail!(
+                "{from} is empty (or only whitespace), which would turn authentication off; put a random secret in it, \
+                 e.g. `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > token`"
+            );
         }
-        Ok(std::env::var("STACKWISE_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty()))
+        Ok(Some(token.to_string()))
     }
 
     pub async fn connect(&self) -> Result<Client> {
@@ -78,5 +89,29 @@ impl Target {
             channel,
             AddToken { value },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_or_blank_token_file_is_refused_and_a_real_one_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        for blank in ["", "  \n\t"] {
+            std::fs::write(&f, blank).unwrap();
+            let e = Target::token_from(Some(&f)).unwrap_err().to_string();
+            assert!(
+                e.contains("is empty") && e.contains("authentication off"),
+                "{e}"
+            );
+        }
+        std::fs::write(&f, " s3cret\n").unwrap();
+        assert_eq!(
+            Target::token_from(Some(&f)).unwrap().as_deref(),
+            Some("s3cret")
+        );
     }
 }

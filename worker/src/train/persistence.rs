@@ -173,6 +173,9 @@ impl Trainer {
                 format!("checkpoint {} has no {}", c.name, layout::TRAINER_STATE)
             })?)
             .with_context(|| format!("parse {}", layout::TRAINER_STATE))?;
+        self.check_same_data(c, &state)?;
+        let mut state = state;
+        state.data_fingerprint = Some(self.spec.data_fingerprint.clone());
         let plan = &self.spec.plan;
         if state.stage >= plan.stages.len() {
             bail!(
@@ -240,6 +243,35 @@ impl Trainer {
         }
         self.checkpointer.last = Some(c.name.clone());
         tracing::info!(checkpoint = %c.name, step = self.state.step, stage = self.state.stage, "resumed from checkpoint");
+        Ok(())
+    }
+
+    /// A checkpoint continues on the data it was trained on: the same dataset (unless
+    /// `training.allow_data_change`), and in any case a cursor inside it.
+    fn check_same_data(&self, c: &LoadedCheckpoint, state: &TrainerState) -> Result<()> {
+        let (spec, path) = (&self.spec, &self.spec.cfg.data.path);
+        if let Some(was) = &state.data_fingerprint
+            && *was != spec.data_fingerprint
+            && !spec.cfg.training.allow_data_change
+        {
+            bail!(
+                "checkpoint {} was trained on a dataset with fingerprint {}, but {path} now has {}: the data changed; \
+                 resume on the original data, or set training.allow_data_change: true to continue on this one",
+                c.name,
+                &was[..was.len().min(16)],
+                &spec.data_fingerprint[..16]
+            );
+        }
+        let n = spec.train_samples();
+        if state.cursor.index as usize >= n {
+            bail!(
+                "checkpoint {}: its data cursor is at sample {} of epoch {}, but {path} has {n} training samples; \
+                 resume on the data it was trained on",
+                c.name,
+                state.cursor.index,
+                state.cursor.epoch
+            );
+        }
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use stackwise_common::checkpoint::CheckpointStore;
 use stackwise_common::config::{
     DeviceSpec, ModelConfig, Objective, TrainConfig, require_world_divides_batch,
 };
+use stackwise_common::data::dataset::fingerprint;
 use stackwise_common::data::{SplitData, TokenIndex};
 use stackwise_common::plan::{Plan, plan_config};
 use stackwise_common::store::Store;
@@ -36,6 +37,8 @@ pub struct RunSpec {
     /// Samples are packed `seq_len` windows of the token stream (else one per document).
     pub packed: bool,
     pub pad_id: u32,
+    /// The dataset's content fingerprint (`data::dataset::fingerprint`).
+    pub data_fingerprint: String,
     /// The run's root (`<output>/runs/<name>`) and its checkpoints.
     pub run: Store,
     pub ckpt: CheckpointStore,
@@ -62,6 +65,7 @@ impl RunSpec {
         let (index, mut tok) = TokenIndex::open(&data_store)?;
         let train = index.load_split(&data_store, &index.train)?;
         let val = index.load_split(&data_store, &index.validation)?;
+        let data_fingerprint = fingerprint(index.vocab_size, &[&train, &val]);
 
         // The full model's config, and its weights when it starts from an HF folder.
         let (mut model_cfg, initial) = match &cfg.init_from {
@@ -162,6 +166,7 @@ impl RunSpec {
             seq_len,
             packed,
             pad_id,
+            data_fingerprint,
             run,
             ckpt,
         })

@@ -37,6 +37,9 @@ pub struct TrainerState {
     /// (multi-stage masked plans).
     #[serde(default)]
     pub stage_results: Vec<StageResult>,
+    /// The dataset's content fingerprint: resume checks it is the same data.
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
 }
 
 impl TrainerState {
@@ -59,6 +62,7 @@ impl TrainerState {
             backup: None,
             frozen_shared: None,
             stage_results: Vec::new(),
+            data_fingerprint: None,
         }
     }
 }

@@ -170,6 +170,7 @@ impl Trainer {
             spec,
         };
         trainer.state.schedule = trainer.stage_schedule(0);
+        trainer.state.data_fingerprint = Some(trainer.spec.data_fingerprint.clone());
         Ok(trainer)
     }
 
