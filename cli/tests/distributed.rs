@@ -619,3 +619,66 @@ fn worker_pid(child: &KillOnDrop) -> i32 {
         })
         .unwrap_or_else(|| panic!("no worker child of {parent}: {children:?}"))
 }
+
+#[test]
+fn a_panic_on_a_training_thread_fails_the_job_naming_the_worker_and_the_cause() {
+    // The panic is injected by the worker runtime (STACKWISE_FAULT_PANIC_AT_STEP) on every
+    // worker: with one worker nothing else would ever end the job.
+    for workers in [1usize, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dataset(dir.path());
+        let cfg = config(dir.path(), &data, 100_000, 4);
+        let started = std::time::Instant::now();
+        let out = run(bin()
+            .arg("launch")
+            .arg(&cfg)
+            .args(["--workers", &workers.to_string(), "--no-progress"])
+            .env("STACKWISE_FAULT_PANIC_AT_STEP", "3"));
+        let log = stderr(&out);
+        assert!(!out.status.success(), "{log}");
+        assert!(
+            log.contains("failed: the training thread panicked: injected fault at step 3")
+                && log.contains("error: worker "),
+            "{workers} worker(s):\n{log}"
+        );
+        // Reported at once, well within the 10 s lease.
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_shard_fails_the_job_naming_the_worker_and_the_shard() {
+    for workers in [1usize, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dataset(dir.path());
+        let shard = std::fs::read_dir(&data)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "bin"))
+            .expect("a shard");
+        let bytes = std::fs::read(&shard).unwrap();
+        std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+        let cfg = config(dir.path(), &data, 10, 4);
+        let started = std::time::Instant::now();
+        let out = run(bin().arg("launch").arg(&cfg).args([
+            "--workers",
+            &workers.to_string(),
+            "--no-progress",
+        ]));
+        let log = stderr(&out);
+        assert!(!out.status.success(), "{log}");
+        assert!(
+            log.contains("error: worker ") && log.contains("does not match its index (truncated?)"),
+            "{workers} worker(s):\n{log}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

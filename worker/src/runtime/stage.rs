@@ -43,6 +43,21 @@ pub(super) async fn stop(work: Option<Work>) {
 
 type ReportFn = dyn Fn(u64, Report) -> pb::WorkerMessage + Send + Sync;
 
+/// Fault injection for tests: the training thread panics once it reports this step.
+pub const FAULT_ENV: &str = "STACKWISE_FAULT_PANIC_AT_STEP";
+
+fn injected_panic_step() -> Option<u64> {
+    std::env::var(FAULT_ENV).ok().and_then(|v| v.parse().ok())
+}
+
+/// The text of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 pub(super) fn start(
     rs: RunStage,
     fence: Fence,
@@ -67,32 +82,49 @@ pub(super) fn start(
                 let send = |r: Report| {
                     let _ = up.send(report(gen_, r));
                 };
-                let result = run_stage(
-                    &rs,
-                    &fence,
-                    device,
-                    &listener,
-                    &abort,
-                    &stop_request,
-                    &ring,
-                    &nccl_rx,
-                    &send,
-                    {
-                        let (up, report) = (up.clone(), report.clone());
-                        Box::new(move |e| {
-                            let r = match e {
-                                TrainEvent::Step(m) => {
-                                    step.store(m.step, Ordering::SeqCst);
-                                    Report::Step(m)
-                                }
-                                TrainEvent::Checkpoint { step, name, uri } => {
-                                    Report::Checkpoint { step, name, uri }
-                                }
-                            };
-                            let _ = up.send(report(gen_, r));
-                        })
-                    },
-                );
+                let fault_at = injected_panic_step();
+                let run = || {
+                    run_stage(
+                        &rs,
+                        &fence,
+                        device,
+                        &listener,
+                        &abort,
+                        &stop_request,
+                        &ring,
+                        &nccl_rx,
+                        &send,
+                        {
+                            let (up, report) = (up.clone(), report.clone());
+                            Box::new(move |e| {
+                                let r = match e {
+                                    TrainEvent::Step(m) => {
+                                        if fault_at == Some(m.step) {
+                                            panic!(
+                                                "injected fault at step {} ({FAULT_ENV})",
+                                                m.step
+                                            );
+                                        }
+                                        step.store(m.step, Ordering::SeqCst);
+                                        Report::Step(m)
+                                    }
+                                    TrainEvent::Checkpoint { step, name, uri } => {
+                                        Report::Checkpoint { step, name, uri }
+                                    }
+                                };
+                                let _ = up.send(report(gen_, r));
+                            })
+                        },
+                    )
+                };
+                // A panic on this thread is reported like an error, never left to hang the job.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                    .unwrap_or_else(|p| {
+                        Err(anyhow::anyhow!(
+                            "the training thread panicked: {}",
+                            panic_message(&*p)
+                        ))
+                    });
                 match result {
                     Ok(done) => {
                         tracing::info!(step = done.step, "stage {stage_name} done");
