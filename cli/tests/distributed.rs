@@ -682,3 +682,46 @@ fn a_corrupt_shard_fails_the_job_naming_the_worker_and_the_shard() {
         );
     }
 }
+
+#[tokio::test]
+async fn session_and_stop_without_the_token_are_refused_and_the_job_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(
+        spec(dir.path(), 1, 5000),
+        "127.0.0.1:0",
+        Some("s3cret".into()),
+        None,
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", coord.addr);
+    for token in [None, Some("wrong".to_string())] {
+        let mut c = Target {
+            url: url.clone(),
+            token,
+            tls_ca: None,
+        }
+        .connect()
+        .await
+        .unwrap();
+        let e = c
+            .stop(pb::StopRequest {
+                reason: "a stranger".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let (_tx, rx) = tokio::sync::mpsc::unbounded_channel::<pb::WorkerMessage>();
+        let e = c
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+    assert_eq!(
+        coord.phase().name(),
+        "waiting",
+        "the refused Stop stopped nothing"
+    );
+    coord.shutdown(Duration::ZERO).await;
+}

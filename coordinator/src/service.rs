@@ -24,6 +24,9 @@ use crate::job::{Action, Job, JobSpec, Phase};
 
 pub type Downlink = UnboundedSender<Result<pb::CoordinatorMessage, Status>>;
 
+/// The largest gRPC message the coordinator sends or accepts.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
 /// The job and the session streams its actions go out on.
 pub struct Shared {
     job: Mutex<Job>,
@@ -270,12 +273,16 @@ impl Coordinator {
             job: Mutex::new(Job::new(spec)),
             links: Mutex::new(HashMap::new()),
         });
-        let service = CoordinatorServer::with_interceptor(
-            Service {
-                shared: shared.clone(),
-            },
-            TokenCheck::new(token),
-        );
+        // Explicit bounds: control messages are small (a RunStage carries the config and the
+        // plan), so 16 MiB either way is generous; each connection (one per worker) carries
+        // at most a handful of concurrent RPCs.
+        let server = CoordinatorServer::new(Service {
+            shared: shared.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service =
+            tonic::service::interceptor::InterceptedService::new(server, TokenCheck::new(token));
         let mut builder = tonic::transport::Server::builder();
         if let Some(t) = tls {
             let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
@@ -287,6 +294,7 @@ impl Coordinator {
         let server = tokio::spawn(
             builder
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .concurrency_limit_per_connection(32)
                 .add_service(service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stop_rx.await;

@@ -62,6 +62,18 @@ pub fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<HashMap<Strin
         files.dedup();
         let mut out = HashMap::new();
         for f in files {
+            // A shard is a file name in the model folder, never a path out of it.
+            let plain = Path::new(f).components().count() == 1
+                && matches!(
+                    Path::new(f).components().next(),
+                    Some(std::path::Component::Normal(_))
+                );
+            if !plain {
+                bail!(
+                    "{}: weight_map names {f:?}; shards must be files in the model folder",
+                    index.display()
+                );
+            }
             let p = dir.join(f);
             out.extend(
                 candle_core::safetensors::load(&p, device)
@@ -194,6 +206,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod safetensors_tests {
     use super::*;
+
+    #[test]
+    fn a_weight_map_pointing_out_of_the_model_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for shard in [
+            "../outside.safetensors",
+            "/etc/passwd",
+            "sub/dir.safetensors",
+        ] {
+            let index = serde_json::json!({"metadata": {}, "weight_map": {"w": shard}});
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                index.to_string(),
+            )
+            .unwrap();
+            let e = read_safetensors_dir(dir.path(), &Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("shards must be files in the model folder"),
+                "{shard}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn the_fast_writer_reads_back_with_the_safetensors_crate() {
