@@ -205,28 +205,23 @@ impl LoraAdapter {
 
     /// Merge the adapter into `base`'s weights: `W += scale * B A` (transposed for `Conv1D`).
     pub fn merge(&self, base: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
-        self.check(base, cfg)?;
-        let scale = self.config.scale();
-        for module in self.modules() {
-            let delta = (self
-                .factor(&module, "B")?
-                .matmul(self.factor(&module, "A")?)?
-                * scale)?;
-            let delta = if conv1d(cfg) { delta.t()? } else { delta };
-            let key = format!("{module}.weight");
-            let w = &base[&key];
-            let merged = (w + delta.to_dtype(w.dtype())?)?;
-            base.insert(key, merged);
-        }
-        Ok(())
+        self.add_delta(base, cfg, 1.0)
     }
-}
 
-impl LoraAdapter {
     /// Undo `merge`: `W -= scale * B A` (transposed for `Conv1D`).
     pub fn unmerge(&self, merged: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
-        self.check(merged, cfg)?;
-        let scale = self.config.scale();
+        self.add_delta(merged, cfg, -1.0)
+    }
+
+    /// `W += sign * scale * B A` (transposed for `Conv1D`) for every adapted module.
+    fn add_delta(
+        &self,
+        w: &mut HashMap<String, Tensor>,
+        cfg: &ModelConfig,
+        sign: f64,
+    ) -> Result<()> {
+        self.check(w, cfg)?;
+        let scale = sign * self.config.scale();
         for module in self.modules() {
             let delta = (self
                 .factor(&module, "B")?
@@ -234,9 +229,8 @@ impl LoraAdapter {
                 * scale)?;
             let delta = if conv1d(cfg) { delta.t()? } else { delta };
             let key = format!("{module}.weight");
-            let w = &merged[&key];
-            let base = (w - delta.to_dtype(w.dtype())?)?;
-            merged.insert(key, base);
+            let updated = (&w[&key] + delta.to_dtype(w[&key].dtype())?)?;
+            w.insert(key, updated);
         }
         Ok(())
     }
