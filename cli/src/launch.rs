@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 use tokio::time::{Duration, Instant};
 
 use stackwise_common::config::{DeviceSpec, load_config};
+use stackwise_common::store::SECRET_ENV;
 use stackwise_coordinator::{Coordinator, GroupOptions, OnWorkerLoss, Phase, Shared, job_spec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -117,6 +118,8 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
     }
     let started = Instant::now();
     let cfg = load_config(&o.config, &o.sets)?;
+    // The S3 secret reaches the worker processes in their environment, never in a RunStage.
+    let s3_secret = cfg.storage.as_ref().and_then(|s| s.for_workers().1);
     let spec = job_spec(
         cfg,
         GroupOptions {
@@ -133,6 +136,8 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
     let run_id = spec.run_id.clone();
     let total = spec.target_step();
     let token = random_token()?;
+    let mut worker_env = vec![("STACKWISE_TOKEN", token.clone())];
+    worker_env.extend(s3_secret.map(|s| (SECRET_ENV, s)));
     let coord = Coordinator::start(spec, "127.0.0.1:0", Some(token.clone()), None).await?;
     let url = format!("http://{}", coord.addr);
     coord.job().log_events = false;
@@ -199,7 +204,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
                 &mut w,
                 &exe,
                 &url,
-                &token,
+                &worker_env,
                 device_of(i),
                 threads,
                 &coord,
@@ -286,7 +291,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
                     w,
                     &exe,
                     &url,
-                    &token,
+                    &worker_env,
                     device_of(i),
                     threads,
                     &coord,
@@ -421,7 +426,7 @@ fn spawn_worker(
     w: &mut LocalWorker,
     exe: &std::path::Path,
     url: &str,
-    token: &str,
+    env: &[(&str, String)],
     device: DeviceSpec,
     threads: usize,
     coord: &Coordinator,
@@ -444,7 +449,7 @@ fn spawn_worker(
             "127.0.0.1:0",
         ])
         .args(["--advertise-host", "127.0.0.1", "--rejoin-timeout-s", "10"])
-        .env("STACKWISE_TOKEN", token)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -90,7 +90,40 @@ impl std::fmt::Debug for S3Settings {
     }
 }
 
+/// The environment variable a job's workers read the S3 secret from when the config held it
+/// literally: the coordinator never sends the secret itself (`S3Settings::for_workers`).
+pub const SECRET_ENV: &str = "STACKWISE_S3_SECRET_ACCESS_KEY";
+
 impl S3Settings {
+    /// The settings to send to workers, and the secret to hand them out of band: a literal
+    /// `secret_access_key` becomes `secret_access_key_env: STACKWISE_S3_SECRET_ACCESS_KEY`.
+    pub fn for_workers(&self) -> (Self, Option<String>) {
+        match &self.secret_access_key {
+            Some(secret) => (
+                Self {
+                    secret_access_key: None,
+                    secret_access_key_env: Some(SECRET_ENV.to_string()),
+                    ..self.clone()
+                },
+                Some(secret.clone()),
+            ),
+            None => (self.clone(), None),
+        }
+    }
+
+    /// Read the secret from `secret_access_key_env` into `secret_access_key` (in memory
+    /// only) when that variable is set.
+    pub fn resolve_secret_env(&mut self) {
+        if self.secret_access_key.is_none()
+            && let Some(v) = self
+                .secret_access_key_env
+                .as_deref()
+                .and_then(|v| std::env::var(v).ok())
+        {
+            self.secret_access_key = Some(v);
+        }
+    }
+
     /// A copy safe to write where others can read it (the secret replaced).
     pub fn redacted(&self) -> Self {
         Self {
@@ -105,9 +138,28 @@ impl S3Settings {
 
 static S3_SETTINGS: std::sync::RwLock<Option<S3Settings>> = std::sync::RwLock::new(None);
 
-/// Use `settings` for every `s3://` store this process opens from now on.
+/// Use `settings` for every `s3://` store this process opens from now on. Settings that name
+/// a secret variable this process does not have keep the secret it already holds for the
+/// same endpoint and key (a worker running inside the coordinator's process).
 pub fn configure_s3(settings: Option<S3Settings>) {
-    *S3_SETTINGS.write().unwrap_or_else(|p| p.into_inner()) = settings;
+    let mut current = S3_SETTINGS.write().unwrap_or_else(|p| p.into_inner());
+    let settings = match (settings, current.as_ref()) {
+        (Some(mut new), Some(old))
+            if new.secret_access_key.is_none()
+                && old.secret_access_key.is_some()
+                && (new.endpoint.as_ref(), new.access_key_id.as_ref())
+                    == (old.endpoint.as_ref(), old.access_key_id.as_ref())
+                && new
+                    .secret_access_key_env
+                    .as_deref()
+                    .is_some_and(|v| std::env::var_os(v).is_none()) =>
+        {
+            new.secret_access_key = old.secret_access_key.clone();
+            Some(new)
+        }
+        (s, _) => s,
+    };
+    *current = settings;
 }
 
 /// A store plus a prefix inside it; all paths given to its methods are relative to the prefix.

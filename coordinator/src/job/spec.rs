@@ -90,9 +90,13 @@ pub fn job_spec(mut cfg: TrainConfig, group: GroupOptions) -> Result<JobSpec> {
     let run = Store::open(&cfg.run.output)?.child(&format!("runs/{}", cfg.run.name));
     CheckpointStore::new(&run).require_resume_if_any(group.resume, run.uri())?;
     let plan = plan_config(&cfg)?;
+    // What the workers get carries no credentials: they read the S3 secret from their own
+    // environment (`launch` hands it to its workers that way).
+    let mut wire = cfg.clone();
+    wire.storage = wire.storage.map(|s| s.for_workers().0);
     Ok(JobSpec {
         run_id: cfg.run.name.clone(),
-        config_yaml: serde_yaml::to_string(&cfg).context("serialize the config")?,
+        config_yaml: serde_yaml::to_string(&wire).context("serialize the config")?,
         plan,
         run_uri,
         batch_size: batch,

@@ -176,3 +176,30 @@ fn the_status_names_the_stage_rank_0_trains_from_the_plan() {
     job.stage = 1;
     assert_eq!(job.status(Instant::now()).stage_name, "2/2 layer 1");
 }
+
+#[test]
+fn a_run_stage_never_carries_the_s3_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "do-not-send-this-secret";
+    let yaml = format!(
+        "run: {{name: r, output: {}}}\ndata: {{path: {}}}\ntraining: {{steps: 4, batch_size: 4, warmup_steps: 1}}\n\
+         storage: {{endpoint: \"http://127.0.0.1:9\", access_key_id: k, secret_access_key: {secret}}}\n",
+        dir.path().display(),
+        dir.path().join("data").display()
+    );
+    let cfg: stackwise_common::config::TrainConfig = serde_yaml::from_str(&yaml).unwrap();
+    let spec = crate::job::job_spec(cfg, group(1, 1, Duration::from_secs(60))).unwrap();
+    assert!(!spec.config_yaml.contains(secret), "{}", spec.config_yaml);
+    assert!(
+        spec.config_yaml
+            .contains(stackwise_common::store::SECRET_ENV)
+    );
+    let now = Instant::now();
+    let mut job = Job::new(spec);
+    job.log_events = false;
+    let (_, mut inbox) = join(&mut job, "a", now);
+    deliver(job.reconcile(now));
+    let stages = run_stages(&mut inbox);
+    assert_eq!(stages.len(), 1);
+    assert!(!stages[0].config_yaml.contains(secret));
+}

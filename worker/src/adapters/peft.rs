@@ -253,19 +253,17 @@ impl LoraAdapter {
             "rank_pattern": {}, "alpha_pattern": {},
             "auto_mapping": {"base_model_class": base_model_class},
         });
-        crate::models::hf::write_atomic(
-            &dir.join(CONFIG),
-            serde_json::to_string_pretty(&config)?.as_bytes(),
-        )?;
-        let tensors: std::collections::BTreeMap<String, Tensor> = self
+        let path = dir.join(CONFIG);
+        std::fs::write(&path, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        let tensors: HashMap<String, Tensor> = self
             .factors
             .iter()
             .map(|(k, t)| (format!("{PREFIX}{k}"), t.clone()))
             .collect();
-        crate::models::hf::write_atomic(
-            &dir.join(WEIGHTS),
-            &crate::models::hf::params_to_safetensors(&tensors)?,
-        )
+        let path = dir.join(WEIGHTS);
+        candle_core::safetensors::save(&tensors, &path)
+            .with_context(|| format!("write {}", path.display()))
     }
 }
 

@@ -49,15 +49,17 @@ impl RunSpec {
     /// plan it here, with the same pure planner). `fresh`: the run starts at step 0, so it
     /// must not have checkpoints already.
     pub fn resolve(
-        cfg: TrainConfig,
+        mut cfg: TrainConfig,
         plan: Option<Plan>,
         world: usize,
         fresh: bool,
     ) -> Result<Self> {
         cfg.training.validate()?;
         require_world_divides_batch(cfg.training.batch_size, world..=world)?;
-        if cfg.storage.is_some() {
-            stackwise_common::store::configure_s3(cfg.storage.clone());
+        if let Some(storage) = &mut cfg.storage {
+            // A worker's secret comes from its environment (the coordinator never sends it).
+            storage.resolve_secret_env();
+            stackwise_common::store::configure_s3(Some(storage.clone()));
         }
         let device_spec: DeviceSpec = cfg.run.device.parse()?;
         let device = crate::device::open(device_spec)?;
