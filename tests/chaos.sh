@@ -46,14 +46,19 @@ for i in $(seq "$n"); do
   victim=$(( RANDOM % 2 ))
   pid=$(grep -o "started worker local-$victim (pid [0-9]*" "$log" | tail -1 | grep -o '[0-9]*$' || true)
   if [ -n "$pid" ]; then kill -9 "$pid" 2>/dev/null || true; fi
+  # A run that does not end within 10 minutes counts as not equal (a re-formation that never
+  # settles is a failure too).
+  ( sleep 600; kill "$launcher" 2>/dev/null ) & guard=$!
   if wait "$launcher" && [ "$(final_sha "$name" 2>/dev/null)" = "$want" ]; then
     equal=$((equal + 1)); verdict="bitwise equal"
   else
-    verdict="DIFFERENT (log: $log)"; trap - EXIT
+    verdict="DIFFERENT or unfinished (log: $log)"; trap - EXIT
   fi
+  kill "$guard" 2>/dev/null || true
   # The kill must have hit a running worker: the launcher restarted it and the group re-formed.
-  if grep -q "restarting it" "$log" && grep -q "resuming from step-" "$log"; then
-    hit=$((hit + 1)); how="restarted, resumed from $(grep -o 'resuming from step-[0-9]*' "$log" | tail -1 | cut -d' ' -f3)"
+  if grep -q "restarting it" "$log"; then
+    from=$(grep -o 'resuming from step-[0-9]*' "$log" | tail -1 | cut -d' ' -f3)
+    hit=$((hit + 1)); how="restarted, resumed from ${from:-the start}"
   else
     how="the kill missed (no restart)"
   fi
