@@ -23,6 +23,14 @@ pub const CONFIG: &str = "adapter_config.json";
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
+/// `dir/adapter_config.json`, parsed.
+fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {} (a PEFT adapter folder has one)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+}
+
 /// The fields of a LoRA `adapter_config.json` StackWise reads (others are ignored).
 #[derive(Debug, Clone, Deserialize)]
 pub struct LoraConfig {
@@ -86,11 +94,12 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     /// Read `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::from_config(dir, read_config(dir)?, device)
+    }
+
+    /// The adapter of `dir` whose `adapter_config.json` is `raw`.
+    fn from_config(dir: &Path, raw: serde_json::Value, device: &Device) -> Result<Self> {
         let path = dir.join(CONFIG);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("read {} (a PEFT adapter folder has one)", path.display()))?;
-        let raw: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
         let shown = path.display();
         let peft_type = raw.get("peft_type").and_then(|t| t.as_str()).unwrap_or("");
         if peft_type != "LORA" {
@@ -281,17 +290,13 @@ pub enum PeftAdapter {
 impl PeftAdapter {
     /// Read `dir`, LoRA or BOFT by its `peft_type`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let path = dir.join(CONFIG);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("read {} (a PEFT adapter folder has one)", path.display()))?;
-        let raw: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let raw = read_config(dir)?;
         match raw.get("peft_type").and_then(|t| t.as_str()) {
-            Some("LORA") => Ok(Self::Lora(LoraAdapter::load(dir, device)?)),
-            Some("BOFT") => Ok(Self::Boft(BoftAdapter::load(dir, device)?)),
+            Some("LORA") => Ok(Self::Lora(LoraAdapter::from_config(dir, raw, device)?)),
+            Some("BOFT") => Ok(Self::Boft(BoftAdapter::from_config(dir, &raw, device)?)),
             other => bail!(
                 "{}: peft_type {other:?}; StackWise reads LORA and BOFT adapters",
-                path.display()
+                dir.join(CONFIG).display()
             ),
         }
     }
@@ -376,12 +381,13 @@ pub struct BoftAdapter {
 }
 
 impl BoftAdapter {
+    /// Read `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let path = dir.join(CONFIG);
-        let raw: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?,
-        )
-        .with_context(|| format!("parse {}", path.display()))?;
+        Self::from_config(dir, &read_config(dir)?, device)
+    }
+
+    /// The adapter of `dir` whose `adapter_config.json` is `raw`.
+    fn from_config(dir: &Path, raw: &serde_json::Value, device: &Device) -> Result<Self> {
         let dropout = raw
             .get("boft_dropout")
             .and_then(|v| v.as_f64())
