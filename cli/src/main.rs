@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Train a model from a YAML config (single process).
     Train(cli::train::TrainArgs),
+    /// Fine-tune a pretrained model: fully (baseline), with LoRA, or with QLoRA on an NF4 base.
+    Finetune(cli::finetune::FinetuneArgs),
     /// Print the stage plan of a config: what trains, what is frozen and at which precision,
     /// adapters, objective, attention, mask fractions, steps.
     Plan(cli::train::PlanArgs),
@@ -36,7 +38,7 @@ enum Command {
     /// List, inspect and verify checkpoints in any store (path, file://, s3://).
     #[command(subcommand)]
     Ckpt(cli::ckpt::CkptCommand),
-    /// Merge and inspect PEFT LoRA adapter folders.
+    /// Merge and inspect PEFT adapter folders (LoRA, BOFT).
     #[command(subcommand)]
     Adapter(cli::adapter::AdapterCommand),
     /// Prepare datasets.
@@ -63,6 +65,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Train(a) => cli::train::run(a),
+        Command::Finetune(a) => cli::finetune::run(a),
         Command::Plan(a) => cli::train::run_plan(a),
         Command::Launch(a) => cli::dist::run_launch(a),
         Command::Coordinator(a) => cli::dist::run_coordinator(a),

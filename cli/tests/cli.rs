@@ -5,6 +5,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+use common::identity_tokenizer_json;
+
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_stackwise"));
     c.env("STACKWISE_LOG", "warn").env("RAYON_NUM_THREADS", "2");
@@ -30,28 +33,6 @@ fn run_err(cmd: &mut Command) -> String {
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-/// A char-level tokenizer whose id `i` is the single character U+0100+i, so any id sequence
-/// below 256 is spelled by a text that tokenizes back to exactly those ids.
-fn identity_tokenizer_json(vocab: usize) -> String {
-    let entries: Vec<String> = (0..vocab)
-        .map(|i| {
-            format!(
-                "{}: {i}",
-                serde_json::to_string(&char::from_u32(0x100 + i as u32).unwrap().to_string())
-                    .unwrap()
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-        "pre_tokenizer":{{"type":"Split","pattern":{{"Regex":"(?s)."}},"behavior":"Isolated","invert":false}},
-        "post_processor":null,"decoder":{{"type":"Fuse"}},
-        "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"{}"}}}}"#,
-        entries.join(","),
-        char::from_u32(0x100).unwrap()
-    )
 }
 
 #[test]

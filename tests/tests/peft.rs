@@ -109,10 +109,9 @@ fn lora_gradients_and_three_adamw_steps_match_peft_with_the_base_frozen() -> Res
         train_head: false,
         precision: Precision::Fp32,
         lora: Some(LoraSpec {
-            rank: adapter.config.r,
-            alpha: adapter.config.lora_alpha,
+            targets: vec!["c_attn".into(), "c_proj".into()],
+            ..LoraSpec::new(adapter.config.r, adapter.config.lora_alpha)
         }),
-        lora_targets: vec!["c_attn".into(), "c_proj".into()],
     };
     let mut p = ParamBuilder::for_stage(tensors, 0, policy, &Device::Cpu);
     let model = Transformer::build(&cfg, &mut p, &Device::Cpu)?;
@@ -235,9 +234,10 @@ fn merge_then_unmerge_restores_the_base_for_lora_and_boft() -> Result<()> {
 
 #[test]
 fn a_saved_lora_folder_loads_back_identically() -> Result<()> {
+    let (cfg, ..) = base()?;
     let adapter = LoraAdapter::load(&fixture(), &Device::Cpu)?;
     let out = tempfile::tempdir()?;
-    adapter.save(out.path(), "GPT2LMHeadModel")?;
+    adapter.save(out.path(), &cfg, None)?;
     let again = LoraAdapter::load(out.path(), &Device::Cpu)?;
     assert_eq!(again.config.scale(), adapter.config.scale());
     assert_eq!(again.modules(), adapter.modules());

@@ -6,6 +6,7 @@ pub mod ckpt;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod finetune;
 pub mod generate;
 pub mod logging;
 pub mod model_source;

@@ -57,6 +57,28 @@ pub fn dataset(dir: &Path, chars: usize) -> PathBuf {
     data
 }
 
+/// A char-level tokenizer whose id `i` is the single character U+0100+i, so any id sequence
+/// below 256 is spelled by a text that tokenizes back to exactly those ids.
+pub fn identity_tokenizer_json(vocab: usize) -> String {
+    let entries: Vec<String> = (0..vocab)
+        .map(|i| {
+            format!(
+                "{}: {i}",
+                serde_json::to_string(&char::from_u32(0x100 + i as u32).unwrap().to_string())
+                    .unwrap()
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        "pre_tokenizer":{{"type":"Split","pattern":{{"Regex":"(?s)."}},"behavior":"Isolated","invert":false}},
+        "post_processor":null,"decoder":{{"type":"Fuse"}},
+        "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"{}"}}}}"#,
+        entries.join(","),
+        char::from_u32(0x100).unwrap()
+    )
+}
+
 /// Kills the process when the test ends, also when it panics.
 pub struct KillOnDrop(pub Child);
 

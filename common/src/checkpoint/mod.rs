@@ -3,10 +3,12 @@
 //! files are (weights, optimizer, trainer state) is the worker's `checkpoint` module's
 //! business; this layer only stores, lists, verifies and retires them.
 
+pub mod base;
 pub mod manifest;
 pub mod policy;
 pub mod store;
 
+pub use base::BaseRef;
 pub use manifest::{Manifest, ManifestEntry, sha256_hex};
 pub use policy::{CheckpointMeta, retention};
 pub use store::{CheckpointError, CheckpointStore, LoadedCheckpoint, step_dir};

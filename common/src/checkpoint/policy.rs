@@ -9,6 +9,9 @@ pub struct CheckpointMeta {
     pub val_loss: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
+    /// The frozen base of an adapter run (its weights are not in the checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<super::BaseRef>,
 }
 
 /// Names (sorted oldest first in `all`) to delete.

@@ -284,7 +284,7 @@ mod tests {
     fn meta(val: Option<f64>) -> CheckpointMeta {
         CheckpointMeta {
             val_loss: val,
-            stage: None,
+            ..CheckpointMeta::default()
         }
     }
 

@@ -2,12 +2,14 @@
 //! with `STACKWISE_*` and `--set` overrides, then resolved, validated values. The model
 //! section and Hugging Face `config.json` resolve into one [`ModelConfig`].
 
+pub mod adapter;
 pub mod device;
 pub mod load;
 pub mod model;
 pub mod overrides;
 pub mod train;
 
+pub use adapter::{AdapterMethod, AdapterSection, default_targets};
 pub use device::DeviceSpec;
 pub use load::{absolutize, load_config, require_world_divides_batch};
 pub use model::{

@@ -53,6 +53,9 @@ pub fn apply_sets(root: &mut Value, sets: &[String]) -> Result<(), OverrideError
     Ok(())
 }
 
+/// The config's top-level keys that hold a value, not a section (`STACKWISE_INIT_FROM`).
+const TOP_LEVEL_KEYS: &[&str] = &["init_from"];
+
 /// `STACKWISE_TRAINING__LR=1e-3` → `training.lr = 1e-3` (double underscore separates
 /// sections; keys are lower-cased). Variables that are CLI settings, not config keys, are
 /// skipped.
@@ -65,7 +68,9 @@ pub fn apply_env<I: IntoIterator<Item = (String, String)>>(
         let Some(rest) = k.strip_prefix("STACKWISE_") else {
             continue;
         };
-        if !rest.contains("__") {
+        // Top-level keys are few; other single-word variables (STACKWISE_LOG, _TOKEN) are
+        // settings of the CLI, not config keys.
+        if !rest.contains("__") && !TOP_LEVEL_KEYS.contains(&rest.to_lowercase().as_str()) {
             continue;
         }
         let dotted = rest
@@ -92,11 +97,12 @@ mod tests {
             ("STACKWISE_TRAINING__LR".to_string(), "0.5".to_string()),
             ("STACKWISE_MODEL__N_HEADS".to_string(), "8".to_string()),
             ("STACKWISE_LOG".to_string(), "debug".to_string()),
+            ("STACKWISE_INIT_FROM".to_string(), "base/".to_string()),
             ("HOME".to_string(), "/root".to_string()),
         ];
         assert_eq!(
             apply_env(&mut v, env).unwrap(),
-            vec!["training.lr", "model.n_heads"]
+            vec!["training.lr", "model.n_heads", "init_from"]
         );
         apply_sets(
             &mut v,
@@ -107,6 +113,7 @@ mod tests {
         assert_eq!(v["training"]["steps"].as_u64(), Some(5));
         assert_eq!(v["model"]["n_heads"].as_u64(), Some(8));
         assert_eq!(v["data"]["path"].as_str(), Some("some/where"));
+        assert_eq!(v["init_from"].as_str(), Some("base/"));
         assert!(apply_sets(&mut v, &["novalue".into()]).is_err());
         assert!(apply_sets(&mut v, &["training.lr.x=1".into()]).is_err());
     }

@@ -269,6 +269,8 @@ pub struct TrainingSection {
     /// Resume even when the dataset's content differs from the one the checkpoint was
     /// trained on; off by default, so a changed dataset is an error.
     pub allow_data_change: bool,
+    /// Fine-tune the frozen `init_from` base through adapters instead of training weights.
+    pub adapter: Option<super::adapter::AdapterSection>,
 }
 
 impl Default for TrainingSection {
@@ -314,6 +316,7 @@ impl Default for TrainingSection {
             keep_last: 3,
             log_every: 10,
             allow_data_change: false,
+            adapter: None,
         }
     }
 }
@@ -373,6 +376,9 @@ impl TrainingSection {
                 "activation_cache",
                 "needs static masks: set training.mask_seeds (e.g. 1), so a sample's masked input repeats across epochs",
             );
+        }
+        if let Some(a) = &self.adapter {
+            a.validate()?;
         }
         if self.seq_len == Some(0) || self.seq_len == Some(1) {
             return err("seq_len", "must be at least 2 (one input and one target)");

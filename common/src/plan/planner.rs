@@ -3,8 +3,8 @@
 
 use super::types::{LoraSpec, Plan, StagePlan};
 use crate::config::{
-    AttentionMode, FusionMode, MaskSchedule, ModelConfig, Objective, Precision, ScheduleShape,
-    TrainConfig, TrainingMode, TrainingSection,
+    AdapterMethod, AdapterSection, AttentionMode, FusionMode, MaskSchedule, ModelConfig, Objective,
+    Precision, ScheduleShape, TrainConfig, TrainingMode, TrainingSection,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,11 +60,78 @@ pub fn plan_config(cfg: &TrainConfig) -> anyhow::Result<Plan> {
                 .n_layers
         }
     };
+    if cfg.training.adapter.is_some() && cfg.init_from.is_none() {
+        anyhow::bail!(
+            "training.adapter fine-tunes a base model: set init_from to its folder (an HF model or a StackWise checkpoint)"
+        );
+    }
     Ok(plan(&cfg.training, n_layers)?)
+}
+
+/// The one stage of an adapter fine-tune: every layer frozen (at the base's storage
+/// precision), only the adapters train.
+fn adapter_plan(
+    t: &TrainingSection,
+    a: &AdapterSection,
+    n_layers: usize,
+) -> Result<Plan, PlanError> {
+    if t.mode != TrainingMode::EndToEnd || t.qlora_enabled || !t.finetune.is_empty() {
+        return err(
+            "adapter",
+            "an adapter fine-tune is one stage over the whole model: drop training.mode, qlora_enabled and finetune",
+        );
+    }
+    if t.objective.is_masked() {
+        return err(
+            "adapter",
+            format!(
+                "fine-tunes causally: use objective clm or sft, not {:?}",
+                t.objective
+            ),
+        );
+    }
+    let AdapterMethod::Lora = a.method;
+    let kind = if a.base_precision == Precision::Nf4 {
+        "qlora"
+    } else {
+        "lora"
+    };
+    let objective = if t.objective == Objective::Sft {
+        "sft"
+    } else {
+        "clm"
+    };
+    Ok(Plan {
+        mode: "finetune".into(),
+        stages: vec![StagePlan {
+            name: format!("fine-tune {objective} ({kind})"),
+            active_layers: n_layers,
+            trainable: vec![],
+            frozen: (0..n_layers).collect(),
+            frozen_precision: a.base_precision,
+            adapters: Some(LoraSpec {
+                rank: a.r,
+                alpha: a.lora_alpha,
+                dropout: a.lora_dropout,
+                rslora: a.use_rslora,
+                targets: a.target_modules.clone(),
+            }),
+            train_embeddings: false,
+            train_head: false,
+            objective: t.objective,
+            attention: AttentionMode::Causal,
+            mask_fractions: vec![],
+            steps: t.steps,
+            lr: t.lr,
+        }],
+    })
 }
 
 /// The stages of a run of a model with `n_layers` layers.
 pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
+    if let Some(a) = &t.adapter {
+        return adapter_plan(t, a, n_layers);
+    }
     let masked = t.objective.is_masked();
     // Per-layer fractions when time-step masking is on.
     let layer_fractions: Option<Vec<f64>> = if t.time_step_masking {
@@ -121,10 +188,9 @@ pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
             _ => Vec::new(),
         }
     };
-    let adapters = t.qlora_enabled.then_some(LoraSpec {
-        rank: t.qlora_rank,
-        alpha: t.qlora_alpha,
-    });
+    let adapters = t
+        .qlora_enabled
+        .then(|| LoraSpec::new(t.qlora_rank, t.qlora_alpha));
     if t.qlora_enabled && t.qlora_rank == 0 {
         return err("qlora_rank", "must be at least 1, e.g. 8");
     }
@@ -213,7 +279,7 @@ pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
                 } else {
                     Precision::Fp32
                 },
-                adapters: adapters.filter(|_| has_frozen),
+                adapters: adapters.clone().filter(|_| has_frozen),
                 trainable,
                 frozen,
                 objective: t.objective,
@@ -261,10 +327,7 @@ pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
             } else {
                 Precision::Fp32
             },
-            adapters: lora.then_some(LoraSpec {
-                rank: t.qlora_rank.max(1),
-                alpha: t.qlora_alpha,
-            }),
+            adapters: lora.then(|| LoraSpec::new(t.qlora_rank.max(1), t.qlora_alpha)),
             train_embeddings: !lora,
             train_head: !lora,
             objective: f.objective,

@@ -7,16 +7,50 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AttentionMode, Objective, Precision};
 
-/// LoRA adapters (QLoRA when the base is quantized) on the linear layers of frozen blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// LoRA adapters (QLoRA when the base is quantized) on the linear layers of frozen blocks,
+/// with PEFT's options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Scale `alpha / sqrt(rank)` (rsLoRA) instead of `alpha / rank`.
+    #[serde(default)]
+    pub rslora: bool,
+    /// The adapted linears by PEFT's suffix match; empty: every frozen linear.
+    #[serde(default)]
+    pub targets: Vec<String>,
 }
 
 impl LoraSpec {
+    /// Rank and alpha, no dropout, every frozen linear (the StackWise stages' adapters).
+    pub fn new(rank: usize, alpha: f64) -> Self {
+        Self {
+            rank,
+            alpha,
+            dropout: 0.0,
+            rslora: false,
+            targets: Vec::new(),
+        }
+    }
+
     pub fn scale(&self) -> f64 {
-        self.alpha / self.rank as f64
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    /// Whether the linear `module` (its name without `.weight`) gets an adapter.
+    pub fn targets(&self, module: &str) -> bool {
+        self.targets.is_empty()
+            || self
+                .targets
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}")))
     }
 }
 

@@ -9,13 +9,14 @@
 //! `scale * B A` with `scale = lora_alpha / r` (`lora_alpha / sqrt(r)` with `use_rslora`); for
 //! GPT-2's `Conv1D`, whose weight is `[in, out]` (`fan_in_fan_out`), it is added transposed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
-use stackwise_common::config::{Family, ModelConfig};
+use stackwise_common::config::{Family, ModelConfig, default_targets};
+use stackwise_common::plan::LoraSpec;
 
 use super::boft;
 
@@ -244,35 +245,82 @@ impl LoraAdapter {
         Ok(())
     }
 
-    /// Write `dir/adapter_config.json` and `dir/adapter_model.safetensors` in PEFT's layout
-    /// (keys `base_model.model.<module>.lora_A.weight`), which `PeftModel.from_pretrained`
-    /// loads.
-    pub fn save(&self, dir: &Path, base_model_class: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    /// The adapter a run trained: `spec`'s options and the `*.lora_[AB].weight` tensors of
+    /// `trained` (other tensors are ignored).
+    pub fn from_trained<'a>(
+        spec: &LoraSpec,
+        cfg: &ModelConfig,
+        trained: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    ) -> Self {
+        let targets = if spec.targets.is_empty() {
+            default_targets(cfg.family)
+        } else {
+            spec.targets.clone()
+        };
+        let config = LoraConfig {
+            peft_type: "LORA".into(),
+            r: spec.rank,
+            lora_alpha: spec.alpha,
+            lora_dropout: spec.dropout,
+            use_rslora: spec.rslora,
+            fan_in_fan_out: conv1d(cfg),
+            target_modules: TargetModules::List(targets),
+            bias: None,
+            rank_pattern: HashMap::new(),
+            alpha_pattern: HashMap::new(),
+        };
+        let factors = trained
+            .into_iter()
+            .filter(|(k, _)| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        Self { config, factors }
+    }
+
+    /// `adapter_config.json` and `adapter_model.safetensors` as PEFT writes them (keys
+    /// `base_model.model.<module>.lora_A.weight`), which `PeftModel.from_pretrained` loads.
+    /// `base`: the base model's path, recorded as `base_model_name_or_path`.
+    pub fn files(
+        &self,
+        cfg: &ModelConfig,
+        base: Option<&str>,
+    ) -> Result<Vec<(&'static str, Vec<u8>)>> {
         let c = &self.config;
         let targets = match &c.target_modules {
             TargetModules::List(l) => l.clone(),
             _ => Vec::new(),
         };
+        let base_model_class = match cfg.family {
+            Family::Gpt2 => "GPT2LMHeadModel",
+            Family::Llama => "LlamaForCausalLM",
+        };
         let config = serde_json::json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.r, "lora_alpha": c.lora_alpha,
             "lora_dropout": c.lora_dropout, "use_rslora": c.use_rslora, "fan_in_fan_out": c.fan_in_fan_out,
-            "target_modules": targets, "bias": "none", "base_model_name_or_path": null,
+            "target_modules": targets, "bias": "none", "base_model_name_or_path": base,
             "inference_mode": true, "init_lora_weights": true, "modules_to_save": null,
             "rank_pattern": {}, "alpha_pattern": {},
             "auto_mapping": {"base_model_class": base_model_class},
         });
-        let path = dir.join(CONFIG);
-        std::fs::write(&path, serde_json::to_string_pretty(&config)?)
-            .with_context(|| format!("write {}", path.display()))?;
-        let tensors: HashMap<String, Tensor> = self
+        let tensors: BTreeMap<String, Tensor> = self
             .factors
             .iter()
             .map(|(k, t)| (format!("{PREFIX}{k}"), t.clone()))
             .collect();
-        let path = dir.join(WEIGHTS);
-        candle_core::safetensors::save(&tensors, &path)
-            .with_context(|| format!("write {}", path.display()))
+        Ok(vec![
+            (CONFIG, serde_json::to_vec_pretty(&config)?),
+            (WEIGHTS, crate::models::hf::params_to_safetensors(&tensors)?),
+        ])
+    }
+
+    /// Write the folder `files` describes to `dir`.
+    pub fn save(&self, dir: &Path, cfg: &ModelConfig, base: Option<&str>) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        for (name, bytes) in self.files(cfg, base)? {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).with_context(|| format!("write {}", path.display()))?;
+        }
+        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@
 //! trainer_state.json      step, stage, data cursor, RNG, schedule, stage results
 //! config.json             HF config of exactly the active layers
 //! tokenizer.json
+//! adapter/                an adapter run's adapter as a PEFT folder (its base: the manifest's `base`)
 //! frozen.safetensors      → frozen/stage-NN/frozen.safetensors (written once per stage)
 //! backup.safetensors      → backups/stage-NN/model.safetensors (full precision, before quantizing)
 //! ```
@@ -17,7 +18,10 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use stackwise_common::checkpoint::{CheckpointStore, LoadedCheckpoint, ManifestEntry};
+use stackwise_common::checkpoint::{BaseRef, CheckpointStore, LoadedCheckpoint, ManifestEntry};
+
+use crate::models::params::StagePolicy;
+use crate::models::{ParamBuilder, Transformer, hf};
 use stackwise_common::config::ModelConfig;
 use stackwise_common::tokenizer::Tok;
 
@@ -29,6 +33,9 @@ pub const CONFIG: &str = "config.json";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const FROZEN: &str = "frozen.safetensors";
 pub const BACKUP: &str = "backup.safetensors";
+/// The adapter of an adapter run as a PEFT folder (`adapter_config.json`,
+/// `adapter_model.safetensors`).
+pub const ADAPTER: &str = "adapter";
 
 /// The shared object holding stage `stage`'s frozen tensors (as used, dequantized).
 pub fn frozen_object(stage: usize) -> String {
@@ -73,7 +80,41 @@ pub fn load_weights(
     if ck.files.contains_key(FROZEN) {
         weights.extend(tensors(ck, FROZEN, device)?);
     }
+    if let Some(base) = &ck.manifest.meta.base {
+        let mut all = base_weights(base, device)
+            .with_context(|| format!("the base model of checkpoint {}", ck.name))?;
+        all.extend(weights);
+        weights = all;
+    }
     Ok(weights)
+}
+
+/// An adapter run's frozen base as its adapters saw it: read from its folder (checked
+/// against the sha256 the checkpoint references) and, for a base stored at reduced
+/// precision (QLoRA's nf4), quantized and dequantized as the trainer did.
+pub fn base_weights(base: &BaseRef, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let dir = base.verified_dir()?;
+    let cfg = ModelConfig::read_hf_dir(dir)?;
+    let raw = hf::read_safetensors_dir(dir, device)?;
+    if !base.precision.is_lossy() {
+        let (_, params) = hf::model_from_tensors(&cfg, raw, device)?;
+        return Ok(params.tensors()?.into_iter().collect());
+    }
+    let policy = StagePolicy {
+        trainable_layers: Vec::new(),
+        train_embeddings: false,
+        train_head: false,
+        precision: base.precision,
+        lora: None,
+    };
+    let mut loaded = hf::normalize_keys(&cfg, raw);
+    if cfg.tie_embeddings {
+        loaded.remove(crate::models::names::LM_HEAD);
+    }
+    let mut p = ParamBuilder::for_stage(loaded, 0, policy, device);
+    Transformer::build(&cfg, &mut p, device)?;
+    let (_, frozen, _) = p.finish_stage();
+    Ok(frozen.tensors()?.into_iter().collect())
 }
 
 /// The model config a checkpoint was written with (its active layers).

@@ -5,6 +5,7 @@
 pub mod layout;
 
 pub use layout::{
-    BACKUP, CONFIG, EMA, FROZEN, MODEL, OPTIMIZER, TOKENIZER, TRAINER_STATE, backup_object,
-    frozen_object, load_weights, model_config, read_shared, tensors, tokenizer,
+    ADAPTER, BACKUP, CONFIG, EMA, FROZEN, MODEL, OPTIMIZER, TOKENIZER, TRAINER_STATE,
+    backup_object, base_weights, frozen_object, load_weights, model_config, read_shared, tensors,
+    tokenizer,
 };

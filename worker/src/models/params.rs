@@ -49,10 +49,9 @@ pub struct StagePolicy {
     pub train_embeddings: bool,
     pub train_head: bool,
     pub precision: Precision,
+    /// Adapters on the frozen linears it targets (PEFT's suffix match: `c_proj` matches
+    /// `attn.c_proj` and `mlp.c_proj`).
     pub lora: Option<LoraSpec>,
-    /// The linears that get adapters, by PEFT's suffix match (`c_proj` matches
-    /// `attn.c_proj` and `mlp.c_proj`); empty: every frozen linear.
-    pub lora_targets: Vec<String>,
 }
 
 impl StagePolicy {
@@ -62,18 +61,13 @@ impl StagePolicy {
             train_embeddings: stage.train_embeddings,
             train_head: stage.train_head,
             precision: stage.frozen_precision,
-            lora: stage.adapters,
-            lora_targets: Vec::new(),
+            lora: stage.adapters.clone(),
         }
     }
 
     /// Whether the linear `module` (its name without `.weight`) gets an adapter.
     pub fn targets(&self, module: &str) -> bool {
-        self.lora_targets.is_empty()
-            || self
-                .lora_targets
-                .iter()
-                .any(|t| module == t || module.ends_with(&format!(".{t}")))
+        self.lora.as_ref().is_some_and(|l| l.targets(module))
     }
 
     pub fn trains(&self, name: &str) -> bool {
@@ -123,6 +117,12 @@ impl FrozenSet {
         Ok(out)
     }
 
+    /// Number of frozen weights.
+    pub fn count(&self) -> usize {
+        self.plain.values().map(|t| t.elem_count()).sum::<usize>()
+            + self.stored.values().map(|f| f.elem_count()).sum::<usize>()
+    }
+
     pub fn bytes(&self) -> usize {
         self.plain
             .values()
@@ -141,6 +141,8 @@ impl FrozenSet {
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
     Normal(f64),
+    /// U(-bound, bound).
+    Uniform(f64),
     Ones,
     Zeros,
 }
@@ -183,7 +185,7 @@ impl ParamBuilder {
         policy: StagePolicy,
         device: &Device,
     ) -> Self {
-        let lora_scale = policy.lora.map(|l| l.scale());
+        let lora_scale = policy.lora.as_ref().map(|l| l.scale());
         Self {
             loaded,
             lora_scale,
@@ -246,7 +248,7 @@ impl ParamBuilder {
             return Ok(None);
         }
         let rank = match (&self.policy, self.loaded.get(&a_name)) {
-            (Some(policy), _) if wanted => policy.lora.map_or(0, |l| l.rank),
+            (Some(policy), _) if wanted => policy.lora.as_ref().map_or(0, |l| l.rank),
             (_, Some(t)) => t.dim(0)?,
             _ => 0,
         };
@@ -255,12 +257,12 @@ impl ParamBuilder {
                 "{a_name}: the checkpoint has LoRA adapters but its config.json has no lora_scale"
             )
         };
-        // PEFT's init: A random (kaiming-uniform there, normal 1/sqrt(d_in) here), B zero, so
-        // the adapted model starts equal to the base.
+        // PEFT's init: A kaiming-uniform (`a = sqrt(5)`: bound 1/sqrt(d_in)), B zero, so the
+        // adapted model starts equal to the base.
         let a = self.get(
             &a_name,
             &[rank, d_in],
-            Init::Normal(1.0 / (d_in as f64).sqrt()),
+            Init::Uniform(1.0 / (d_in as f64).sqrt()),
         )?;
         let b = self.get(&b_name, &[d_out, rank], Init::Zeros)?;
         Ok(Some((a, b, scale)))
@@ -302,6 +304,12 @@ impl ParamBuilder {
                     Init::Normal(std) => {
                         let mut rng = Rng::derive(self.seed, name);
                         (0..n).map(|_| (rng.normal() * std) as f32).collect()
+                    }
+                    Init::Uniform(bound) => {
+                        let mut rng = Rng::derive(self.seed, name);
+                        (0..n)
+                            .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+                            .collect()
                     }
                 };
                 Tensor::from_vec(data, shape, &self.device)?

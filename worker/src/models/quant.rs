@@ -145,6 +145,14 @@ impl Frozen {
         }
     }
 
+    /// Number of weights.
+    pub fn elem_count(&self) -> usize {
+        match self {
+            Frozen::Cast(t) => t.elem_count(),
+            Frozen::Nf4 { shape, .. } => shape.iter().product(),
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {

@@ -12,6 +12,7 @@ use stackwise_common::checkpoint::{CheckpointMeta, LoadedCheckpoint, ManifestEnt
 use super::checkpointer::Staged;
 use super::state::TrainerState;
 use super::trainer::Trainer;
+use crate::adapters::LoraAdapter;
 use crate::checkpoint as layout;
 use crate::models::hf;
 
@@ -42,7 +43,9 @@ impl Trainer {
         let weights = self.params.snapshot();
         let mut refs: Vec<_> = self.state.backup.iter().cloned().collect();
         let mut frozen_upload = None;
-        if !self.frozen.plain.is_empty() || !self.frozen.stored.is_empty() {
+        // An adapter run's frozen part is its base, which the manifest references instead.
+        let frozen_elsewhere = self.spec.base.is_some();
+        if !frozen_elsewhere && (!self.frozen.plain.is_empty() || !self.frozen.stored.is_empty()) {
             match &self.state.frozen_shared {
                 Some(entry) => refs.push(entry.clone()),
                 None => {
@@ -77,6 +80,16 @@ impl Trainer {
                 Bytes::from(serde_json::to_vec_pretty(&self.state)?),
             ),
         ];
+        if let Some(spec) = &self.stage().adapters
+            && let Some(base) = &self.spec.base
+        {
+            // The adapter as a PEFT folder `adapter/` (the EMA's, when there is one).
+            let trained = self.ema.as_ref().map_or(&weights, |e| &e.shadow);
+            let peft = LoraAdapter::from_trained(spec, &self.model.cfg, trained);
+            for (name, bytes) in peft.files(&self.model.cfg, Some(&base.path))? {
+                files.push((format!("{}/{name}", layout::ADAPTER), Bytes::from(bytes)));
+            }
+        }
         if let Some(ema) = &self.ema {
             files.push((
                 layout::EMA.into(),
@@ -88,6 +101,7 @@ impl Trainer {
             meta: CheckpointMeta {
                 val_loss: self.state.last_val_loss,
                 stage: Some(format!("{}: {}", self.state.stage, self.stage().name)),
+                base: self.spec.base.clone(),
             },
             files,
             refs,
@@ -174,6 +188,28 @@ impl Trainer {
             })?)
             .with_context(|| format!("parse {}", layout::TRAINER_STATE))?;
         self.check_same_data(c, &state)?;
+        if let Some(was) = &c.manifest.meta.base
+            && self
+                .spec
+                .base
+                .as_ref()
+                .is_none_or(|b| b.sha256 != was.sha256)
+        {
+            bail!(
+                "checkpoint {} adapts the base {} (sha256 {}), but this run's init_from is {}; resume with the base it was trained on",
+                c.name,
+                was.path,
+                &was.sha256[..16],
+                self.spec
+                    .base
+                    .as_ref()
+                    .map_or("not an adapter base".into(), |b| format!(
+                        "{} (sha256 {})",
+                        b.path,
+                        &b.sha256[..16]
+                    ))
+            );
+        }
         let mut state = state;
         state.data_fingerprint = Some(self.spec.data_fingerprint.clone());
         let plan = &self.spec.plan;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use stackwise_common::checkpoint::CheckpointStore;
+use stackwise_common::checkpoint::{BaseRef, CheckpointStore};
 use stackwise_common::config::{
     DeviceSpec, ModelConfig, Objective, TrainConfig, require_world_divides_batch,
 };
@@ -27,6 +27,9 @@ pub struct RunSpec {
     pub model_cfg: ModelConfig,
     /// Weights of an `init_from` model (layers a stage has not reached yet come from here).
     pub initial: HashMap<String, Tensor>,
+    /// The frozen base of an adapter run (`training.adapter`): `init_from`, referenced by
+    /// path and sha256 from every checkpoint instead of copied into it.
+    pub base: Option<BaseRef>,
     pub device: Device,
     pub train: SplitData,
     pub val: SplitData,
@@ -83,6 +86,10 @@ impl RunSpec {
                 (model_cfg, initial)
             }
             None => (cfg.model.resolve(Some(index.vocab_size))?, HashMap::new()),
+        };
+        let base = match (&cfg.training.adapter, &cfg.init_from) {
+            (Some(a), Some(dir)) => Some(BaseRef::of_dir(Path::new(dir), a.base_precision)?),
+            _ => None,
         };
         let plan = match plan {
             Some(p) => p,
@@ -160,6 +167,7 @@ impl RunSpec {
             plan,
             model_cfg,
             initial,
+            base,
             device,
             train,
             val,

@@ -51,7 +51,7 @@ impl Trainer {
         if lossy && self.state.backup.is_none() {
             self.write_backup(&weights)?;
         }
-        if let Some(a) = stage.adapters {
+        if let Some(a) = &stage.adapters {
             self.spec.model_cfg.lora_scale = Some(a.scale());
         }
         let mut mcfg = self.spec.model_cfg.clone();

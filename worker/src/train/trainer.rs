@@ -344,8 +344,11 @@ impl Trainer {
             rep.line(&self.current_stage_line());
         }
         let plan = &self.spec.plan;
+        // Adapter runs report the wrapped base before training (the adapter starts at zero,
+        // so it is the base's loss), as PEFT scripts print it before and after wrapping.
+        let adapter_run = self.spec.base.is_some();
         if self.spec.cfg.training.eval_every == 0
-            || plan.stages.len() == 1
+            || (plan.stages.len() == 1 && !adapter_run)
             || self.state.step != plan.stage_start(self.state.stage)
         {
             return Ok(());
@@ -361,7 +364,13 @@ impl Trainer {
             rec["val_masked_accuracy"] = acc.into();
         }
         rep.record(&rec);
-        if self.is_leader() {
+        if self.is_leader() && adapter_run {
+            rep.line(&format!(
+                "before training: val {v:.4} ppl {:.2} (the base wrapped with a zero adapter; {})",
+                v.exp(),
+                self.parameters_line()
+            ));
+        } else if self.is_leader() {
             rep.line(&format!(
                 "stage {} starts at val {v:.4}{}",
                 self.state.stage + 1,
@@ -538,11 +547,11 @@ impl Trainer {
     fn run_line(&self) -> String {
         let s = &self.spec;
         format!(
-            "run {} | rank {}/{} | {} trainable parameters | {} stage(s) | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
+            "run {} | rank {}/{} | {} | {} stage(s) | {} train / {} validation tokens | {} samples of {} tokens{} | from step {}",
             s.run.uri(),
             self.comm.rank(),
             self.comm.world_size(),
-            self.params.count(),
+            self.parameters_line(),
             s.plan.stages.len(),
             s.train.tokens.len(),
             s.val.tokens.len(),
@@ -550,6 +559,16 @@ impl Trainer {
             s.seq_len,
             if s.packed { " (packed)" } else { "" },
             self.state.step
+        )
+    }
+
+    /// `trainable 16,384 of 120,000 parameters (13.65%)`: the current stage's.
+    fn parameters_line(&self) -> String {
+        let trainable = self.params.count();
+        let total = trainable + self.frozen.count();
+        format!(
+            "trainable {trainable} of {total} parameters ({:.2}%)",
+            100.0 * trainable as f64 / total.max(1) as f64
         )
     }
 
