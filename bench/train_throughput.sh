@@ -2,19 +2,22 @@
 # Training tokens/s: StackWise vs PyTorch eager on the same GPT-2-style shape (6 layers, d=384,
 # 6 heads, vocab 8192, batch 8 x 256, fp32, AdamW, 2 threads), run alternately in one
 # invocation (a busy neighbour core skews absolute times; the ratio of interleaved runs holds).
-#   bash bench/train_throughput.sh [ROUNDS]      (creates bench/.venv with torch if missing)
+#   bash bench/train_throughput.sh [ROUNDS] [ARGS...]   (creates bench/.venv with torch if missing)
+# ARGS go to both peers, e.g. --lora-r 16 (bench/lora.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"
+shift || true
 threads="${THREADS:-2}"
 source bench/venv.sh
 cargo build --release --quiet -p stackwise-bench --bin train_throughput
 out=$(mktemp)
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  RAYON_NUM_THREADS=$threads target/release/train_throughput --steps 3 >> "$out"
-  OMP_NUM_THREADS=$threads "$venv/bin/python" bench/train_throughput_torch.py --steps 3 --threads "$threads" 2>/dev/null >> "$out"
+  RAYON_NUM_THREADS=$threads target/release/train_throughput --steps 3 "$@" >> "$out"
+  OMP_NUM_THREADS=$threads "$venv/bin/python" bench/train_throughput_torch.py --steps 3 --threads "$threads" "$@" 2>/dev/null >> "$out"
 done
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) | $threads threads | ${*:-full training}"
 "$venv/bin/python" - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

@@ -32,5 +32,30 @@ s2 = s2.replace("""    fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut T
     }
 
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {""")
+# Second change: a matmul's backward computes the gradient of an argument only when the
+# gradient reaches a variable through it (upstream computes both; for a frozen weight the
+# second matmul, as costly as the forward one, is thrown away).
+old_bwd = '''        let sorted_nodes = self.sorted_nodes();
+        let mut grads = GradStore::new();'''
+new_bwd = '''        let sorted_nodes = self.sorted_nodes();
+        // StackWise patch: the nodes a gradient flows back through to a variable.
+        let tracked: std::collections::HashSet<TensorId> =
+            sorted_nodes.iter().map(|n| n.id()).collect();
+        let mut grads = GradStore::new();'''
+old_mm = '''                        let lhs_grad = grad.matmul(&rhs.t()?)?;
+                        grads.accumulate(lhs, &lhs_grad)?;
+
+                        let rhs_grad = lhs.t()?.matmul(&grad)?;
+                        grads.accumulate(rhs, &rhs_grad)?;'''
+new_mm = '''                        if tracked.contains(&lhs.id()) {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if tracked.contains(&rhs.id()) {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }'''
+assert old_bwd in s2 and old_mm in s2, "backward() or the matmul rule changed upstream"
+s2 = s2.replace(old_bwd, new_bwd).replace(old_mm, new_mm)
 open(p, 'w').write(s2)
 print("replaced", n, "remaining or_insert:", s2.count("grads.or_insert("))

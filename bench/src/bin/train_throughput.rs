@@ -1,14 +1,19 @@
 //! Training throughput of one full step (forward, backward, clip, AdamW) of a GPT-2-style model
-//! on random tokens, through the same `train::step` code the trainer runs. Prints one JSON line.
+//! on random tokens, through the same `train::step` code the trainer runs; with `--lora-r`, of
+//! LoRA adapters on the frozen model (what `stackwise finetune --mode lora` trains). Prints one
+//! JSON line.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Device;
 use clap::Parser;
+use stackwise_common::config::Precision;
+use stackwise_common::plan::LoraSpec;
 use stackwise_common::rng::Rng;
 use stackwise_worker::comm::Local;
-use stackwise_worker::models::Params;
+use stackwise_worker::models::params::StagePolicy;
+use stackwise_worker::models::{ParamBuilder, Params};
 use stackwise_worker::models::{RawModelConfig, Transformer};
 use stackwise_worker::objectives::Batch;
 use stackwise_worker::objectives::nll_sum;
@@ -39,6 +44,12 @@ struct Args {
     /// Also time the phases of a step (forward, backward, clip, AdamW) and print them.
     #[arg(long)]
     phases: bool,
+    /// Train LoRA adapters of this rank on a frozen base instead of every weight.
+    #[arg(long)]
+    lora_r: Option<usize>,
+    /// The adapted projections (PEFT's suffix match).
+    #[arg(long, value_delimiter = ',', default_value = "c_attn,c_proj")]
+    lora_targets: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -54,7 +65,27 @@ fn main() -> Result<()> {
     }
     .resolve(None)?;
     let dev = Device::Cpu;
-    let (model, params) = Transformer::init(&cfg, 1, &dev)?;
+    let (mut model, mut params) = Transformer::init(&cfg, 1, &dev)?;
+    if let Some(r) = a.lora_r {
+        // PEFT's usual alpha = 2r; the base frozen at fp32, only the factors train.
+        let spec = LoraSpec {
+            targets: a.lora_targets.clone(),
+            ..LoraSpec::new(r, 2.0 * r as f64)
+        };
+        let policy = StagePolicy {
+            trainable_layers: Vec::new(),
+            train_embeddings: false,
+            train_head: false,
+            precision: Precision::Fp32,
+            lora: Some(spec.clone()),
+        };
+        let base = params.tensors()?.into_iter().collect();
+        let mut pb = ParamBuilder::for_stage(base, 1, policy, &dev);
+        let mut lora_cfg = cfg.clone();
+        lora_cfg.lora_scale = Some(spec.scale());
+        model = Transformer::build(&lora_cfg, &mut pb, &dev)?;
+        params = pb.finish_stage().0;
+    }
     let mut opt = AdamW::new(
         &params.vars,
         AdamWConfig {
@@ -100,7 +131,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "stackwise", "s_per_step": median, "all_s_per_step": times,
+            "impl": "stackwise", "lora_r": a.lora_r, "s_per_step": median, "all_s_per_step": times,
             "tokens_per_s": (a.batch * a.seq) as f64 / median, "params": params.count(), "last_loss": loss,
         })
     );
