@@ -73,6 +73,16 @@ fn finetune(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> Command {
     c
 }
 
+/// `finetune`'s command with another `--mode`.
+fn with_mode(c: Command, mode: &str) -> Command {
+    let mut out = bin();
+    let mut args = c.get_args().map(|a| a.to_owned()).collect::<Vec<_>>();
+    let i = args.iter().position(|a| a == "--mode").unwrap();
+    args[i + 1] = mode.into();
+    out.args(args);
+    out
+}
+
 fn eval_loss(model: &Path, adapter: Option<&Path>, text: &Path) -> f64 {
     let mut c = bin();
     c.args(["eval", "--model"])
@@ -155,6 +165,19 @@ fn a_lora_finetune_writes_peft_folders_over_a_referenced_base_and_resumes_exactl
         .arg(&merged));
     let m = eval_loss(&merged, None, &text);
     assert!((m - adapted).abs() < 1e-4, "merged {m}, unmerged {adapted}");
+    // `ckpt export` of an adapter run: the base with the adapter merged, a plain HF folder.
+    let exported = dir.path().join("exported");
+    ok(bin().args(["ckpt", "export"]).arg(&run_dir).arg(&exported));
+    let names: Vec<String> = safetensors_f32(&exported.join("model.safetensors"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("lora")), "{names:?}");
+    let e = eval_loss(&exported, None, &text);
+    assert!(
+        (e - adapted).abs() < 1e-4,
+        "exported {e}, unmerged {adapted}"
+    );
 
     // Stopped at step 6 and resumed: the same adapter, bit for bit.
     let out2 = dir.path().join("out2");
@@ -186,5 +209,107 @@ fn a_lora_finetune_writes_peft_folders_over_a_referenced_base_and_resumes_exactl
         stderr(&o).contains("changed since the adapter was trained"),
         "{}",
         stderr(&o)
+    );
+}
+
+fn safetensors_f32(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn two_workers_train_the_same_adapter_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, text) = base_and_text(dir.path());
+    let data = dir.path().join("data");
+    prepare(&text, &base, &data);
+    let adapter = |workers: &str| {
+        let out = dir.path().join(format!("w{workers}"));
+        ok(&mut finetune(
+            &base,
+            &data,
+            &out,
+            &["--workers", workers, "--until-step", "6"],
+        ));
+        safetensors_f32(
+            &out.join("runs/finetune/checkpoints/step-00000006/adapter/adapter_model.safetensors"),
+        )
+    };
+    let (one, two) = (adapter("1"), adapter("2"));
+    assert_eq!(one.len(), two.len());
+    // The data-parallel run all-reduces the adapter's gradients: the same factors, up to
+    // float summation order.
+    let worst = one
+        .iter()
+        .zip(&two)
+        .flat_map(|((n1, a), (n2, b))| {
+            assert_eq!(n1, n2);
+            a.iter().zip(b).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "1 vs 2 workers: max |diff| {worst}");
+    // And they moved: B starts at zero.
+    assert!(
+        one.iter()
+            .any(|(n, v)| n.contains("lora_B") && v.iter().any(|x| *x != 0.0))
+    );
+}
+
+#[test]
+fn baseline_trains_every_weight_and_qlora_evaluates_on_the_nf4_base_it_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, text) = base_and_text(dir.path());
+    let data = dir.path().join("data");
+    prepare(&text, &base, &data);
+    let plain = eval_loss(&base, None, &text);
+
+    let full = dir.path().join("full");
+    ok(&mut with_mode(
+        finetune(&base, &data, &full, &[]),
+        "baseline",
+    ));
+    let ck = full.join("runs/finetune/checkpoints/step-00000012");
+    assert!(!ck.join("adapter").exists());
+    let names: Vec<String> = safetensors_f32(&ck.join("model.safetensors"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "transformer.h.0.attn.c_attn.weight"),
+        "{names:?}"
+    );
+    assert!(eval_loss(&full.join("runs/finetune"), None, &text) < plain - 0.05);
+
+    let q = dir.path().join("qlora");
+    ok(&mut with_mode(finetune(&base, &data, &q, &[]), "qlora"));
+    let ck = q.join("runs/finetune/checkpoints/step-00000012");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("MANIFEST.json")).unwrap()).unwrap();
+    assert_eq!(manifest["base"]["precision"], "nf4");
+    // The run evaluates on the NF4 base its adapter saw; the fp32 base with the same adapter
+    // is close but not the same model.
+    let on_run = eval_loss(&q.join("runs/finetune"), None, &text);
+    let on_fp32 = eval_loss(&base, Some(&ck.join("adapter")), &text);
+    assert!(on_run < plain - 0.05, "qlora {on_run}, base {plain}");
+    let gap = (on_run - on_fp32).abs();
+    assert!(
+        gap > 1e-6 && gap < 0.05,
+        "nf4 base {on_run}, fp32 base {on_fp32}"
     );
 }

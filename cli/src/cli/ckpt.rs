@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use stackwise_common::checkpoint::{CheckpointError, CheckpointStore, Manifest};
 use stackwise_common::store::Store;
+use stackwise_worker::adapters::LoraAdapter;
 use stackwise_worker::checkpoint as layout;
 use stackwise_worker::models::hf;
 
@@ -79,7 +80,17 @@ fn export(uri: &str, out: &std::path::Path, ema: bool) -> Result<()> {
             .with_context(|| format!("{uri}: no checkpoint with a valid manifest"))?,
     };
     let device = candle_core::Device::Cpu;
-    let weights = layout::load_weights(&ck, ema, &device)?;
+    let mut weights = layout::load_weights(&ck, ema, &device)?;
+    let mut cfg = layout::model_config(&ck)?;
+    // An adapter run exports the base with its adapter merged: a plain HF model.
+    let merged = match LoraAdapter::take_from(&mut weights, &cfg)? {
+        Some(lora) => {
+            lora.merge(&mut weights, &cfg)?;
+            cfg.lora_scale = None;
+            true
+        }
+        None => false,
+    };
     let sorted: std::collections::BTreeMap<String, candle_core::Tensor> =
         weights.into_iter().collect();
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
@@ -87,17 +98,20 @@ fn export(uri: &str, out: &std::path::Path, ema: bool) -> Result<()> {
         &out.join(layout::MODEL),
         &hf::params_to_safetensors(&sorted)?,
     )?;
-    for f in [layout::CONFIG, layout::TOKENIZER] {
-        let bytes = ck
-            .files
-            .get(f)
-            .with_context(|| format!("checkpoint {} has no {f}", ck.name))?;
-        hf::write_atomic(&out.join(f), bytes)?;
-    }
+    hf::write_atomic(
+        &out.join(layout::CONFIG),
+        &serde_json::to_vec_pretty(&cfg.to_hf_json())?,
+    )?;
+    let tokenizer = ck
+        .files
+        .get(layout::TOKENIZER)
+        .with_context(|| format!("checkpoint {} has no {}", ck.name, layout::TOKENIZER))?;
+    hf::write_atomic(&out.join(layout::TOKENIZER), tokenizer)?;
     println!(
-        "exported {run_uri}/checkpoints/{} ({} tensors) to {}",
+        "exported {run_uri}/checkpoints/{} ({} tensors{}) to {}",
         ck.name,
         sorted.len(),
+        if merged { ", LoRA adapter merged" } else { "" },
         out.display()
     );
     Ok(())

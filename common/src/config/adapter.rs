@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::error::TrainConfigError;
 use super::model::Family;
-use super::train::{Precision, TrainConfigError};
+use super::precision::Precision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -4,9 +4,11 @@
 
 pub mod adapter;
 pub mod device;
+pub mod error;
 pub mod load;
 pub mod model;
 pub mod overrides;
+pub mod precision;
 pub mod train;
 
 pub use adapter::{AdapterMethod, AdapterSection, default_targets};

@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::error::TrainConfigError;
 use super::model::RawModelConfig;
+pub use super::precision::Precision;
 use crate::schedule::ScheduleKind;
 
 /// What a stage optimizes (DESIGN §3, "Objectives").
@@ -22,36 +24,6 @@ impl Objective {
     /// Masked objectives predict tokens in place with bidirectional attention.
     pub fn is_masked(self) -> bool {
         matches!(self, Objective::Mlm | Objective::Diffusion)
-    }
-}
-
-/// Storage precision of frozen linear weights; they are dequantized to f32 on the fly, so
-/// gradients still flow through them to earlier trainable parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    Bf16,
-    Fp16,
-    Fp8,
-    Nf4,
-}
-
-impl Precision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-            Precision::Fp16 => "fp16",
-            Precision::Fp8 => "fp8",
-            Precision::Nf4 => "nf4",
-        }
-    }
-
-    /// Whether storing at this precision loses information (and so needs a backup).
-    pub fn is_lossy(self) -> bool {
-        self != Precision::Fp32
     }
 }
 
@@ -319,13 +291,6 @@ impl Default for TrainingSection {
             adapter: None,
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("training.{field}: {msg}")]
-pub struct TrainConfigError {
-    pub field: &'static str,
-    pub msg: String,
 }
 
 impl TrainingSection {

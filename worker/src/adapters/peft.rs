@@ -277,6 +277,32 @@ impl LoraAdapter {
         Self { config, factors }
     }
 
+    /// Take the LoRA factors (`*.lora_[AB].weight`) out of a checkpoint's `weights`, whose
+    /// `config.json` gave their scale: the adapter they form, if any.
+    pub fn take_from(
+        weights: &mut HashMap<String, Tensor>,
+        cfg: &ModelConfig,
+    ) -> Result<Option<Self>> {
+        let names: Vec<String> = weights
+            .keys()
+            .filter(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
+            .cloned()
+            .collect();
+        let Some(first_a) = names.iter().find(|k| k.ends_with(".lora_A.weight")) else {
+            return Ok(None);
+        };
+        let scale = cfg
+            .lora_scale
+            .context("the weights have LoRA factors but config.json has no lora_scale")?;
+        let rank = weights[first_a].dim(0)?;
+        let factors: HashMap<String, Tensor> = names
+            .iter()
+            .map(|k| (k.clone(), weights.remove(k).expect("listed")))
+            .collect();
+        let spec = LoraSpec::new(rank, scale * rank as f64);
+        Ok(Some(Self::from_trained(&spec, cfg, &factors)))
+    }
+
     /// `adapter_config.json` and `adapter_model.safetensors` as PEFT writes them (keys
     /// `base_model.model.<module>.lora_A.weight`), which `PeftModel.from_pretrained` loads.
     /// `base`: the base model's path, recorded as `base_model_name_or_path`.
@@ -305,11 +331,20 @@ impl LoraAdapter {
         let tensors: BTreeMap<String, Tensor> = self
             .factors
             .iter()
-            .map(|(k, t)| (format!("{PREFIX}{k}"), t.clone()))
-            .collect();
+            .map(|(k, t)| {
+                Ok((
+                    format!("{PREFIX}{k}"),
+                    t.to_dtype(candle_core::DType::F32)?.contiguous()?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         Ok(vec![
             (CONFIG, serde_json::to_vec_pretty(&config)?),
-            (WEIGHTS, crate::models::hf::params_to_safetensors(&tensors)?),
+            (
+                WEIGHTS,
+                safetensors::tensor::serialize(&tensors, Some(meta))?,
+            ),
         ])
     }
 

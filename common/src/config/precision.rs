@@ -1,0 +1,34 @@
+//! The storage precision of frozen weights, which the planner, the adapter section and the
+//! worker all speak.
+
+use serde::{Deserialize, Serialize};
+
+/// Storage precision of frozen linear weights; they are dequantized to f32 on the fly, so
+/// gradients still flow through them to earlier trainable parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+    Fp8,
+    Nf4,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+            Precision::Fp8 => "fp8",
+            Precision::Nf4 => "nf4",
+        }
+    }
+
+    /// Whether storing at this precision loses information (and so needs a backup).
+    pub fn is_lossy(self) -> bool {
+        self != Precision::Fp32
+    }
+}
