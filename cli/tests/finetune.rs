@@ -313,3 +313,48 @@ fn baseline_trains_every_weight_and_qlora_evaluates_on_the_nf4_base_it_trained_o
         "nf4 base {on_run}, fp32 base {on_fp32}"
     );
 }
+
+#[test]
+fn butterfly_modes_train_boft_on_gpt2_conv1d_and_evaluate_unmerged_as_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, text) = base_and_text(dir.path());
+    let data = dir.path().join("data");
+    prepare(&text, &base, &data);
+    let plain = eval_loss(&base, None, &text);
+    for (mode, extra, shape) in [
+        // Full width: 2x2 Givens blocks, 6 stages mix all 64 features of c_attn's input.
+        ("butterfly", vec![], vec![6, 32, 2, 2]),
+        // Independent rotations of 32-feature blocks.
+        (
+            "butterfly_block",
+            vec!["--butterfly-block-size", "32"],
+            vec![1, 2, 32, 32],
+        ),
+    ] {
+        let out = dir.path().join(mode);
+        let mut c = with_mode(finetune(&base, &data, &out, &[]), mode);
+        ok(c.args(extra));
+        let run_dir = out.join("runs/finetune");
+        let adapter = run_dir.join("checkpoints/step-00000012/adapter");
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], "BOFT", "{mode}");
+        let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let r = st
+            .tensor("base_model.model.transformer.h.0.attn.c_attn.boft_R")
+            .unwrap();
+        assert_eq!(r.shape(), shape.as_slice(), "{mode}");
+        // The run evaluates through the trainable (unmerged) path, `--adapter` merges on
+        // load: the same loss, and better than the base.
+        let on_run = eval_loss(&run_dir, None, &text);
+        let merged = eval_loss(&base, Some(&adapter), &text);
+        assert!(
+            (on_run - merged).abs() < 1e-5,
+            "{mode}: run {on_run}, merged {merged}"
+        );
+        assert!(on_run < plain - 0.02, "{mode}: {on_run} vs base {plain}");
+    }
+}

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Check that adapters `stackwise finetune --mode lora` trains load in real PEFT.
+"""Check that adapters `stackwise finetune` trains (lora, butterfly, butterfly_block) load in real PEFT.
 
     bench/.venv/bin/python tests/py/check_finetune_peft.py path/to/stackwise TEXT_FILE [--steps 30]
 
 For a GPT-2 (Conv1D, fan_in_fan_out) and a LLaMA-GQA model built and saved by transformers
 (sizes unlike the test fixtures), with a byte-level BPE tokenizer.json: prepares TEXT with that
-tokenizer, runs `stackwise finetune --mode lora` on it, then
+tokenizer, runs `stackwise finetune` with LoRA on both and the butterfly modes on LLaMA (PEFT's BOFT
+wraps nn.Linear only), then
 - loads the newest checkpoint's `adapter/` with `PeftModel.from_pretrained` and computes the
   loss over TEXT (non-overlapping blocks, as `stackwise eval` does);
 - compares it with `stackwise eval --model BASE --adapter ADAPTER` and with `stackwise eval
@@ -25,8 +26,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "fixtures")]
 from check_eval_vs_hf import hf_loss, tokenizer  # noqa: E402
+from make_fixtures import pure_torch_block_diag  # noqa: E402
 
 
 def sw(bin_, *args):
@@ -52,28 +55,35 @@ def main():
     a = ap.parse_args()
     text = open(a.text, encoding="utf-8").read()
     torch.manual_seed(0)
+    # PEFT's BOFT without its CUDA extension forces one butterfly factor; the fixtures' pure-torch
+    # block diagonal gives it the real ones.
+    pure_torch_block_diag()
+    gpt2 = lambda v: GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=96, n_head=6, n_positions=128, vocab_size=v,
+                                                initializer_range=0.1))
+    llama = lambda v: LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=96, intermediate_size=192,
+                                                   num_attention_heads=6, num_key_value_heads=2, vocab_size=v,
+                                                   max_position_embeddings=128, rope_theta=5000.0,
+                                                   initializer_range=0.1))
     cases = {
-        "gpt2-3l-96d": (lambda v: GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=96, n_head=6, n_positions=128,
-                                                               vocab_size=v, initializer_range=0.1)),
-                        False, "c_attn,c_proj"),
-        "llama-3l-96d-gqa": (lambda v: LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=96,
-                                                                    intermediate_size=200, num_attention_heads=6,
-                                                                    num_key_value_heads=2, vocab_size=v,
-                                                                    max_position_embeddings=128, rope_theta=5000.0,
-                                                                    initializer_range=0.1)),
-                             True, "q_proj,v_proj,down_proj"),
+        "gpt2-3l-96d lora": (gpt2, False, "c_attn,c_proj", ["--mode", "lora", "--lora-r", "4", "--lora-alpha", "8"]),
+        "llama-3l-96d-gqa lora": (llama, True, "q_proj,v_proj,down_proj",
+                                  ["--mode", "lora", "--lora-r", "4", "--lora-alpha", "8"]),
+        # 2x2 blocks, 5 butterfly stages (the most 96 = 2^5 * 3 allows).
+        "llama-3l-96d-gqa butterfly": (llama, True, "q_proj,v_proj,down_proj", ["--mode", "butterfly"]),
+        "llama-3l-96d-gqa butterfly_block": (llama, True, "q_proj,v_proj,down_proj",
+                                             ["--mode", "butterfly_block", "--butterfly-block-size", "32"]),
     }
     ok = True
-    for name, (build, bos, targets) in cases.items():
+    for name, (build, bos, targets, mode) in cases.items():
         tok = tokenizer(text, 700, bos)
         with tempfile.TemporaryDirectory() as d:
             base = os.path.join(d, "base")
             build(len(tok)).eval().save_pretrained(base, safe_serialization=True)
             tok.save_pretrained(base)
             sw(a.stackwise, "data", "prepare", a.text, "--out", f"{d}/data", "--tokenizer", f"{base}/tokenizer.json")
-            sw(a.stackwise, "finetune", "--model", base, "--data", f"{d}/data", "--mode", "lora", "--out", f"{d}/out",
+            sw(a.stackwise, "finetune", "--model", base, "--data", f"{d}/data", *mode, "--out", f"{d}/out",
                "--steps", str(a.steps), "--batch-size", "4", "--seq-len", str(a.seq_len), "--lr", "5e-3",
-               "--lora-r", "4", "--lora-alpha", "8", "--warmup-steps", "2", "--eval-every", "0",
+               "--warmup-steps", "2", "--eval-every", "0",
                "--checkpoint-every", str(a.steps), "--target-modules", targets, "--no-progress")
             run = f"{d}/out/runs/finetune"
             adapter = f"{run}/checkpoints/step-{a.steps:08d}/adapter"

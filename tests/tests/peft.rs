@@ -112,6 +112,7 @@ fn lora_gradients_and_three_adamw_steps_match_peft_with_the_base_frozen() -> Res
             targets: vec!["c_attn".into(), "c_proj".into()],
             ..LoraSpec::new(adapter.config.r, adapter.config.lora_alpha)
         }),
+        boft: None,
     };
     let mut p = ParamBuilder::for_stage(tensors, 0, policy, &Device::Cpu);
     let model = Transformer::build(&cfg, &mut p, &Device::Cpu)?;

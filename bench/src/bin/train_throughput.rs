@@ -78,6 +78,7 @@ fn main() -> Result<()> {
             train_head: false,
             precision: Precision::Fp32,
             lora: Some(spec.clone()),
+            boft: None,
         };
         let base = params.tensors()?.into_iter().collect();
         let mut pb = ParamBuilder::for_stage(base, 1, policy, &dev);

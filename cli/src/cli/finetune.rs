@@ -23,6 +23,13 @@ pub enum Mode {
     Lora,
     /// LoRA on a base stored in NF4 (QLoRA's 4-bit levels), computing in f32.
     Qlora,
+    /// Butterfly orthogonal adapters over the full width: 2x2 Givens blocks (BOFT block size
+    /// 2) and enough butterfly factors to mix the width (`--butterfly-stages`).
+    Butterfly,
+    /// Independent rotations of `--butterfly-block-size` (default 256) feature blocks: BOFT
+    /// with that block size and one factor.
+    #[value(name = "butterfly_block")]
+    ButterflyBlock,
 }
 
 #[derive(Args)]
@@ -83,6 +90,15 @@ pub struct FinetuneArgs {
     /// Projections to adapt, PEFT's suffix match (default: every attention and MLP linear).
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub target_modules: Vec<String>,
+    /// Butterfly modes: the rotation block size (default: 2 for butterfly, 256 for
+    /// butterfly_block).
+    #[arg(long)]
+    pub butterfly_block_size: Option<usize>,
+    /// Butterfly modes: the number of butterfly stages (BOFT factors). Default: butterfly,
+    /// the most the base's widths allow (log2 of the largest power of two dividing them);
+    /// butterfly_block, 1.
+    #[arg(long)]
+    pub butterfly_stages: Option<usize>,
     /// Data-parallel workers (as `stackwise launch --workers N`; only trainable parameters
     /// are all-reduced).
     #[arg(long, default_value_t = 1)]
@@ -155,7 +171,31 @@ pub fn config_tree(a: &FinetuneArgs) -> Result<Value> {
             set(&mut root, key, v);
         }
     }
-    if a.mode != Mode::Baseline {
+    if matches!(a.mode, Mode::Butterfly | Mode::ButterflyBlock) {
+        let block = a
+            .butterfly_block_size
+            .unwrap_or(if a.mode == Mode::Butterfly { 2 } else { 256 });
+        let stages = match (a.butterfly_stages, a.mode) {
+            (Some(s), _) => s,
+            (None, Mode::Butterfly) => full_width_stages(&a.model)?,
+            (None, _) => 1,
+        };
+        set(&mut root, "training.adapter.method", "boft");
+        set(&mut root, "training.adapter.boft_block_size", u(block));
+        set(
+            &mut root,
+            "training.adapter.boft_n_butterfly_factor",
+            u(stages),
+        );
+        if !a.target_modules.is_empty() {
+            let t: Vec<Value> = a.target_modules.iter().map(|s| s.as_str().into()).collect();
+            set(
+                &mut root,
+                "training.adapter.target_modules",
+                Value::Sequence(t),
+            );
+        }
+    } else if a.mode != Mode::Baseline {
         set(&mut root, "training.adapter.method", "lora");
         set(&mut root, "training.adapter.r", u(a.lora_r));
         set(&mut root, "training.adapter.lora_alpha", a.lora_alpha);
@@ -173,6 +213,19 @@ pub fn config_tree(a: &FinetuneArgs) -> Result<Value> {
         set(&mut root, "training.adapter.base_precision", precision);
     }
     Ok(root)
+}
+
+/// Butterfly stages of 2x2 blocks that fit every projection input of the base: a layer of
+/// `d` inputs takes `s` stages when `2^s` divides `d`, and `log2(d)` of them mix all of it.
+fn full_width_stages(base: &Path) -> Result<usize> {
+    let cfg = ModelConfig::read_hf_dir(base)?;
+    let widths = [cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim];
+    Ok(widths
+        .iter()
+        .map(|w| w.trailing_zeros() as usize)
+        .min()
+        .unwrap_or(1)
+        .max(1))
 }
 
 /// Optimizer steps for `epochs` passes over the training split.

@@ -14,6 +14,8 @@ pub enum AdapterMethod {
     /// Low-rank factors added to each target projection (PEFT `LoraConfig`).
     #[default]
     Lora,
+    /// Butterfly orthogonal rotations of each target projection's input (PEFT `BOFTConfig`).
+    Boft,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +34,13 @@ pub struct AdapterSection {
     pub target_modules: Vec<String>,
     /// Storage of the frozen base: `fp32`, or `nf4` for QLoRA (also bf16, fp16, fp8).
     pub base_precision: Precision,
+    /// BOFT: rotation block size (or `boft_block_num` blocks per layer; set one of the two).
+    pub boft_block_size: usize,
+    pub boft_block_num: usize,
+    /// BOFT: butterfly factors (1 = block-diagonal OFT).
+    pub boft_n_butterfly_factor: usize,
+    /// BOFT's multiplicative dropout while training; only 0 today.
+    pub boft_dropout: f64,
 }
 
 impl Default for AdapterSection {
@@ -44,6 +53,10 @@ impl Default for AdapterSection {
             use_rslora: false,
             target_modules: Vec::new(),
             base_precision: Precision::Fp32,
+            boft_block_size: 0,
+            boft_block_num: 0,
+            boft_n_butterfly_factor: 1,
+            boft_dropout: 0.0,
         }
     }
 }
@@ -83,6 +96,28 @@ impl AdapterSection {
                 "adapter.lora_dropout",
                 "training with adapter dropout is not implemented yet: set 0 (PEFT folders that name a dropout still load for eval, generate and merge)".into(),
             );
+        }
+        if self.method == AdapterMethod::Boft {
+            if (self.boft_block_size == 0) == (self.boft_block_num == 0) {
+                return err(
+                    "adapter.boft_block_size",
+                    "set one of boft_block_size and boft_block_num (e.g. boft_block_size: 4)"
+                        .into(),
+                );
+            }
+            if self.boft_n_butterfly_factor == 0 {
+                return err(
+                    "adapter.boft_n_butterfly_factor",
+                    "must be at least 1 (1 = block-diagonal OFT)".into(),
+                );
+            }
+            if self.boft_dropout != 0.0 {
+                return err(
+                    "adapter.boft_dropout",
+                    "training with BOFT's multiplicative dropout is not implemented yet: set 0"
+                        .into(),
+                );
+            }
         }
         if let Some(bad) = self.target_modules.iter().find(|t| t.trim().is_empty()) {
             return err(

@@ -5,4 +5,4 @@ pub mod planner;
 pub mod types;
 
 pub use planner::{PlanError, plan, plan_config, schedule_fractions, table};
-pub use types::{LoraSpec, Plan, PlanFormatError, StagePlan};
+pub use types::{BoftSpec, LoraSpec, Plan, PlanFormatError, StagePlan, suffix_match};

@@ -1,7 +1,7 @@
 //! The planner (DESIGN §3): a pure function from the training config and the model depth
 //! to the list of stages. No I/O; `stackwise plan CONFIG` prints its table.
 
-use super::types::{LoraSpec, Plan, StagePlan};
+use super::types::{BoftSpec, LoraSpec, Plan, StagePlan};
 use crate::config::{
     AdapterMethod, AdapterSection, AttentionMode, FusionMode, MaskSchedule, ModelConfig, Objective,
     Precision, ScheduleShape, TrainConfig, TrainingMode, TrainingSection,
@@ -90,12 +90,24 @@ fn adapter_plan(
             ),
         );
     }
-    let AdapterMethod::Lora = a.method;
-    let kind = if a.base_precision == Precision::Nf4 {
-        "qlora"
-    } else {
-        "lora"
+    let kind = match (a.method, a.base_precision) {
+        (AdapterMethod::Boft, _) => "butterfly",
+        (AdapterMethod::Lora, Precision::Nf4) => "qlora",
+        (AdapterMethod::Lora, _) => "lora",
     };
+    let lora = (a.method == AdapterMethod::Lora).then(|| LoraSpec {
+        rank: a.r,
+        alpha: a.lora_alpha,
+        dropout: a.lora_dropout,
+        rslora: a.use_rslora,
+        targets: a.target_modules.clone(),
+    });
+    let boft = (a.method == AdapterMethod::Boft).then(|| BoftSpec {
+        block_size: a.boft_block_size,
+        block_num: a.boft_block_num,
+        factors: a.boft_n_butterfly_factor,
+        targets: a.target_modules.clone(),
+    });
     let objective = if t.objective == Objective::Sft {
         "sft"
     } else {
@@ -109,13 +121,8 @@ fn adapter_plan(
             trainable: vec![],
             frozen: (0..n_layers).collect(),
             frozen_precision: a.base_precision,
-            adapters: Some(LoraSpec {
-                rank: a.r,
-                alpha: a.lora_alpha,
-                dropout: a.lora_dropout,
-                rslora: a.use_rslora,
-                targets: a.target_modules.clone(),
-            }),
+            adapters: lora,
+            boft,
             train_embeddings: false,
             train_head: false,
             objective: t.objective,
@@ -280,6 +287,7 @@ pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
                     Precision::Fp32
                 },
                 adapters: adapters.clone().filter(|_| has_frozen),
+                boft: None,
                 trainable,
                 frozen,
                 objective: t.objective,
@@ -328,6 +336,7 @@ pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
                 Precision::Fp32
             },
             adapters: lora.then(|| LoraSpec::new(t.qlora_rank.max(1), t.qlora_alpha)),
+            boft: None,
             train_embeddings: !lora,
             train_head: !lora,
             objective: f.objective,

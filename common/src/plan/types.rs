@@ -46,11 +46,61 @@ impl LoraSpec {
 
     /// Whether the linear `module` (its name without `.weight`) gets an adapter.
     pub fn targets(&self, module: &str) -> bool {
-        self.targets.is_empty()
-            || self
-                .targets
-                .iter()
-                .any(|t| module == t || module.ends_with(&format!(".{t}")))
+        suffix_match(&self.targets, module)
+    }
+}
+
+/// PEFT's `target_modules` match: `module` is a target or ends with `.target`; no targets
+/// match every module.
+pub fn suffix_match(targets: &[String], module: &str) -> bool {
+    targets.is_empty()
+        || targets
+            .iter()
+            .any(|t| module == t || module.ends_with(&format!(".{t}")))
+}
+
+/// Butterfly orthogonal adapters (PEFT's BOFT) on the frozen linears: each rotates its layer's
+/// input by a product of `factors` butterfly-permuted block-diagonal Cayley rotations and
+/// scales its outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BoftSpec {
+    /// Rotation block size (0: `in_features / block_num`).
+    pub block_size: usize,
+    /// Blocks per factor (0: `in_features / block_size`).
+    pub block_num: usize,
+    /// Butterfly factors (1: plain block-diagonal OFT).
+    pub factors: usize,
+    /// The adapted linears by PEFT's suffix match; empty: every frozen linear.
+    #[serde(default)]
+    pub targets: Vec<String>,
+}
+
+impl BoftSpec {
+    pub fn targets(&self, module: &str) -> bool {
+        suffix_match(&self.targets, module)
+    }
+
+    /// `(blocks, block size)` of a layer with `d_in` input features, or why it does not fit.
+    pub fn layout(&self, d_in: usize) -> Result<(usize, usize), String> {
+        let b = match (self.block_size, self.block_num) {
+            (0, 0) => return Err("set block_size or block_num".into()),
+            (b, 0) => b,
+            (0, n) if d_in.is_multiple_of(n) => d_in / n,
+            (0, n) => return Err(format!("block_num {n} does not divide in_features {d_in}")),
+            (_, _) => return Err("set block_size or block_num, not both".into()),
+        };
+        if b == 0 || !d_in.is_multiple_of(b) {
+            return Err(format!("block size {b} does not divide in_features {d_in}"));
+        }
+        let blocks = d_in / b;
+        let spread = 1usize << (self.factors.max(1) - 1);
+        if self.factors > 1 && (b % 2 != 0 || !blocks.is_multiple_of(spread)) {
+            return Err(format!(
+                "{} butterfly factors need an even block size and a block count divisible by {spread};                  in_features {d_in} with block size {b} has {blocks} blocks",
+                self.factors
+            ));
+        }
+        Ok((blocks, b))
     }
 }
 
@@ -67,6 +117,9 @@ pub struct StagePlan {
     pub frozen_precision: Precision,
     /// Adapters on the frozen layers' linears (none = frozen layers have no trainable part).
     pub adapters: Option<LoraSpec>,
+    /// Butterfly orthogonal adapters on the frozen layers' linears.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boft: Option<BoftSpec>,
     /// Token (and learned position) embeddings train in this stage.
     pub train_embeddings: bool,
     /// The final norm (and an untied LM head) train in this stage.

@@ -13,6 +13,77 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+/// A trainable BOFT adapter on one projection: `boft_R (N, blocks, b, b)` and
+/// `boft_s (out, 1)`, with the butterfly permutation of each factor. The rotation is
+/// rebuilt from `boft_R` in candle ops on every forward, so gradients reach both.
+#[derive(Clone)]
+pub struct Boft {
+    pub r: Tensor,
+    pub s: Tensor,
+    /// Factor `i`'s permutation as an index: row `k` of `P_i A P_i^T` is row `perm[k]` of `A`.
+    perms: Vec<Tensor>,
+}
+
+impl Boft {
+    pub fn new(r: Tensor, s: Tensor) -> Result<Self> {
+        let (factors, blocks, b, _) = r.dims4()?;
+        let n = blocks * b;
+        let perms = (0..factors)
+            .map(|i| {
+                let p: Vec<u32> = butterfly_perm(n, blocks >> i, b / 2, factors)
+                    .into_iter()
+                    .map(|x| x as u32)
+                    .collect();
+                Tensor::from_vec(p, n, r.device())
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { r, s, perms })
+    }
+
+    /// `Q (n, n) = M_{N-1} ... M_0`, `M_i = P_i blockdiag(cayley(R_i)) P_i^T`, differentiable.
+    pub fn rotation(&self) -> Result<Tensor> {
+        let (factors, blocks, b, _) = self.r.dims4()?;
+        let (n, dev) = (blocks * b, self.r.device());
+        let r = self.r.reshape((factors * blocks, b, b))?;
+        let skew = ((&r - r.transpose(1, 2)?)? * 0.5)?;
+        let eye = Tensor::eye(b, DType::F32, dev)?
+            .unsqueeze(0)?
+            .broadcast_as((factors * blocks, b, b))?;
+        let cayley = (&eye - &skew)?
+            .matmul(&crate::ops::batch_inverse(&(&eye + &skew)?)?)?
+            .reshape((factors, blocks, b, b))?;
+        // blockdiag(C)[k b + x, l b + y] = C[k, x, y] if k == l: a (blocks, blocks) identity
+        // mask broadcast over the blocks, laid out as (blocks, b, blocks, b).
+        let mask = Tensor::eye(blocks, DType::F32, dev)?.reshape((blocks, blocks, 1, 1))?;
+        let mut q: Option<Tensor> = None;
+        for (i, perm) in self.perms.iter().enumerate() {
+            let dense = cayley
+                .get(i)?
+                .unsqueeze(1)?
+                .broadcast_mul(&mask)?
+                .permute((0, 2, 1, 3))?
+                .reshape((n, n))?;
+            let m = dense.index_select(perm, 0)?.index_select(perm, 1)?;
+            q = Some(match q {
+                None => m,
+                Some(q) => m.matmul(&q)?,
+            });
+        }
+        Ok(q.expect("at least one factor"))
+    }
+
+    /// The adapted weight: `diag(s) W Q^T` for an `nn.Linear` weight `(out, in)`, and the same
+    /// map in GPT-2's `Conv1D` layout `(in, out)`: `Q W diag(s)`.
+    pub fn apply(&self, w: &Tensor, conv1d: bool) -> Result<Tensor> {
+        let q = self.rotation()?;
+        if conv1d {
+            q.matmul(w)?.broadcast_mul(&self.s.t()?)
+        } else {
+            merge(w, &q, &self.s)
+        }
+    }
+}
+
 /// The butterfly permutation of PEFT's `block_butterfly_perm(n, blocks, r, factors - 1)`: the
 /// row of `P` that is 1 in column `perm[row]`.
 pub fn butterfly_perm(n: usize, blocks: usize, r: usize, factors: usize) -> Vec<usize> {

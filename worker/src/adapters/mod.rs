@@ -8,5 +8,6 @@ pub mod boft;
 pub mod lora;
 pub mod peft;
 
+pub use boft::Boft;
 pub use lora::Lora;
 pub use peft::{BoftAdapter, LoraAdapter, PeftAdapter};

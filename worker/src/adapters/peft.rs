@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use stackwise_common::config::{Family, ModelConfig, default_targets};
-use stackwise_common::plan::LoraSpec;
+use stackwise_common::plan::{BoftSpec, LoraSpec};
 
 use super::boft;
 
@@ -316,10 +316,7 @@ impl LoraAdapter {
             TargetModules::List(l) => l.clone(),
             _ => Vec::new(),
         };
-        let base_model_class = match cfg.family {
-            Family::Gpt2 => "GPT2LMHeadModel",
-            Family::Llama => "LlamaForCausalLM",
-        };
+        let base_model_class = base_model_class(cfg);
         let config = serde_json::json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.r, "lora_alpha": c.lora_alpha,
             "lora_dropout": c.lora_dropout, "use_rslora": c.use_rslora, "fan_in_fan_out": c.fan_in_fan_out,
@@ -356,6 +353,14 @@ impl LoraAdapter {
             std::fs::write(&path, bytes).with_context(|| format!("write {}", path.display()))?;
         }
         Ok(())
+    }
+}
+
+/// transformers' class of a family's causal LM (PEFT's `auto_mapping`).
+fn base_model_class(cfg: &ModelConfig) -> &'static str {
+    match cfg.family {
+        Family::Gpt2 => "GPT2LMHeadModel",
+        Family::Llama => "LlamaForCausalLM",
     }
 }
 
@@ -406,7 +411,7 @@ impl PeftAdapter {
     pub fn unmerge(&self, merged: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
         match self {
             Self::Lora(a) => a.unmerge(merged, cfg),
-            Self::Boft(a) => a.unmerge(merged),
+            Self::Boft(a) => a.unmerge(merged, cfg),
         }
     }
 
@@ -532,19 +537,95 @@ impl BoftAdapter {
         })
     }
 
-    /// `W' = diag(s) W Q^T` for every adapted Linear.
-    pub fn merge(&self, base: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
-        if conv1d(cfg) {
-            bail!(
-                "BOFT on GPT-2's Conv1D projections is not supported yet (PEFT's BOFT wraps nn.Linear only)"
+    /// The adapter a run trained: the `*.boft_R` / `*.boft_s` tensors of `trained`.
+    pub fn from_trained<'a>(
+        spec: &BoftSpec,
+        trained: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    ) -> Result<Self> {
+        let mut params: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        for (k, t) in trained {
+            if let Some(m) = k.strip_suffix(".boft_R") {
+                params.entry(m.to_string()).or_default().0 = Some(t.clone());
+            } else if let Some(m) = k.strip_suffix(".boft_s") {
+                params.entry(m.to_string()).or_default().1 = Some(t.clone());
+            }
+        }
+        let params = params
+            .into_iter()
+            .map(|(m, rs)| match rs {
+                (Some(r), Some(s)) => Ok((m, (r, s))),
+                _ => bail!("{m}: a BOFT adapter needs both boft_R and boft_s"),
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
+        let block_size = match params.values().next() {
+            Some((r, _)) => r.dim(2)?,
+            None => spec.block_size,
+        };
+        Ok(Self {
+            factors: spec.factors.max(1),
+            block_size,
+            dropout: 0.0,
+            params,
+        })
+    }
+
+    /// `adapter_config.json` (PEFT's `BOFTConfig`) and `adapter_model.safetensors` (keys
+    /// `base_model.model.<module>.boft_R` / `.boft_s`). PEFT loads it on `nn.Linear` models;
+    /// GPT-2's `Conv1D` has no PEFT BOFT, so there only StackWise reads it (and `adapter merge`).
+    pub fn files(
+        &self,
+        spec: &BoftSpec,
+        cfg: &ModelConfig,
+        base: Option<&str>,
+    ) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let targets = if spec.targets.is_empty() {
+            default_targets(cfg.family)
+        } else {
+            spec.targets.clone()
+        };
+        let config = serde_json::json!({
+            "peft_type": "BOFT", "task_type": "CAUSAL_LM", "boft_block_size": spec.block_size,
+            "boft_block_num": spec.block_num, "boft_n_butterfly_factor": self.factors,
+            "boft_dropout": self.dropout, "target_modules": targets, "bias": "none",
+            "fan_in_fan_out": false, "init_weights": true, "inference_mode": true,
+            "modules_to_save": null, "base_model_name_or_path": base,
+            "auto_mapping": {"base_model_class": base_model_class(cfg)},
+        });
+        let mut tensors = BTreeMap::new();
+        for (m, (r, s)) in &self.params {
+            tensors.insert(
+                format!("{PREFIX}{m}.boft_R"),
+                r.to_dtype(candle_core::DType::F32)?.contiguous()?,
+            );
+            tensors.insert(
+                format!("{PREFIX}{m}.boft_s"),
+                s.to_dtype(candle_core::DType::F32)?.contiguous()?,
             );
         }
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        Ok(vec![
+            (CONFIG, serde_json::to_vec_pretty(&config)?),
+            (
+                WEIGHTS,
+                safetensors::tensor::serialize(&tensors, Some(meta))?,
+            ),
+        ])
+    }
+
+    /// `W' = diag(s) W Q^T` for every adapted `nn.Linear`; for GPT-2's `Conv1D` weights
+    /// `[in, out]` the same map, `W' = Q W diag(s)`.
+    pub fn merge(&self, base: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
         for (module, (r, s)) in &self.params {
             let key = format!("{module}.weight");
             let w = base.get(&key).with_context(|| {
                 format!("the adapter adapts {module}, which the base model does not have")
             })?;
-            let (out, inp) = w.dims2()?;
+            let (rows, cols) = w.dims2()?;
+            let (out, inp) = if conv1d(cfg) {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
             if r.dim(1)? * self.block_size != inp || s.dims() != [out, 1] {
                 bail!(
                     "{module}: boft_R {:?} / boft_s {:?} do not fit its weight {:?}",
@@ -553,22 +634,26 @@ impl BoftAdapter {
                     w.dims()
                 );
             }
-            let merged = boft::merge(w, &boft::rotation(r)?, s)?;
+            let merged = super::Boft::new(r.clone(), s.clone())?.apply(w, conv1d(cfg))?;
             base.insert(key, merged);
         }
         Ok(())
     }
 
-    /// Undo `merge`: `W = diag(1/s) W' Q` (Q is orthogonal).
-    pub fn unmerge(&self, merged: &mut HashMap<String, Tensor>) -> Result<()> {
+    /// Undo `merge`: `W = diag(1/s) W' Q` (Q is orthogonal; `Q^T W' diag(1/s)` for `Conv1D`).
+    pub fn unmerge(&self, merged: &mut HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
         for (module, (r, s)) in &self.params {
             let key = format!("{module}.weight");
             let w = merged
                 .get(&key)
                 .with_context(|| format!("the merged model has no {key}"))?;
-            let base = w
-                .broadcast_div(&s.to_dtype(w.dtype())?)?
-                .matmul(&boft::rotation(r)?)?;
+            let q = boft::rotation(r)?;
+            let s = s.to_dtype(w.dtype())?;
+            let base = if conv1d(cfg) {
+                q.t()?.matmul(&w.broadcast_div(&s.t()?)?)?
+            } else {
+                w.broadcast_div(&s)?.matmul(&q)?
+            };
             merged.insert(key, base);
         }
         Ok(())

@@ -106,6 +106,7 @@ pub fn base_weights(base: &BaseRef, device: &Device) -> Result<HashMap<String, T
         train_head: false,
         precision: base.precision,
         lora: None,
+        boft: None,
     };
     let mut loaded = hf::normalize_keys(&cfg, raw);
     if cfg.tie_embeddings {

@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use stackwise_common::config::{Family, ModelConfig, NormKind};
 
 use super::params::{Init, ParamBuilder, Weight};
-use crate::adapters::Lora;
+use crate::adapters::{Boft, Lora};
 use crate::ops;
 
 /// The std of GPT-2's initialization (residual projections get it over sqrt(2 n_layers)).
@@ -21,6 +21,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     pub conv1d: bool,
     pub lora: Option<Lora>,
+    /// A butterfly orthogonal adapter: the weight becomes `diag(s) W Q^T`.
+    pub boft: Option<Boft>,
 }
 
 impl Linear {
@@ -43,28 +45,44 @@ impl Linear {
         let lora = p
             .lora(name, d_in, d_out)?
             .map(|(a, b, scale)| Lora { a, b, scale });
+        let boft = p
+            .boft(name, d_in, d_out)?
+            .map(|(r, s)| Boft::new(r, s))
+            .transpose()?;
         Ok(Self {
             weight,
             bias,
             conv1d,
             lora,
+            boft,
         })
     }
 
-    /// This projection with its weight as a dense f32 tensor (dequantized once).
+    /// The weight the projection computes with: dense f32, with a BOFT adapter applied.
+    fn effective_weight(&self) -> Result<Tensor> {
+        let w = self.weight.dense()?;
+        match &self.boft {
+            Some(b) => b.apply(&w, self.conv1d),
+            None => Ok(w),
+        }
+    }
+
+    /// This projection with its weight as a dense f32 tensor (dequantized, and a BOFT adapter
+    /// folded in, once).
     pub(super) fn materialized(&self) -> Result<Self> {
-        Ok(match &self.weight {
-            Weight::Dense(_) => self.clone(),
-            Weight::Frozen(f) => Self {
-                weight: Weight::Dense(f.dense()?),
-                ..self.clone()
-            },
+        if self.boft.is_none() && matches!(self.weight, Weight::Dense(_)) {
+            return Ok(self.clone());
+        }
+        Ok(Self {
+            weight: Weight::Dense(self.effective_weight()?),
+            boft: None,
+            ..self.clone()
         })
     }
 
     /// The projection onto output features `start..start + len`, sharing this one's weights.
     pub(super) fn columns(&self, start: usize, len: usize) -> Result<Self> {
-        let w = self.weight.dense()?;
+        let w = self.effective_weight()?;
         let weight = if self.conv1d {
             w.narrow(1, start, len)?
         } else {
@@ -85,6 +103,7 @@ impl Linear {
             bias,
             conv1d: self.conv1d,
             lora,
+            boft: None,
         })
     }
 }
@@ -94,7 +113,7 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
         let x2 = x.reshape(((), d_in))?; // (B*T, in)
-        let w = self.weight.dense()?;
+        let w = self.effective_weight()?;
         let mut y = if self.conv1d {
             x2.matmul(&w)?
         } else {

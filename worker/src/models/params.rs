@@ -10,7 +10,7 @@ use stackwise_common::rng::Rng;
 
 use super::quant::Frozen;
 use stackwise_common::config::Precision;
-use stackwise_common::plan::{LoraSpec, StagePlan};
+use stackwise_common::plan::{BoftSpec, LoraSpec, StagePlan};
 
 /// What a parameter belongs to, read from its checkpoint key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,8 @@ pub struct StagePolicy {
     /// Adapters on the frozen linears it targets (PEFT's suffix match: `c_proj` matches
     /// `attn.c_proj` and `mlp.c_proj`).
     pub lora: Option<LoraSpec>,
+    /// Butterfly orthogonal adapters on the frozen linears it targets.
+    pub boft: Option<BoftSpec>,
 }
 
 impl StagePolicy {
@@ -62,6 +64,7 @@ impl StagePolicy {
             train_head: stage.train_head,
             precision: stage.frozen_precision,
             lora: stage.adapters.clone(),
+            boft: stage.boft.clone(),
         }
     }
 
@@ -71,7 +74,7 @@ impl StagePolicy {
     }
 
     pub fn trains(&self, name: &str) -> bool {
-        if name.contains(".lora_") {
+        if name.contains(".lora_") || name.contains(".boft_") {
             return true;
         }
         match group_of(name) {
@@ -266,6 +269,38 @@ impl ParamBuilder {
         )?;
         let b = self.get(&b_name, &[d_out, rank], Init::Zeros)?;
         Ok(Some((a, b, scale)))
+    }
+
+    /// BOFT parameters `boft_R (N, blocks, b, b)` (zeros: the identity rotation) and `boft_s
+    /// (d_out, 1)` (ones) for the linear `name`: created for a frozen linear the stage's BOFT
+    /// targets, or taken from the loaded tensors when they hold them.
+    pub fn boft(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let (r_name, s_name) = (format!("{name}.boft_R"), format!("{name}.boft_s"));
+        let spec = match &self.policy {
+            Some(p) if !p.trains(&format!("{name}.weight")) => {
+                p.boft.as_ref().filter(|b| b.targets(name)).cloned()
+            }
+            _ => None,
+        };
+        let shape = match (&spec, self.loaded.get(&r_name), self.vars.get(&r_name)) {
+            (Some(spec), _, _) => {
+                let (blocks, b) = spec
+                    .layout(d_in)
+                    .map_err(|e| candle_core::Error::Msg(format!("BOFT on {name}: {e}")))?;
+                vec![spec.factors.max(1), blocks, b, b]
+            }
+            (None, Some(t), _) => t.dims().to_vec(),
+            (None, None, Some(v)) => v.dims().to_vec(),
+            (None, None, None) => return Ok(None),
+        };
+        let r = self.get(&r_name, &shape, Init::Zeros)?;
+        let s = self.get(&s_name, &[d_out, 1], Init::Ones)?;
+        Ok(Some((r, s)))
     }
 
     pub fn from_tensors(loaded: HashMap<String, Tensor>, device: &Device) -> Self {

@@ -8,10 +8,12 @@ pub(crate) mod cpu;
 mod cross_entropy;
 mod fastmath;
 mod fused;
+mod inverse;
 mod log_softmax;
 
 pub use attention::attention_softmax;
 pub use bias::add_bias;
 pub use cross_entropy::token_nll;
 pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
+pub use inverse::batch_inverse;
 pub use log_softmax::log_softmax_last_dim;

@@ -12,7 +12,7 @@ use stackwise_common::checkpoint::{CheckpointMeta, LoadedCheckpoint, ManifestEnt
 use super::checkpointer::Staged;
 use super::state::TrainerState;
 use super::trainer::Trainer;
-use crate::adapters::LoraAdapter;
+use crate::adapters::{BoftAdapter, LoraAdapter};
 use crate::checkpoint as layout;
 use crate::models::hf;
 
@@ -80,13 +80,20 @@ impl Trainer {
                 Bytes::from(serde_json::to_vec_pretty(&self.state)?),
             ),
         ];
-        if let Some(spec) = &self.stage().adapters
-            && let Some(base) = &self.spec.base
-        {
+        if let Some(base) = &self.spec.base {
             // The adapter as a PEFT folder `adapter/` (the EMA's, when there is one).
             let trained = self.ema.as_ref().map_or(&weights, |e| &e.shadow);
-            let peft = LoraAdapter::from_trained(spec, &self.model.cfg, trained);
-            for (name, bytes) in peft.files(&self.model.cfg, Some(&base.path))? {
+            let (cfg, stage) = (&self.model.cfg, self.stage());
+            let peft = match (&stage.adapters, &stage.boft) {
+                (Some(lora), _) => {
+                    LoraAdapter::from_trained(lora, cfg, trained).files(cfg, Some(&base.path))?
+                }
+                (None, Some(boft)) => {
+                    BoftAdapter::from_trained(boft, trained)?.files(boft, cfg, Some(&base.path))?
+                }
+                (None, None) => Vec::new(),
+            };
+            for (name, bytes) in peft {
                 files.push((format!("{}/{name}", layout::ADAPTER), Bytes::from(bytes)));
             }
         }
