@@ -22,36 +22,37 @@ pub struct Boft {
     pub s: Tensor,
     /// Factor `i`'s permutation as an index: row `k` of `P_i A P_i^T` is row `perm[k]` of `A`.
     perms: Vec<Tensor>,
+    inverse_perms: Vec<Tensor>,
 }
 
 impl Boft {
     pub fn new(r: Tensor, s: Tensor) -> Result<Self> {
         let (factors, blocks, b, _) = r.dims4()?;
         let n = blocks * b;
-        let perms = (0..factors)
-            .map(|i| {
-                let p: Vec<u32> = butterfly_perm(n, blocks >> i, b / 2, factors)
-                    .into_iter()
-                    .map(|x| x as u32)
-                    .collect();
-                Tensor::from_vec(p, n, r.device())
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { r, s, perms })
+        let (mut perms, mut inverse_perms) = (Vec::new(), Vec::new());
+        for i in 0..factors {
+            let p = butterfly_perm(n, blocks >> i, b / 2, factors);
+            let mut inv = vec![0u32; n];
+            for (k, &x) in p.iter().enumerate() {
+                inv[x] = k as u32;
+            }
+            let p: Vec<u32> = p.into_iter().map(|x| x as u32).collect();
+            perms.push(Tensor::from_vec(p, n, r.device())?);
+            inverse_perms.push(Tensor::from_vec(inv, n, r.device())?);
+        }
+        Ok(Self {
+            r,
+            s,
+            perms,
+            inverse_perms,
+        })
     }
 
     /// `Q (n, n) = M_{N-1} ... M_0`, `M_i = P_i blockdiag(cayley(R_i)) P_i^T`, differentiable.
     pub fn rotation(&self) -> Result<Tensor> {
-        let (factors, blocks, b, _) = self.r.dims4()?;
+        let (_, blocks, b, _) = self.r.dims4()?;
         let (n, dev) = (blocks * b, self.r.device());
-        let r = self.r.reshape((factors * blocks, b, b))?;
-        let skew = ((&r - r.transpose(1, 2)?)? * 0.5)?;
-        let eye = Tensor::eye(b, DType::F32, dev)?
-            .unsqueeze(0)?
-            .broadcast_as((factors * blocks, b, b))?;
-        let cayley = (&eye - &skew)?
-            .matmul(&crate::ops::batch_inverse(&(&eye + &skew)?)?)?
-            .reshape((factors, blocks, b, b))?;
+        let cayley = self.cayley_blocks()?;
         // blockdiag(C)[k b + x, l b + y] = C[k, x, y] if k == l: a (blocks, blocks) identity
         // mask broadcast over the blocks, laid out as (blocks, b, blocks, b).
         let mask = Tensor::eye(blocks, DType::F32, dev)?.reshape((blocks, blocks, 1, 1))?;
@@ -72,14 +73,52 @@ impl Boft {
         Ok(q.expect("at least one factor"))
     }
 
+    /// The Cayley blocks of every factor, `(N, blocks, b, b)`, differentiable in `boft_R`.
+    fn cayley_blocks(&self) -> Result<Tensor> {
+        let (factors, blocks, b, _) = self.r.dims4()?;
+        let r = self.r.reshape((factors * blocks, b, b))?;
+        let skew = ((&r - r.transpose(1, 2)?)? * 0.5)?;
+        let eye = Tensor::eye(b, DType::F32, self.r.device())?
+            .unsqueeze(0)?
+            .broadcast_as((factors * blocks, b, b))?;
+        (&eye - &skew)?
+            .matmul(&crate::ops::batch_inverse(&(&eye + &skew)?)?)?
+            .reshape((factors, blocks, b, b))
+    }
+
+    /// `W Q^T` for `W (rows, n)`, one factor at a time: `W M_0^T M_1^T ...`. Each
+    /// `M_i^T = P_i blockdiag(C_i)^T P_i^T` is applied as a column gather, a batched product
+    /// with the `b x b` blocks and the inverse gather: `rows * n * b` multiply-adds a factor
+    /// instead of the `n^3` of forming `Q`.
+    fn rotate_columns(&self, w: &Tensor) -> Result<Tensor> {
+        let (_, blocks, b, _) = self.r.dims4()?;
+        let rows = w.dim(0)?;
+        let cayley = self.cayley_blocks()?;
+        let mut w = w.clone();
+        for (i, (perm, inverse)) in self.perms.iter().zip(&self.inverse_perms).enumerate() {
+            // V[:, j] = W[:, perm^-1(j)]; U = V blockdiag(C)^T; result[:, c] = U[:, perm(c)].
+            let v = w
+                .index_select(inverse, 1)?
+                .reshape((rows, blocks, b))?
+                .transpose(0, 1)?;
+            let u = v.matmul(&cayley.get(i)?.transpose(1, 2)?)?; // (blocks, rows, b)
+            w = u
+                .transpose(0, 1)?
+                .reshape((rows, blocks * b))?
+                .index_select(perm, 1)?;
+        }
+        Ok(w)
+    }
+
     /// The adapted weight: `diag(s) W Q^T` for an `nn.Linear` weight `(out, in)`, and the same
     /// map in GPT-2's `Conv1D` layout `(in, out)`: `Q W diag(s)`.
     pub fn apply(&self, w: &Tensor, conv1d: bool) -> Result<Tensor> {
-        let q = self.rotation()?;
         if conv1d {
-            q.matmul(w)?.broadcast_mul(&self.s.t()?)
+            self.rotate_columns(&w.t()?.contiguous()?)?
+                .t()?
+                .broadcast_mul(&self.s.t()?)
         } else {
-            merge(w, &q, &self.s)
+            self.rotate_columns(w)?.broadcast_mul(&self.s)
         }
     }
 }
@@ -200,6 +239,23 @@ mod tests {
         for (a, b) in c.iter().zip(want) {
             assert!((a - b).abs() < 1e-12, "{c:?} vs {want:?}");
         }
+    }
+
+    #[test]
+    fn the_factored_weight_rotation_equals_the_dense_one_in_both_layouts() {
+        let r = crate::models::testing::rand(&[3, 4, 4, 4], 11);
+        let s = (crate::models::testing::rand(&[24, 1], 12) + 1.0).unwrap();
+        let w = crate::models::testing::rand(&[24, 16], 13);
+        let boft = Boft::new(r.clone(), s.clone()).unwrap();
+        let dense = merge(&w, &rotation(&r).unwrap(), &s).unwrap();
+        let linear = boft.apply(&w, false).unwrap();
+        assert!(crate::models::testing::max_diff(&linear, &dense) < 1e-5);
+        let conv = boft
+            .apply(&w.t().unwrap().contiguous().unwrap(), true)
+            .unwrap();
+        assert!(crate::models::testing::max_diff(&conv.t().unwrap(), &dense) < 1e-5);
+        let q = boft.rotation().unwrap();
+        assert!(crate::models::testing::max_diff(&q, &rotation(&r).unwrap()) < 1e-5);
     }
 
     #[test]
