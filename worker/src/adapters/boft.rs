@@ -111,14 +111,30 @@ impl Boft {
     }
 
     /// The adapted weight: `diag(s) W Q^T` for an `nn.Linear` weight `(out, in)`, and the same
-    /// map in GPT-2's `Conv1D` layout `(in, out)`: `Q W diag(s)`.
+    /// map in GPT-2's `Conv1D` layout `(in, out)`: `Q W diag(s)`. The factors rotate whichever
+    /// is smaller, the weight or the identity (then `Q^T` multiplies the weight once).
     pub fn apply(&self, w: &Tensor, conv1d: bool) -> Result<Tensor> {
-        if conv1d {
-            self.rotate_columns(&w.t()?.contiguous()?)?
-                .t()?
-                .broadcast_mul(&self.s.t()?)
+        let n = self.perms.first().map_or(0, |p| p.dim(0).unwrap_or(0));
+        let out = if conv1d { w.dim(1)? } else { w.dim(0)? };
+        let rotated = if out <= n {
+            let rows = if conv1d {
+                w.t()?.contiguous()?
+            } else {
+                w.clone()
+            };
+            self.rotate_columns(&rows)?
         } else {
-            self.rotate_columns(w)?.broadcast_mul(&self.s)
+            let qt = self.rotate_columns(&Tensor::eye(n, DType::F32, w.device())?)?;
+            if conv1d {
+                w.t()?.matmul(&qt)?
+            } else {
+                w.matmul(&qt)?
+            }
+        };
+        if conv1d {
+            rotated.t()?.broadcast_mul(&self.s.t()?)
+        } else {
+            rotated.broadcast_mul(&self.s)
         }
     }
 }

@@ -11,6 +11,7 @@
 //! metrics; all ranks hold the same weights.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -129,6 +130,11 @@ impl Trainer {
                 let weights = trainer.spec.initial.clone();
                 trainer.enter_stage(weights)?;
             }
+        }
+        if trainer.spec.base.is_some() {
+            // An adapter run's one stage holds the base in `frozen`, at its storage precision;
+            // keeping the f32 copy as well would undo QLoRA's saving. The base's folder has it.
+            trainer.spec.initial = HashMap::new();
         }
         if trainer.is_leader() {
             trainer.write_run_files()?;
