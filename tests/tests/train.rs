@@ -286,3 +286,122 @@ fn resuming_on_a_changed_dataset_is_an_error_naming_both_unless_allowed() {
         "{e}"
     );
 }
+
+/// JSONL documents of `len(i)` characters each (byte tokenizer: one token a character).
+fn documents(len: impl Fn(usize) -> usize) -> String {
+    (0..120)
+        .map(|i| {
+            let text: String = (0..len(i))
+                .map(|k| (b'a' + ((i + k) % 26) as u8) as char)
+                .collect();
+            format!("{{\"text\": \"{text}\"}}\n")
+        })
+        .collect()
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("runs/r/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss_tokens").is_some())
+        .collect()
+}
+
+#[test]
+fn token_budget_steps_exactly_when_the_budget_is_reached_and_equals_one_big_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "eq", &documents(|_| 14), true);
+    let quiet = RunOptions::default();
+    let budget = |dir: &Path, tokens: usize, steps: u64| {
+        let extra = format!(
+            "training: {{batch_size: 1, tokens_per_step: {tokens}, steps: {steps}, log_every: 1}}"
+        );
+        let mut t = Trainer::new(config(dir, &data, &extra), &quiet).unwrap();
+        t.run(&quiet).unwrap();
+        t
+    };
+    // Every document has the same number of loss tokens L: a budget of 40 takes ceil(40 / L)
+    // documents, the fewest whose tokens reach it.
+    let out = dir.path().join("budget");
+    budget(&out, 40, 4);
+    let recs = metrics(&out);
+    assert_eq!(recs.len(), 4);
+    let per_doc =
+        recs[0]["loss_tokens"].as_f64().unwrap() / recs[0]["micro_batches"].as_f64().unwrap();
+    assert!(per_doc >= 10.0, "{per_doc} loss tokens a document");
+    for r in &recs {
+        let (tokens, micro) = (
+            r["loss_tokens"].as_f64().unwrap(),
+            r["micro_batches"].as_u64().unwrap(),
+        );
+        assert_eq!(micro, (40.0 / per_doc).ceil() as u64, "{r}");
+        assert!(tokens >= 40.0 && tokens - per_doc < 40.0, "{r}");
+    }
+    // A budget of exactly 3 documents' tokens = one batch of those 3 documents.
+    let three = dir.path().join("three");
+    let a = budget(&three, 3 * per_doc as usize, 4);
+    assert!(metrics(&three).iter().all(|r| r["micro_batches"] == 3));
+    let mut b = Trainer::new(
+        config(
+            &dir.path().join("big"),
+            &data,
+            "training: {batch_size: 3, steps: 4}\ndata: {packing: false}",
+        ),
+        &quiet,
+    )
+    .unwrap();
+    b.run(&quiet).unwrap();
+    let (wa, wb) = (weights(&a), weights(&b));
+    let worst = wa
+        .iter()
+        .flat_map(|(k, v)| v.iter().zip(&wb[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-5,
+        "token budget vs one batch: max |diff| {worst}"
+    );
+}
+
+#[test]
+fn token_budget_runs_resume_exactly_in_the_middle() {
+    let dir = tempfile::tempdir().unwrap();
+    // Documents of 5..30 characters: steps take different numbers of micro-batches.
+    let data = dataset(dir.path(), "var", &documents(|i| 5 + (i * 7) % 26), true);
+    let cfg = |d: &Path| {
+        config(
+            d,
+            &data,
+            "training: {batch_size: 2, tokens_per_step: 60, steps: 6, log_every: 1}",
+        )
+    };
+    let quiet = RunOptions::default();
+    let mut straight = Trainer::new(cfg(&dir.path().join("s")), &quiet).unwrap();
+    straight.run(&quiet).unwrap();
+    let micro: Vec<u64> = metrics(&dir.path().join("s"))
+        .iter()
+        .map(|r| r["micro_batches"].as_u64().unwrap())
+        .collect();
+    assert!(
+        micro.iter().any(|&m| m != micro[0]),
+        "variable steps: {micro:?}"
+    );
+    let stop = RunOptions {
+        until_step: Some(3),
+        ..Default::default()
+    };
+    let mut a = Trainer::new(cfg(&dir.path().join("r")), &stop).unwrap();
+    a.run(&stop).unwrap();
+    drop(a);
+    let resume = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    let mut b = Trainer::new(cfg(&dir.path().join("r")), &resume).unwrap();
+    b.run(&resume).unwrap();
+    assert_eq!(
+        weights(&straight),
+        weights(&b),
+        "resumed token-budget run differs"
+    );
+}

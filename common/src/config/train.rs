@@ -215,6 +215,9 @@ pub struct TrainingSection {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Token-budget batching: micro-batches of `batch_size` whole documents are drawn until
+    /// this many loss tokens (all workers together) are in the step; then the optimizer steps.
+    pub tokens_per_step: Option<usize>,
     /// Tokens per sequence (default: the model's seq_len).
     pub seq_len: Option<usize>,
     #[serde(alias = "learning_rate")]
@@ -269,6 +272,7 @@ impl Default for TrainingSection {
             activation_cache_dir: None,
             batch_size: 8,
             grad_accum: 1,
+            tokens_per_step: None,
             seq_len: None,
             lr: 3e-4,
             schedule: ScheduleKind::Cosine,
@@ -340,6 +344,18 @@ impl TrainingSection {
             return err(
                 "activation_cache",
                 "needs static masks: set training.mask_seeds (e.g. 1), so a sample's masked input repeats across epochs",
+            );
+        }
+        if self.tokens_per_step == Some(0) {
+            return err(
+                "tokens_per_step",
+                "must be at least 1 loss token, e.g. 16384",
+            );
+        }
+        if self.tokens_per_step.is_some() && self.grad_accum != 1 {
+            return err(
+                "tokens_per_step",
+                "sets the number of micro-batches of a step itself: leave grad_accum at 1",
             );
         }
         if let Some(a) = &self.adapter {

@@ -5,6 +5,17 @@
 use anyhow::Result;
 use stackwise_common::data::{Cursor, rank_rows};
 
+/// A sample: token ids and loss flags, padded to the sequence length.
+type Sample = (Vec<u32>, Vec<f32>);
+
+/// A step of token-budget batching draws at most this many samples.
+const MAX_BUDGET_ROWS: usize = 1 << 20;
+
+/// The loss tokens of a sample: its flagged targets (every position but the first).
+pub fn loss_tokens(row: &Sample) -> usize {
+    row.1.iter().skip(1).filter(|&&w| w > 0.0).count()
+}
+
 use super::trainer::Trainer;
 use crate::objectives::{Batch, Masking};
 
@@ -44,17 +55,54 @@ impl Trainer {
         })
     }
 
+    /// The global sample indices of the next step and their rows (advances the cursor):
+    /// `grad_accum` micro-batches of `batch_size`, or with `tokens_per_step` as many
+    /// micro-batches as it takes for their loss tokens to reach the budget. Every rank draws
+    /// the same global rows, so every rank counts the same tokens without a message.
+    fn step_rows(&mut self) -> Result<(Vec<usize>, Vec<Sample>)> {
+        let t = &self.spec.cfg.training;
+        let (batch_size, n, seed) = (
+            t.batch_size,
+            self.spec.train_samples(),
+            self.spec.cfg.run.seed,
+        );
+        let spec = &self.spec;
+        let sample = |i: usize| {
+            spec.train
+                .sample(i, spec.seq_len, spec.packed, spec.pad_id, self.all_tokens)
+        };
+        let Some(budget) = t.tokens_per_step else {
+            let idx = self
+                .state
+                .cursor
+                .take(batch_size * t.grad_accum, n, seed, &mut self.order);
+            let rows = idx.iter().map(|&i| sample(i)).collect();
+            return Ok((idx, rows));
+        };
+        let (mut idx, mut rows, mut tokens) = (Vec::new(), Vec::new(), 0usize);
+        while tokens < budget {
+            if idx.len() >= MAX_BUDGET_ROWS {
+                anyhow::bail!(
+                    "training.tokens_per_step {budget}: {} samples hold only {tokens} loss tokens; lower the budget",
+                    idx.len()
+                );
+            }
+            for i in self.state.cursor.take(batch_size, n, seed, &mut self.order) {
+                let row = sample(i);
+                tokens += loss_tokens(&row);
+                idx.push(i);
+                rows.push(row);
+            }
+        }
+        Ok((idx, rows))
+    }
+
     /// This rank's micro-batches of the next step (advances the cursor).
     pub(super) fn micro_batches(&mut self) -> Result<Vec<Batch>> {
+        let start = self.state.cursor;
+        let (idx, rows) = self.step_rows()?;
         let t = &self.spec.cfg.training;
         let (batch_size, n) = (t.batch_size, self.spec.train_samples());
-        let start = self.state.cursor;
-        let idx = self.state.cursor.take(
-            batch_size * t.grad_accum,
-            n,
-            self.spec.cfg.run.seed,
-            &mut self.order,
-        );
         let salts = mask_salts(
             self.state.step,
             self.state.stage,
@@ -63,14 +111,6 @@ impl Trainer {
             idx.len(),
             t.mask_seeds,
         );
-        let spec = &self.spec;
-        let rows: Vec<_> = idx
-            .iter()
-            .map(|&i| {
-                spec.train
-                    .sample(i, spec.seq_len, spec.packed, spec.pad_id, self.all_tokens)
-            })
-            .collect();
         // This rank's slice of each global micro-batch.
         let mine = rank_rows(batch_size, self.comm.world_size(), self.comm.rank());
         let masking = self.masking(self.stage().mask_fractions.clone());

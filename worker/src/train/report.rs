@@ -119,6 +119,9 @@ pub struct StepReport {
     pub skipped: bool,
     pub tokens_per_s: f64,
     pub tokens_seen: u64,
+    /// The step's loss tokens (all ranks) and micro-batches.
+    pub loss_tokens: f64,
+    pub micro_batches: usize,
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
 }
@@ -130,7 +133,7 @@ impl StepReport {
         let mut rec = serde_json::json!({
             "step": self.step, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
             "tokens_per_s": self.tokens_per_s, "tokens_seen": self.tokens_seen, "skipped": self.skipped,
-            "peak_rss_bytes": peak,
+            "peak_rss_bytes": peak, "loss_tokens": self.loss_tokens, "micro_batches": self.micro_batches,
         });
         rec["stage"] = self.stage.into();
         let mut line = format!(

@@ -147,10 +147,19 @@ impl RunSpec {
                 model_cfg.seq_len
             );
         }
-        let packed = cfg
-            .data
-            .packing
-            .unwrap_or(plan.stages[0].objective != Objective::Sft);
+        // Token-budget batching samples whole documents of variable length.
+        let budget = cfg.training.tokens_per_step.is_some();
+        if budget && cfg.data.packing == Some(true) {
+            bail!(
+                "training.tokens_per_step samples whole documents (padding masked), not packed windows: \
+                 set data.packing: false or leave it unset"
+            );
+        }
+        let packed = !budget
+            && cfg
+                .data
+                .packing
+                .unwrap_or(plan.stages[0].objective != Objective::Sft);
         if train.num_samples(seq_len, packed) == 0 {
             bail!(
                 "{}: the training split has {} tokens, fewer than one sequence of {seq_len}; lower training.seq_len or add data",

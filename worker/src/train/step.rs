@@ -26,6 +26,10 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Tokens this rank processed.
     pub tokens: usize,
+    /// Loss tokens of the step on all ranks (its target count).
+    pub loss_tokens: f64,
+    /// Micro-batches of the step.
+    pub micro_batches: usize,
     pub skipped: bool,
     /// Some rank voted to stop after this step (every rank sees the same answer).
     pub stop: bool,
@@ -193,6 +197,8 @@ pub fn train_step_voting(
         loss,
         grad_norm,
         tokens,
+        loss_tokens: weight,
+        micro_batches: batches.len(),
         skipped,
         stop,
         step: 0,

@@ -492,6 +492,8 @@ impl Trainer {
                 skipped: stats.skipped,
                 tokens_per_s,
                 tokens_seen: self.state.tokens_seen,
+                loss_tokens: stats.loss_tokens,
+                micro_batches: stats.micro_batches,
                 val_loss: val,
                 val_accuracy: val.and(self.last_val_accuracy),
             }
