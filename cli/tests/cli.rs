@@ -425,3 +425,44 @@ fn eval_with_a_peft_boft_adapter_gives_peft_loss() {
         (Some("boft"), Some(3))
     );
 }
+
+#[test]
+fn a_sentencepiece_model_prepares_data_trains_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    let data = dir.path().join("data");
+    let spm = fixtures().join("sentencepiece/unigram.model");
+    run_ok(
+        bin()
+            .args(["data", "prepare"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&data)
+            .arg("--tokenizer")
+            .arg(&spm),
+    );
+    let cfg = tiny_config(dir.path(), &data, 6);
+    run_ok(bin().arg("train").arg(&cfg).arg("--no-progress"));
+    let run = dir.path().join("runs/tiny");
+    // The checkpoint's tokenizer.json is the SentencePiece pipeline: its vocabulary (400) and
+    // its pieces in the sample.
+    let tok: Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoints/step-00000006/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tok["model"]["type"], "Unigram");
+    let out = run_ok(bin().args(["generate", "--model"]).arg(&run).args([
+        "--prompt",
+        "When shall we",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tokens = v["tokens"].as_array().unwrap();
+    assert!(
+        tokens.len() == 8 && tokens.iter().all(|t| t.as_u64().unwrap() < 400),
+        "{v}"
+    );
+    assert!(!v["text"].as_str().unwrap().trim().is_empty(), "{v}");
+}

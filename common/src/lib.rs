@@ -9,5 +9,6 @@ pub mod data;
 pub mod plan;
 pub mod rng;
 pub mod schedule;
+pub mod sentencepiece;
 pub mod store;
 pub mod tokenizer;

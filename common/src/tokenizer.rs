@@ -65,7 +65,8 @@ impl std::fmt::Debug for Tok {
 }
 
 impl Tok {
-    /// `path`: a `tokenizer.json`, or a folder holding one, or GPT-2's two BPE files.
+    /// `path`: a `tokenizer.json`, a SentencePiece `.model`, a folder holding either
+    /// (`tokenizer.json` first, then `tokenizer.model`), or GPT-2's two BPE files.
     pub fn load(path: &Path) -> Result<Self, TokenizerError> {
         let err = |msg: String| TokenizerError::Load {
             path: path.display().to_string(),
@@ -76,6 +77,18 @@ impl Tok {
         } else {
             path.to_path_buf()
         };
+        let spm = if path.is_dir() {
+            path.join("tokenizer.model")
+        } else {
+            path.to_path_buf()
+        };
+        if !file.exists() || path.is_file() && path.extension().is_some_and(|e| e == "model") {
+            if spm.is_file() && spm.extension().is_some_and(|e| e == "model") {
+                let bytes = std::fs::read(&spm).map_err(|e| err(e.to_string()))?;
+                let inner = crate::sentencepiece::tokenizer(&bytes).map_err(err)?;
+                return Ok(Self { inner });
+            }
+        }
         if file.exists() {
             let inner = Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
             return Ok(Self { inner });
