@@ -82,12 +82,11 @@ impl Tok {
         } else {
             path.to_path_buf()
         };
-        if !file.exists() || path.is_file() && path.extension().is_some_and(|e| e == "model") {
-            if spm.is_file() && spm.extension().is_some_and(|e| e == "model") {
-                let bytes = std::fs::read(&spm).map_err(|e| err(e.to_string()))?;
-                let inner = crate::sentencepiece::tokenizer(&bytes).map_err(err)?;
-                return Ok(Self { inner });
-            }
+        let is_model = |p: &Path| p.is_file() && p.extension().is_some_and(|e| e == "model");
+        if (!file.exists() || is_model(path)) && is_model(&spm) {
+            let bytes = std::fs::read(&spm).map_err(|e| err(e.to_string()))?;
+            let inner = crate::sentencepiece::tokenizer(&bytes).map_err(err)?;
+            return Ok(Self { inner });
         }
         if file.exists() {
             let inner = Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
