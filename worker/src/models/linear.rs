@@ -22,7 +22,7 @@ pub struct Linear {
     pub conv1d: bool,
     pub lora: Option<Lora>,
     /// A butterfly orthogonal adapter: the weight becomes `diag(s) W Q^T`.
-    pub boft: Option<Boft>,
+    pub boft: Option<Box<Boft>>,
 }
 
 impl Linear {
@@ -47,7 +47,7 @@ impl Linear {
             .map(|(a, b, scale)| Lora { a, b, scale });
         let boft = p
             .boft(name, d_in, d_out)?
-            .map(|(r, s)| Boft::new(r, s))
+            .map(|(r, s)| Boft::new(r, s).map(Box::new))
             .transpose()?;
         Ok(Self {
             weight,
