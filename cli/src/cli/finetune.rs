@@ -76,6 +76,10 @@ pub struct FinetuneArgs {
     pub eval_every: Option<u64>,
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Recompute each block's activations in the backward instead of keeping them
+    /// (training.gradient_checkpointing).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
@@ -153,6 +157,9 @@ pub fn config_tree(a: &FinetuneArgs) -> Result<Value> {
     set(&mut root, "data.path", data.as_str());
     if a.sft {
         set(&mut root, "training.objective", "sft");
+    }
+    if a.gradient_checkpointing {
+        set(&mut root, "training.gradient_checkpointing", true);
     }
     let u = |x: usize| Value::from(x as u64);
     for (key, v) in [

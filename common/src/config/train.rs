@@ -218,6 +218,8 @@ pub struct TrainingSection {
     /// Token-budget batching: micro-batches of `batch_size` whole documents are drawn until
     /// this many loss tokens (all workers together) are in the step; then the optimizer steps.
     pub tokens_per_step: Option<usize>,
+    /// Recompute each block's activations in the backward instead of keeping them.
+    pub gradient_checkpointing: bool,
     /// Tokens per sequence (default: the model's seq_len).
     pub seq_len: Option<usize>,
     #[serde(alias = "learning_rate")]
@@ -273,6 +275,7 @@ impl Default for TrainingSection {
             batch_size: 8,
             grad_accum: 1,
             tokens_per_step: None,
+            gradient_checkpointing: false,
             seq_len: None,
             lr: 3e-4,
             schedule: ScheduleKind::Cosine,

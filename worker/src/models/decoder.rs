@@ -1,134 +1,22 @@
 //! The decoder-only transformer: GPT-2 (Radford et al. 2019) and LLaMA (Touvron et al. 2023)
 //! layouts with mixable options (MHA/GQA/MLA/kernel attention, causal/bidirectional,
 //! learned/rotary positions, GELU/SwiGLU, LayerNorm/RMSNorm, tied/untied head,
-//! sequential/parallel residual). Its parts — `Mlp`, `Block`, `Transformer` — each `load` by
+//! sequential/parallel residual). `Transformer` (its blocks and `Mlp` in `block.rs`) loads by
 //! the HF checkpoint keys (see `names`) and `forward`; the layers they use live beside it
 //! (`linear.rs`, `attention.rs`, `rope.rs`, `kv_cache.rs`).
 
-use candle_core::{D, Device, Module, Result, Tensor};
-use stackwise_common::config::{Activation, Family, ModelConfig, Positions};
+use std::sync::Arc;
 
-use super::attention::Attention;
+use candle_core::{Device, Module, Result, Tensor};
+use stackwise_common::config::{Family, ModelConfig, Positions};
+
+use super::block::Block;
 use super::kv_cache::KvCache;
-use super::linear::{INIT_STD, Linear, Norm};
+use super::linear::{INIT_STD, Norm};
 use super::params::{Init, ParamBuilder, Params};
+use super::recompute::{self, GradSink};
 use super::rope::Rope;
 use crate::ops;
-
-#[derive(Clone)]
-pub struct Mlp {
-    up: Linear,
-    gate: Option<Linear>,
-    down: Linear,
-    activation: Activation,
-}
-
-impl Mlp {
-    fn load(p: &mut ParamBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
-        let out_std = INIT_STD / (2.0 * cfg.n_layers as f64).sqrt();
-        let swiglu = cfg.activation == Activation::Swiglu;
-        let (d, ff) = (cfg.d_model, cfg.d_ff);
-        Ok(match cfg.family {
-            Family::Gpt2 => Self {
-                // SwiGLU in GPT-2 layout: c_fc holds [gate | up].
-                up: Linear::load(
-                    p,
-                    &format!("{prefix}.mlp.c_fc"),
-                    d,
-                    if swiglu { 2 * ff } else { ff },
-                    cfg,
-                    INIT_STD,
-                )?,
-                gate: None,
-                down: Linear::load(p, &format!("{prefix}.mlp.c_proj"), ff, d, cfg, out_std)?,
-                activation: cfg.activation,
-            },
-            Family::Llama => Self {
-                gate: if swiglu {
-                    Some(Linear::load(
-                        p,
-                        &format!("{prefix}.mlp.gate_proj"),
-                        d,
-                        ff,
-                        cfg,
-                        INIT_STD,
-                    )?)
-                } else {
-                    None
-                },
-                up: Linear::load(p, &format!("{prefix}.mlp.up_proj"), d, ff, cfg, INIT_STD)?,
-                down: Linear::load(p, &format!("{prefix}.mlp.down_proj"), ff, d, cfg, out_std)?,
-                activation: cfg.activation,
-            },
-        })
-    }
-}
-
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = match (self.activation, &self.gate) {
-            (Activation::Swiglu, Some(gate)) => (gate.forward(x)?.silu()? * self.up.forward(x)?)?,
-            (Activation::Swiglu, None) => {
-                let gu = self.up.forward(x)?;
-                let ff = gu.dim(D::Minus1)? / 2;
-                (gu.narrow(D::Minus1, 0, ff)?.silu()? * gu.narrow(D::Minus1, ff, ff)?)?
-            }
-            (Activation::Gelu, _) => ops::gelu_tanh(&self.up.forward(x)?)?,
-            (Activation::GeluErf, _) => self.up.forward(x)?.gelu_erf()?,
-            (Activation::Relu, _) => self.up.forward(x)?.relu()?,
-        };
-        self.down.forward(&h)
-    }
-}
-
-#[derive(Clone)]
-pub struct Block {
-    norm1: Norm,
-    attn: Attention,
-    norm2: Norm,
-    mlp: Mlp,
-    parallel_residual: bool,
-}
-
-impl Block {
-    fn load(p: &mut ParamBuilder, i: usize, cfg: &ModelConfig) -> Result<Self> {
-        let (prefix, n1, n2) = match cfg.family {
-            Family::Gpt2 => (format!("transformer.h.{i}"), "ln_1", "ln_2"),
-            Family::Llama => (
-                format!("model.layers.{i}"),
-                "input_layernorm",
-                "post_attention_layernorm",
-            ),
-        };
-        Ok(Self {
-            norm1: Norm::load(p, &format!("{prefix}.{n1}"), cfg)?,
-            attn: Attention::load(p, &prefix, cfg)?,
-            norm2: Norm::load(p, &format!("{prefix}.{n2}"), cfg)?,
-            mlp: Mlp::load(p, &prefix, cfg)?,
-            parallel_residual: cfg.parallel_residual,
-        })
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: Option<&Rope>,
-        start: usize,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let a = self
-            .attn
-            .forward(&self.norm1.forward(x)?, rope, start, cache)?;
-        if self.parallel_residual {
-            // GPT-J / NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-            (x + a)? + self.mlp.forward(&self.norm2.forward(x)?)?
-        } else {
-            let x = (x + a)?;
-            let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
-            x + m
-        }
-    }
-}
 
 /// A decoder-only language model.
 #[derive(Clone)]
@@ -140,6 +28,9 @@ pub struct Transformer {
     norm_f: Norm,
     lm_head: Option<Tensor>, // (V, D) when untied
     rope: Option<Rope>,
+    /// Gradient checkpointing: blocks recompute their activations in the backward, and
+    /// their parameters' gradients land here (`training.gradient_checkpointing`).
+    pub recompute: Option<Arc<GradSink>>,
 }
 
 /// Names of the embedding tables, which differ by family.
@@ -222,7 +113,23 @@ impl Transformer {
             norm_f,
             lm_head,
             rope,
+            recompute: None,
         })
+    }
+
+    /// Block `i` on `x` from position 0 without a cache: recomputed in the backward when
+    /// gradient checkpointing is on. `constant_input`: no parameter upstream of `x` trains.
+    fn block_at_zero(&self, i: usize, x: &Tensor, constant_input: bool) -> Result<Tensor> {
+        match &self.recompute {
+            Some(sink) => recompute::block_forward(
+                &self.blocks[i],
+                x,
+                self.rope.as_ref(),
+                sink,
+                constant_input,
+            ),
+            None => self.blocks[i].forward(x, self.rope.as_ref(), 0, None),
+        }
     }
 
     /// A freshly initialised model (seeded) and its parameters.
@@ -241,8 +148,17 @@ impl Transformer {
     ) -> Result<Tensor> {
         let mut x = self.embed(ids, start)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, self.rope.as_ref(), start, slot)?;
+            x = match cache.as_deref_mut() {
+                None if start == 0 => {
+                    let constant = i == 0
+                        && self
+                            .recompute
+                            .as_ref()
+                            .is_some_and(|s| s.constant_embeddings);
+                    self.block_at_zero(i, &x, constant)?
+                }
+                c => block.forward(&x, self.rope.as_ref(), start, c.map(|c| &mut c.layers[i]))?,
+            };
         }
         self.norm_f.forward(&x)
     }
@@ -280,8 +196,9 @@ impl Transformer {
     /// Final hidden states from the input `x (B, T, D)` of layer `from`.
     pub fn hidden_after(&self, x: &Tensor, from: usize) -> Result<Tensor> {
         let mut x = x.clone();
-        for block in &self.blocks[from..] {
-            x = block.forward(&x, self.rope.as_ref(), 0, None)?;
+        for i in from..self.blocks.len() {
+            // The input of layer `from` comes from the activation cache: a constant.
+            x = self.block_at_zero(i, &x, i == from)?;
         }
         self.norm_f.forward(&x)
     }

@@ -3,6 +3,7 @@
 //! positions, the KV cache), parameters and frozen storage, and Hugging Face folders.
 
 pub mod attention;
+pub mod block;
 pub mod decoder;
 pub mod hf;
 pub mod kernel_attention;
@@ -11,6 +12,7 @@ pub mod linear;
 pub mod mla;
 pub mod params;
 pub mod quant;
+pub mod recompute;
 pub mod rope;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -65,6 +65,10 @@ impl Trainer {
         );
         pb.set_lora_scale(mcfg.lora_scale);
         self.model = Transformer::build_layers(&mcfg, &mut pb, &device, stage.active_layers)?;
+        if self.spec.cfg.training.gradient_checkpointing {
+            let sink = crate::models::recompute::GradSink::new(!stage.train_embeddings);
+            self.model.recompute = Some(std::sync::Arc::new(sink));
+        }
         let (params, frozen, _later_layers) = pb.finish_stage();
         self.params = params;
         self.frozen = frozen;

@@ -85,13 +85,25 @@ pub fn gradients_voting(
         loss += l.to_scalar::<f32>()? as f64;
         let g = l.backward()?;
         for (name, var) in &params.vars {
-            if let Some(gt) = g.get(var.as_tensor()) {
-                let sum = match grads.remove(name) {
-                    Some(prev) => (prev + gt)?,
-                    None => gt.clone(),
-                };
-                grads.insert(name.clone(), sum);
-            }
+            // A parameter inside a recomputed block gets its gradient from the sink.
+            let recomputed = model
+                .recompute
+                .as_ref()
+                .and_then(|s| s.take(var.as_tensor()));
+            let gt = match (g.get(var.as_tensor()), recomputed) {
+                (Some(a), Some(b)) => (a + b)?,
+                (Some(a), None) => a.clone(),
+                (None, Some(b)) => b,
+                (None, None) => continue,
+            };
+            let sum = match grads.remove(name) {
+                Some(prev) => (prev + gt)?,
+                None => gt,
+            };
+            grads.insert(name.clone(), sum);
+        }
+        if let Some(sink) = &model.recompute {
+            sink.clear();
         }
     }
     let mut agreed = stop;
