@@ -163,3 +163,38 @@ fn the_original_butterfly_is_boft_with_2x2_blocks_orthogonal_with_its_parameter_
     assert!(max_abs(&q, &merged_path) < 1e-5);
     Ok(())
 }
+
+#[test]
+fn boft_on_gpt2_conv1d_merges_as_it_trains_and_unmerges_to_the_base() -> Result<()> {
+    use stackwise_worker::adapters::BoftAdapter;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gpt2-tiny");
+    let cfg = ModelConfig::read_hf_dir(&dir)?;
+    let base = hf::normalize_keys(&cfg, hf::read_safetensors_dir(&dir, &Device::Cpu)?);
+    let module = "transformer.h.0.mlp.c_fc"; // Conv1D [64, 256]
+    let r = Tensor::randn(0f32, 0.3, (2, 16, 4, 4), &Device::Cpu)?;
+    let s = (Tensor::randn(0f32, 0.1, (256, 1), &Device::Cpu)? + 1.0)?;
+    let adapter = BoftAdapter {
+        factors: 2,
+        block_size: 4,
+        dropout: 0.0,
+        params: HashMap::from([(module.to_string(), (r.clone(), s.clone()))]),
+    };
+    let mut w = base.clone();
+    adapter.merge(&mut w, &cfg)?;
+    let key = format!("{module}.weight");
+    // Merged = what the trainable layer computes: Q W diag(s) in the [in, out] layout,
+    // i.e. the nn.Linear map diag(s) W^T Q^T transposed.
+    let q = stackwise_worker::adapters::boft::rotation(&r)?;
+    let want = stackwise_worker::adapters::boft::merge(&base[&key].t()?, &q, &s)?.t()?;
+    assert!(max_abs(&w[&key], &want) < 1e-5);
+    assert!(
+        max_abs(&w[&key], &base[&key]) > 1e-2,
+        "the adapter changes the weight"
+    );
+    adapter.unmerge(&mut w, &cfg)?;
+    assert!(
+        max_abs(&w[&key], &base[&key]) <= 1e-6,
+        "merge -> unmerge restores the base"
+    );
+    Ok(())
+}
