@@ -358,3 +358,37 @@ fn butterfly_modes_train_boft_on_gpt2_conv1d_and_evaluate_unmerged_as_merged() {
         assert!(on_run < plain - 0.02, "{mode}: {on_run} vs base {plain}");
     }
 }
+
+#[test]
+fn epochs_become_steps_from_the_training_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, text) = base_and_text(dir.path());
+    let data = dir.path().join("data");
+    prepare(&text, &base, &data);
+    let out = dir.path().join("out");
+    ok(bin()
+        .args(["finetune", "--mode", "lora", "--model"])
+        .arg(&base)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args(["--epochs", "0.25", "--batch-size", "4", "--seq-len", "32"])
+        .args([
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "1000",
+            "--warmup-steps",
+            "1",
+        ])
+        .arg("--no-progress"));
+    // 19,000 training tokens make 593 packed samples of 32; a quarter of them in batches of
+    // 4 is ceil(148.25 / 4) = 38 steps.
+    let cfg = std::fs::read_to_string(out.join("finetune.yaml")).unwrap();
+    assert!(cfg.contains("steps: 38"), "{cfg}");
+    assert!(
+        out.join("runs/finetune/checkpoints/step-00000038/adapter")
+            .exists()
+    );
+}
