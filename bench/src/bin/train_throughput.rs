@@ -47,6 +47,9 @@ struct Args {
     /// Train LoRA adapters of this rank on a frozen base instead of every weight.
     #[arg(long)]
     lora_r: Option<usize>,
+    /// Recompute each block in the backward (gradient checkpointing).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// The adapted projections (PEFT's suffix match).
     #[arg(long, value_delimiter = ',', default_value = "c_attn,c_proj")]
     lora_targets: Vec<String>,
@@ -86,6 +89,10 @@ fn main() -> Result<()> {
         lora_cfg.lora_scale = Some(spec.scale());
         model = Transformer::build(&lora_cfg, &mut pb, &dev)?;
         params = pb.finish_stage().0;
+    }
+    if a.gradient_checkpointing {
+        let sink = stackwise_worker::models::recompute::GradSink::new(a.lora_r.is_some());
+        model.recompute = Some(std::sync::Arc::new(sink));
     }
     let mut opt = AdamW::new(
         &params.vars,
