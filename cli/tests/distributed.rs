@@ -13,7 +13,7 @@ use stackwise_proto::{PROTOCOL_VERSION, pb};
 use stackwise_worker::runtime::Target;
 
 mod common;
-use common::{KillOnDrop, bin, run, stderr};
+use common::{KillOnDrop, bin, run, stderr, weights};
 
 fn dataset(dir: &Path) -> PathBuf {
     common::dataset(dir, 40_000)
@@ -35,25 +35,6 @@ training: {{steps: {steps}, batch_size: {batch}, lr: 1.0e-3, warmup_steps: 1, ev
     )
     .unwrap();
     p
-}
-
-fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, v)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 fn losses(run_dir: &Path) -> Vec<f64> {

@@ -9,7 +9,7 @@ use serde_json::Value;
 use stackwise_common::checkpoint::sha256_hex;
 
 mod common;
-use common::{bin, identity_tokenizer_json, ok, run, stderr};
+use common::{bin, identity_tokenizer_json, ok, run, stderr, weights};
 
 /// The tiny GPT-2 with a tokenizer, and Macbeth spelled in its 256 ids (one per byte).
 fn base_and_text(dir: &Path) -> (PathBuf, PathBuf) {
@@ -168,7 +168,7 @@ fn a_lora_finetune_writes_peft_folders_over_a_referenced_base_and_resumes_exactl
     // `ckpt export` of an adapter run: the base with the adapter merged, a plain HF folder.
     let exported = dir.path().join("exported");
     ok(bin().args(["ckpt", "export"]).arg(&run_dir).arg(&exported));
-    let names: Vec<String> = safetensors_f32(&exported.join("model.safetensors"))
+    let names: Vec<String> = weights(&exported.join("model.safetensors"))
         .into_iter()
         .map(|(n, _)| n)
         .collect();
@@ -212,25 +212,6 @@ fn a_lora_finetune_writes_peft_folders_over_a_referenced_base_and_resumes_exactl
     );
 }
 
-fn safetensors_f32(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (name, v)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 #[test]
 fn two_workers_train_the_same_adapter_as_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,7 +226,7 @@ fn two_workers_train_the_same_adapter_as_one() {
             &out,
             &["--workers", workers, "--until-step", "6"],
         ));
-        safetensors_f32(
+        weights(
             &out.join("runs/finetune/checkpoints/step-00000006/adapter/adapter_model.safetensors"),
         )
     };
@@ -284,7 +265,7 @@ fn baseline_trains_every_weight_and_qlora_evaluates_on_the_nf4_base_it_trained_o
     ));
     let ck = full.join("runs/finetune/checkpoints/step-00000012");
     assert!(!ck.join("adapter").exists());
-    let names: Vec<String> = safetensors_f32(&ck.join("model.safetensors"))
+    let names: Vec<String> = weights(&ck.join("model.safetensors"))
         .into_iter()
         .map(|(n, _)| n)
         .collect();

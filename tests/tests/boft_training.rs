@@ -6,6 +6,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::{max_abs, st};
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use stackwise_common::config::{ModelConfig, Precision};
@@ -18,20 +21,6 @@ use stackwise_worker::optim::{AdamW, AdamWConfig};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-tiny-boft")
-}
-
-fn st(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar())
-        .expect("same shapes")
 }
 
 fn policy(factors: usize, block_size: usize, targets: &[&str]) -> StagePolicy {

@@ -7,6 +7,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::{max_abs, st};
+
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use stackwise_common::config::{ModelConfig, Precision};
@@ -19,20 +22,6 @@ use stackwise_worker::optim::{AdamW, AdamWConfig};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gpt2-tiny-lora")
-}
-
-fn st(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar())
-        .expect("same shapes")
 }
 
 /// The base model's config and tensors (by the model's names), and the input batch.

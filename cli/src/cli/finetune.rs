@@ -194,30 +194,22 @@ pub fn config_tree(a: &FinetuneArgs) -> Result<Value> {
             "training.adapter.boft_n_butterfly_factor",
             u(stages),
         );
-        if !a.target_modules.is_empty() {
-            let t: Vec<Value> = a.target_modules.iter().map(|s| s.as_str().into()).collect();
-            set(
-                &mut root,
-                "training.adapter.target_modules",
-                Value::Sequence(t),
-            );
-        }
     } else if a.mode != Mode::Baseline {
         set(&mut root, "training.adapter.method", "lora");
         set(&mut root, "training.adapter.r", u(a.lora_r));
         set(&mut root, "training.adapter.lora_alpha", a.lora_alpha);
         set(&mut root, "training.adapter.lora_dropout", a.lora_dropout);
         set(&mut root, "training.adapter.use_rslora", a.use_rslora);
-        if !a.target_modules.is_empty() {
-            let t: Vec<Value> = a.target_modules.iter().map(|s| s.as_str().into()).collect();
-            set(
-                &mut root,
-                "training.adapter.target_modules",
-                Value::Sequence(t),
-            );
-        }
         let precision = if a.mode == Mode::Qlora { "nf4" } else { "fp32" };
         set(&mut root, "training.adapter.base_precision", precision);
+    }
+    if a.mode != Mode::Baseline && !a.target_modules.is_empty() {
+        let t: Vec<Value> = a.target_modules.iter().map(|s| s.as_str().into()).collect();
+        set(
+            &mut root,
+            "training.adapter.target_modules",
+            Value::Sequence(t),
+        );
     }
     Ok(root)
 }

@@ -79,6 +79,26 @@ pub fn identity_tokenizer_json(vocab: usize) -> String {
     )
 }
 
+/// The f32 tensors of a safetensors file, sorted by name.
+pub fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// Kills the process when the test ends, also when it panics.
 pub struct KillOnDrop(pub Child);
 

@@ -163,32 +163,11 @@ pub fn butterfly_perm(n: usize, blocks: usize, r: usize, factors: usize) -> Vec<
 pub fn cayley(m: &[f64], b: usize) -> Vec<f64> {
     let s = |i: usize, j: usize| 0.5 * (m[i * b + j] - m[j * b + i]);
     let eye = |i: usize, j: usize| if i == j { 1.0 } else { 0.0 };
-    // Invert I + S by Gauss-Jordan (I + S is invertible for skew S: its eigenvalues are 1 + i*y).
-    let mut a: Vec<f64> = (0..b * b)
+    // I + S is invertible for skew S: its eigenvalues are 1 + i*y.
+    let i_plus_s: Vec<f64> = (0..b * b)
         .map(|k| eye(k / b, k % b) + s(k / b, k % b))
         .collect();
-    let mut inv: Vec<f64> = (0..b * b).map(|k| eye(k / b, k % b)).collect();
-    for col in 0..b {
-        let pivot = (col..b)
-            .max_by(|&x, &y| a[x * b + col].abs().total_cmp(&a[y * b + col].abs()))
-            .expect("b > 0");
-        for k in 0..b {
-            a.swap(col * b + k, pivot * b + k);
-            inv.swap(col * b + k, pivot * b + k);
-        }
-        let p = a[col * b + col];
-        for k in 0..b {
-            a[col * b + k] /= p;
-            inv[col * b + k] /= p;
-        }
-        for row in (0..b).filter(|&r| r != col) {
-            let f = a[row * b + col];
-            for k in 0..b {
-                a[row * b + k] -= f * a[col * b + k];
-                inv[row * b + k] -= f * inv[col * b + k];
-            }
-        }
-    }
+    let inv = crate::ops::inverse::invert(&i_plus_s, b).expect("I + S is invertible");
     (0..b * b)
         .map(|k| {
             let (i, j) = (k / b, k % b);

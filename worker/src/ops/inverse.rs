@@ -10,19 +10,19 @@ use super::cpu::f32_slice;
 
 struct BatchInverse;
 
-/// Invert the row-major `b x b` matrix `a` into `out`; errors on a singular matrix.
-fn invert(a: &[f32], b: usize, out: &mut [f32]) -> std::result::Result<(), ()> {
-    let mut m: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+/// The inverse of the row-major `b x b` matrix `m` (f64, Gauss-Jordan with partial
+/// pivoting); none when it is singular.
+pub(crate) fn invert(m: &[f64], b: usize) -> Option<Vec<f64>> {
+    let mut m = m.to_vec();
     let mut inv = vec![0f64; b * b];
     for i in 0..b {
         inv[i * b + i] = 1.0;
     }
     for col in 0..b {
-        let pivot = (col..b)
-            .max_by(|&x, &y| m[x * b + col].abs().total_cmp(&m[y * b + col].abs()))
-            .ok_or(())?;
+        let pivot =
+            (col..b).max_by(|&x, &y| m[x * b + col].abs().total_cmp(&m[y * b + col].abs()))?;
         if m[pivot * b + col].abs() < 1e-300 {
-            return Err(());
+            return None;
         }
         for k in 0..b {
             m.swap(col * b + k, pivot * b + k);
@@ -43,10 +43,7 @@ fn invert(a: &[f32], b: usize, out: &mut [f32]) -> std::result::Result<(), ()> {
             }
         }
     }
-    for (o, v) in out.iter_mut().zip(inv) {
-        *o = v as f32;
-    }
-    Ok(())
+    Some(inv)
 }
 
 impl CustomOp1 for BatchInverse {
@@ -68,7 +65,16 @@ impl CustomOp1 for BatchInverse {
         let singular = out
             .par_chunks_mut(b * b)
             .zip(a.par_chunks(b * b))
-            .map(|(o, a)| invert(a, b, o).is_err())
+            .map(|(o, a)| {
+                let m: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+                match invert(&m, b) {
+                    Some(inv) => {
+                        o.iter_mut().zip(inv).for_each(|(o, v)| *o = v as f32);
+                        false
+                    }
+                    None => true,
+                }
+            })
             .reduce(|| false, |x, y| x || y);
         if singular {
             candle_core::bail!("{}: a matrix of the batch is singular", self.name());

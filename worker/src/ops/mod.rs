@@ -8,7 +8,7 @@ pub(crate) mod cpu;
 mod cross_entropy;
 mod fastmath;
 mod fused;
-mod inverse;
+pub(crate) mod inverse;
 mod log_softmax;
 
 pub use attention::attention_softmax;
