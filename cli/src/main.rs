@@ -51,6 +51,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Generate text from a model.
     Generate(cli::generate::GenerateArgs),
+    /// An interactive prompt loop over a model (`train` runs a training cycle; `quit` leaves).
+    Chat(cli::chat::ChatArgs),
     /// Train a small model on an embedded corpus and sample from it: the first thing to run.
     Quickstart(cli::quickstart::QuickstartArgs),
 }
@@ -77,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Command::Tokenizer(c) => cli::data::run_tokenizer(c),
         Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
+        Command::Chat(a) => cli::chat::run(a),
         Command::Quickstart(a) => cli::quickstart::run(a),
     };
     match result {

@@ -4,9 +4,11 @@ use std::io::Write;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use stackwise_worker::generate::{SamplingConfig, generate};
+use stackwise_worker::generate::{Generation, SamplingConfig, generate, generate_fused};
+use stackwise_worker::models::ScaffoldInput;
 
 use super::args::ModelArgs;
+use super::model_source::LoadedModel;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -14,6 +16,26 @@ pub struct GenerateArgs {
     pub source: ModelArgs,
     #[arg(long)]
     pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// `auto`: mask-diffusion for a bidirectional model trained with a masked objective,
+    /// autoregressive otherwise.
+    #[arg(long, value_enum, default_value_t = Sampler::Auto)]
+    pub sampler: Sampler,
+    /// Denoising steps of the diffusion sampler (more = slower, better).
+    #[arg(long, default_value_t = 16)]
+    pub diffusion_steps: usize,
+    /// Which masked positions each diffusion step commits.
+    #[arg(long, value_enum, default_value_t = Remasking::Confidence)]
+    pub remasking: Remasking,
+    /// Print {"text", "tokens", "tokens_per_s", "sampler"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How tokens are chosen (`generate` and `chat`).
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
     #[arg(long, default_value_t = 100)]
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
@@ -33,24 +55,110 @@ pub struct GenerateArgs {
     /// Never repeat an n-gram of this size.
     #[arg(long)]
     pub no_repeat_ngram: Option<usize>,
+    /// Stop when the output repeats an n-gram of this size, and cut the repeat off (0 = off).
+    /// Default: 3 for scaffold models (as the original), off otherwise.
+    #[arg(long, value_name = "N")]
+    pub stop_on_repeat_ngram: Option<usize>,
+    /// A scaffold model's influence, 0 (the base alone, exactly) to 1. Default: the
+    /// influence it was trained with.
+    #[arg(long, value_name = "W")]
+    pub scaffold_weight: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Recompute the whole context every token (to compare with the KV cache).
     #[arg(long)]
     pub no_cache: bool,
-    /// `auto`: mask-diffusion for a bidirectional model trained with a masked objective,
-    /// autoregressive otherwise.
-    #[arg(long, value_enum, default_value_t = Sampler::Auto)]
-    pub sampler: Sampler,
-    /// Denoising steps of the diffusion sampler (more = slower, better).
-    #[arg(long, default_value_t = 16)]
-    pub diffusion_steps: usize,
-    /// Which masked positions each diffusion step commits.
-    #[arg(long, value_enum, default_value_t = Remasking::Confidence)]
-    pub remasking: Remasking,
-    /// Print {"text", "tokens", "tokens_per_s", "sampler"} as JSON.
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl SamplingArgs {
+    /// The sampling config for model `m`, with the flags checked.
+    pub fn config(&self, m: &LoadedModel) -> Result<SamplingConfig> {
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            bail!("--top-p must be in (0, 1], got {p}");
+        }
+        if self.repetition_penalty <= 0.0 {
+            bail!("--repetition-penalty must be > 0 (1 = off)");
+        }
+        if let Some(w) = self.scaffold_weight {
+            if !(0.0..=1.0).contains(&w) {
+                bail!("--scaffold-weight must be in [0, 1], got {w}");
+            }
+            if m.model.fusion.is_none() {
+                bail!(
+                    "--scaffold-weight: {} is not a scaffold model (a run trained with a scaffold: section)",
+                    m.source
+                );
+            }
+        }
+        let default_stop = m.model.fusion.is_some().then_some(3);
+        Ok(SamplingConfig {
+            temperature: if self.greedy { 0.0 } else { self.temperature },
+            top_k: (self.top_k > 0).then_some(self.top_k),
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram: self.no_repeat_ngram,
+            stop_on_repeat_ngram: self
+                .stop_on_repeat_ngram
+                .or(default_stop)
+                .filter(|&n| n > 0),
+            min_new_tokens: self.min_new_tokens,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            use_cache: !self.no_cache,
+            eos_token_id: m.tok.eos_id().or(m.model.cfg.eos_token_id),
+        })
+    }
+}
+
+/// The prompt's token ids for model `m`, checked against its context.
+pub fn encode_prompt(m: &LoadedModel, prompt: &str) -> Result<Vec<u32>> {
+    let ids = m.tok.encode(prompt, false).context("tokenize the prompt")?;
+    if ids.is_empty() {
+        bail!("the prompt tokenizes to nothing; give some text");
+    }
+    if ids.len() >= m.model.cfg.seq_len {
+        bail!(
+            "the prompt is {} tokens; this model sees at most {} positions, so shorten the prompt",
+            ids.len(),
+            m.model.cfg.seq_len
+        );
+    }
+    Ok(ids)
+}
+
+/// Autoregressive generation from `prompt`; a scaffold model's scaffold reads the prompt
+/// once, at `scaffold_weight` (default: its trained influence).
+pub fn autoregressive(
+    m: &LoadedModel,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    scaffold_weight: Option<f64>,
+) -> Result<Generation> {
+    let Some(fusion) = &m.model.fusion else {
+        return Ok(generate(&m.model, prompt, cfg)?);
+    };
+    let ids = fusion_prompt(m, prompt)?;
+    let input = ScaffoldInput::new(&[ids], 0, 0, &m.model.device())?;
+    let ctx = fusion.context(&input, scaffold_weight.unwrap_or(fusion.influence()))?;
+    Ok(generate_fused(&m.model, prompt, cfg, Some(&ctx))?)
+}
+
+/// The scaffold's ids of a prompt (re-encoded when its tokenizer is not the base's), cut to
+/// the scaffold's context.
+fn fusion_prompt(m: &LoadedModel, prompt: &[u32]) -> Result<Vec<u32>> {
+    let fusion = m.model.fusion.as_ref().context("not a scaffold model")?;
+    let mut ids = match &fusion.fusers.tokenizer {
+        None => prompt.to_vec(),
+        Some(own) => own.encode(&m.tok.decode(prompt)?, false)?,
+    };
+    if ids.is_empty() {
+        bail!("the prompt tokenizes to nothing in the scaffold's tokenizer");
+    }
+    let limit = fusion.scaffold.cfg.seq_len;
+    ids.drain(..ids.len().saturating_sub(limit));
+    Ok(ids)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,41 +180,9 @@ pub enum Remasking {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if let Some(p) = a.top_p
-        && !(p > 0.0 && p <= 1.0)
-    {
-        bail!("--top-p must be in (0, 1], got {p}");
-    }
-    if a.repetition_penalty <= 0.0 {
-        bail!("--repetition-penalty must be > 0 (1 = off)");
-    }
     let m = a.source.load()?;
-    let prompt = m
-        .tok
-        .encode(&a.prompt, false)
-        .context("tokenize the prompt")?;
-    if prompt.is_empty() {
-        bail!("the prompt tokenizes to nothing; give some text");
-    }
-    if prompt.len() >= m.model.cfg.seq_len {
-        bail!(
-            "the prompt is {} tokens; this model sees at most {} positions, so shorten the prompt",
-            prompt.len(),
-            m.model.cfg.seq_len
-        );
-    }
-    let cfg = SamplingConfig {
-        temperature: if a.greedy { 0.0 } else { a.temperature },
-        top_k: (a.top_k > 0).then_some(a.top_k),
-        top_p: a.top_p,
-        repetition_penalty: a.repetition_penalty,
-        no_repeat_ngram: a.no_repeat_ngram,
-        min_new_tokens: a.min_new_tokens,
-        max_new_tokens: a.max_new_tokens,
-        seed: a.seed,
-        use_cache: !a.no_cache,
-        eos_token_id: m.tok.eos_id().or(m.model.cfg.eos_token_id),
-    };
+    let prompt = encode_prompt(&m, &a.prompt)?;
+    let cfg = a.sampling.config(&m)?;
     let bidirectional =
         m.model.cfg.attention_mode == stackwise_common::config::AttentionMode::Bidirectional;
     let diffusion = match a.sampler {
@@ -137,7 +213,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 "this model uses bidirectional attention; left-to-right sampling is not what it was trained for"
             );
         }
-        generate(&m.model, &prompt, &cfg)?
+        autoregressive(&m, &prompt, &cfg, a.sampling.scaffold_weight)?
     };
     let text = m.tok.decode(&out.tokens)?;
     if a.json {
@@ -163,7 +239,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                         "confidence"
                     }
                 )
-            } else if a.no_cache {
+            } else if a.sampling.no_cache {
                 "no cache".into()
             } else {
                 "KV cache".into()

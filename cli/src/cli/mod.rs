@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub mod args;
+pub mod chat;
 pub mod ckpt;
 pub mod data;
 pub mod dist;

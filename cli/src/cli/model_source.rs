@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
@@ -11,7 +12,10 @@ use stackwise_common::store::Store;
 use stackwise_common::tokenizer::Tok;
 use stackwise_worker::adapters::PeftAdapter;
 use stackwise_worker::checkpoint as layout;
-use stackwise_worker::models::{ModelConfig, Transformer, hf};
+use stackwise_worker::checkpoint::scaffold;
+use stackwise_worker::models::fuser::FUSER_PREFIX;
+use stackwise_worker::models::scaffold::SCAFFOLD_PREFIX;
+use stackwise_worker::models::{Fusion, ModelConfig, Transformer, hf};
 
 pub struct LoadedModel {
     pub model: Transformer,
@@ -26,6 +30,8 @@ pub struct ModelWeights {
     pub weights: HashMap<String, Tensor>,
     pub tok: Tok,
     pub source: String,
+    /// A scaffold run's scaffold and fusers (attached to the base when it is built).
+    pub fusion: Option<Arc<Fusion>>,
 }
 
 /// Load a model and its tokenizer. `ema`: use the EMA weights when the checkpoint has them;
@@ -43,8 +49,9 @@ pub fn load(
             .with_context(|| format!("apply the adapter {} to {}", dir.display(), w.source))?;
         w.source = format!("{} + {}", w.source, dir.display());
     }
-    let (model, _) = hf::model_from_tensors(&w.cfg, w.weights, device)
+    let (mut model, _) = hf::model_from_tensors(&w.cfg, w.weights, device)
         .with_context(|| format!("load {}", w.source))?;
+    model.fusion = w.fusion;
     Ok(LoadedModel {
         model,
         tok: w.tok,
@@ -71,6 +78,7 @@ pub fn weights(path: &Path, ema: bool, device: &Device) -> Result<ModelWeights> 
             cfg,
             tok,
             source: path.display().to_string(),
+            fusion: None,
         });
     }
     if path.join("checkpoints").is_dir() {
@@ -94,11 +102,18 @@ fn from_checkpoint(
     source: String,
 ) -> Result<ModelWeights> {
     let cfg = layout::model_config(ck)?;
+    let mut weights = layout::load_weights(ck, ema, device)?;
+    let fusion = scaffold::load_fusion(ck, ema, cfg.d_model, device)?;
+    if fusion.is_some() {
+        // The scaffold's LoRA and the fusers are the fusion's, not the base's.
+        weights.retain(|k, _| !k.starts_with(SCAFFOLD_PREFIX) && !k.starts_with(FUSER_PREFIX));
+    }
     Ok(ModelWeights {
-        weights: hf::normalize_keys(&cfg, layout::load_weights(ck, ema, device)?),
+        weights: hf::normalize_keys(&cfg, weights),
         cfg,
         tok: layout::tokenizer(ck)?,
         source,
+        fusion,
     })
 }
 

@@ -20,12 +20,20 @@ pub struct BaseRef {
     pub precision: Precision,
 }
 
-/// sha256 of the `*.safetensors` files of `dir`, in name order, as one stream.
+/// Files of a StackWise checkpoint folder that hold no model weights.
+const NOT_WEIGHTS: [&str; 2] = ["optimizer.safetensors", "ema.safetensors"];
+
+/// sha256 of the model's `*.safetensors` files in `dir` (a checkpoint folder's optimizer
+/// and EMA state left out), in name order, as one stream.
 pub fn weights_sha256(dir: &Path) -> Result<String> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("read the base model folder {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .filter(|p| {
+            p.file_name()
+                .is_none_or(|n| !NOT_WEIGHTS.contains(&n.to_string_lossy().as_ref()))
+        })
         .collect();
     files.sort();
     if files.is_empty() {
@@ -65,6 +73,24 @@ impl BaseRef {
         }
         Ok(dir)
     }
+}
+
+/// A model folder named in a config (`init_from`, `scaffold.base`, `scaffold.scaffold`): an
+/// HF or checkpoint folder as given, or a run folder's newest checkpoint whose manifest
+/// verifies.
+pub fn model_folder(path: &str) -> Result<String> {
+    let p = Path::new(path);
+    if p.join("config.json").exists() || !p.join("checkpoints").is_dir() {
+        return Ok(path.to_string());
+    }
+    let run = crate::store::Store::open(path)?;
+    let ck = super::CheckpointStore::new(&run)
+        .load_latest()?
+        .with_context(|| format!("{path}: no checkpoint with a valid manifest"))?;
+    Ok(p.join("checkpoints")
+        .join(&ck.name)
+        .to_string_lossy()
+        .into_owned())
 }
 
 #[cfg(test)]

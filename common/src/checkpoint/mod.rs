@@ -8,7 +8,7 @@ pub mod manifest;
 pub mod policy;
 pub mod store;
 
-pub use base::BaseRef;
+pub use base::{BaseRef, model_folder};
 pub use manifest::{Manifest, ManifestEntry, sha256_hex};
 pub use policy::{CheckpointMeta, retention};
 pub use store::{CheckpointError, CheckpointStore, LoadedCheckpoint, step_dir};

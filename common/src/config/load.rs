@@ -54,6 +54,10 @@ pub fn absolutize(cfg: &mut TrainConfig) -> Result<()> {
     if let Some(i) = &mut cfg.init_from {
         fix(i);
     }
+    if let Some(s) = &mut cfg.scaffold {
+        fix(&mut s.base);
+        fix(&mut s.scaffold);
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ pub mod load;
 pub mod model;
 pub mod overrides;
 pub mod precision;
+pub mod scaffold;
 pub mod train;
 
 pub use adapter::{AdapterMethod, AdapterSection, default_targets};
@@ -19,6 +20,7 @@ pub use model::{
     Positions, RawModelConfig,
 };
 pub use overrides::{apply_env, apply_sets};
+pub use scaffold::{FuserMode, ScaffoldLora, ScaffoldPool, ScaffoldSection};
 pub use train::{
     ActivationCacheKind, DataSection, FinetuneStage, FusionMode, MaskSchedule, Objective,
     Precision, RunSection, ScheduleShape, TrainConfig, TrainConfigError, TrainingMode,

@@ -125,6 +125,9 @@ pub struct TrainConfig {
     /// Start from a Hugging Face model folder (full fine-tune) instead of `model:`.
     #[serde(default)]
     pub init_from: Option<String>,
+    /// A frozen base steered by a LoRA-adapted scaffold model (replaces `init_from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaffold: Option<super::scaffold::ScaffoldSection>,
     pub data: DataSection,
     #[serde(default)]
     pub training: TrainingSection,

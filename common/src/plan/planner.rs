@@ -1,25 +1,13 @@
 //! The planner (DESIGN §3): a pure function from the training config and the model depth
 //! to the list of stages. No I/O; `stackwise plan CONFIG` prints its table.
 
-use super::types::{BoftSpec, LoraSpec, Plan, StagePlan};
+pub use super::error::PlanError;
+use super::error::err;
+use super::types::{LoraSpec, Plan, StagePlan};
 use crate::config::{
-    AdapterMethod, AdapterSection, AttentionMode, FusionMode, MaskSchedule, ModelConfig, Objective,
-    Precision, ScheduleShape, TrainConfig, TrainingMode, TrainingSection,
+    AttentionMode, FusionMode, MaskSchedule, ModelConfig, Objective, Precision, ScheduleShape,
+    TrainConfig, TrainingMode, TrainingSection,
 };
-
-#[derive(Debug, thiserror::Error)]
-#[error("training.{field}: {msg}")]
-pub struct PlanError {
-    pub field: &'static str,
-    pub msg: String,
-}
-
-fn err<T>(field: &'static str, msg: impl Into<String>) -> Result<T, PlanError> {
-    Err(PlanError {
-        field,
-        msg: msg.into(),
-    })
-}
 
 /// Per-layer mask fractions of a schedule: layer 0 at `min`, the last layer at `max`.
 pub fn schedule_fractions(s: &MaskSchedule, n_layers: usize) -> Vec<f64> {
@@ -52,6 +40,27 @@ fn attention_of(o: Objective) -> AttentionMode {
 /// The plan of a training config: its model depth from `model.n_layers` or the
 /// `init_from` folder's config.json.
 pub fn plan_config(cfg: &TrainConfig) -> anyhow::Result<Plan> {
+    if let Some(s) = &cfg.scaffold {
+        if cfg.init_from.is_some() || cfg.training.adapter.is_some() {
+            anyhow::bail!(
+                "scaffold: the base is scaffold.base; drop init_from and training.adapter"
+            );
+        }
+        s.validate()?;
+        let folder = |p: &str| -> anyhow::Result<ModelConfig> {
+            let dir = crate::checkpoint::model_folder(p)?;
+            Ok(ModelConfig::read_hf_dir(std::path::Path::new(&dir))?)
+        };
+        let base = folder(&s.base)?;
+        s.validate_for(base.n_layers, base.d_model)?;
+        let scaffold = folder(&s.scaffold)?;
+        return Ok(super::finetune::scaffold_plan(
+            &cfg.training,
+            s,
+            &base,
+            &scaffold,
+        )?);
+    }
     let n_layers = match &cfg.init_from {
         Some(dir) => ModelConfig::read_hf_dir(std::path::Path::new(dir))?.n_layers,
         None => {
@@ -68,76 +77,10 @@ pub fn plan_config(cfg: &TrainConfig) -> anyhow::Result<Plan> {
     Ok(plan(&cfg.training, n_layers)?)
 }
 
-/// The one stage of an adapter fine-tune: every layer frozen (at the base's storage
-/// precision), only the adapters train.
-fn adapter_plan(
-    t: &TrainingSection,
-    a: &AdapterSection,
-    n_layers: usize,
-) -> Result<Plan, PlanError> {
-    if t.mode != TrainingMode::EndToEnd || t.qlora_enabled || !t.finetune.is_empty() {
-        return err(
-            "adapter",
-            "an adapter fine-tune is one stage over the whole model: drop training.mode, qlora_enabled and finetune",
-        );
-    }
-    if t.objective.is_masked() {
-        return err(
-            "adapter",
-            format!(
-                "fine-tunes causally: use objective clm or sft, not {:?}",
-                t.objective
-            ),
-        );
-    }
-    let kind = match (a.method, a.base_precision) {
-        (AdapterMethod::Boft, _) => "butterfly",
-        (AdapterMethod::Lora, Precision::Nf4) => "qlora",
-        (AdapterMethod::Lora, _) => "lora",
-    };
-    let lora = (a.method == AdapterMethod::Lora).then(|| LoraSpec {
-        rank: a.r,
-        alpha: a.lora_alpha,
-        dropout: a.lora_dropout,
-        rslora: a.use_rslora,
-        targets: a.target_modules.clone(),
-    });
-    let boft = (a.method == AdapterMethod::Boft).then(|| BoftSpec {
-        block_size: a.boft_block_size,
-        block_num: a.boft_block_num,
-        factors: a.boft_n_butterfly_factor,
-        targets: a.target_modules.clone(),
-    });
-    let objective = if t.objective == Objective::Sft {
-        "sft"
-    } else {
-        "clm"
-    };
-    Ok(Plan {
-        mode: "finetune".into(),
-        stages: vec![StagePlan {
-            name: format!("fine-tune {objective} ({kind})"),
-            active_layers: n_layers,
-            trainable: vec![],
-            frozen: (0..n_layers).collect(),
-            frozen_precision: a.base_precision,
-            adapters: lora,
-            boft,
-            train_embeddings: false,
-            train_head: false,
-            objective: t.objective,
-            attention: AttentionMode::Causal,
-            mask_fractions: vec![],
-            steps: t.steps,
-            lr: t.lr,
-        }],
-    })
-}
-
 /// The stages of a run of a model with `n_layers` layers.
 pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
     if let Some(a) = &t.adapter {
-        return adapter_plan(t, a, n_layers);
+        return super::finetune::adapter_plan(t, a, n_layers);
     }
     let masked = t.objective.is_masked();
     // Per-layer fractions when time-step masking is on.
@@ -288,6 +231,7 @@ pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
                 },
                 adapters: adapters.clone().filter(|_| has_frozen),
                 boft: None,
+                scaffold: None,
                 trainable,
                 frozen,
                 objective: t.objective,
@@ -337,6 +281,7 @@ pub fn plan(t: &TrainingSection, n_layers: usize) -> Result<Plan, PlanError> {
             },
             adapters: lora.then(|| LoraSpec::new(t.qlora_rank.max(1), t.qlora_alpha)),
             boft: None,
+            scaffold: None,
             train_embeddings: !lora,
             train_head: !lora,
             objective: f.objective,

@@ -120,6 +120,10 @@ pub struct StagePlan {
     /// Butterfly orthogonal adapters on the frozen layers' linears.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boft: Option<BoftSpec>,
+    /// A scaffold stage: the base is frozen whole and a scaffold model's LoRA trains (with
+    /// the fusers, when they train).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaffold: Option<ScaffoldStage>,
     /// Token (and learned position) embeddings train in this stage.
     pub train_embeddings: bool,
     /// The final norm (and an untied LM head) train in this stage.
@@ -131,6 +135,14 @@ pub struct StagePlan {
     pub mask_fractions: Vec<f64>,
     pub steps: u64,
     pub lr: f64,
+}
+
+/// What trains in a scaffold stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaffoldStage {
+    /// The scaffold's LoRA (targets resolved: never empty).
+    pub lora: LoraSpec,
+    pub train_fusers: bool,
 }
 
 impl StagePlan {

@@ -8,6 +8,7 @@
 //! config.json             HF config of exactly the active layers
 //! tokenizer.json
 //! adapter/                an adapter run's adapter as a PEFT folder (its base: the manifest's `base`)
+//! scaffold.json, scaffold_adapter/, fusers.safetensors   a scaffold run's (see `scaffold.rs`)
 //! frozen.safetensors      → frozen/stage-NN/frozen.safetensors (written once per stage)
 //! backup.safetensors      → backups/stage-NN/model.safetensors (full precision, before quantizing)
 //! ```
@@ -100,14 +101,7 @@ pub fn base_weights(base: &BaseRef, device: &Device) -> Result<HashMap<String, T
         let (_, params) = hf::model_from_tensors(&cfg, raw, device)?;
         return Ok(params.tensors()?.into_iter().collect());
     }
-    let policy = StagePolicy {
-        trainable_layers: Vec::new(),
-        train_embeddings: false,
-        train_head: false,
-        precision: base.precision,
-        lora: None,
-        boft: None,
-    };
+    let policy = StagePolicy::frozen(base.precision);
     let mut loaded = hf::normalize_keys(&cfg, raw);
     if cfg.tie_embeddings {
         loaded.remove(crate::models::names::LM_HEAD);

@@ -3,6 +3,7 @@
 //! storage underneath (manifests, verification, retention) is `stackwise_common::checkpoint`.
 
 pub mod layout;
+pub mod scaffold;
 
 pub use layout::{
     ADAPTER, BACKUP, CONFIG, EMA, FROZEN, MODEL, OPTIMIZER, TOKENIZER, TRAINER_STATE,

@@ -6,4 +6,4 @@ pub mod diffusion;
 pub mod sampling;
 
 pub use diffusion::{Remasking, diffusion_generate};
-pub use sampling::{Generation, SamplingConfig, generate, pick};
+pub use sampling::{Generation, SamplingConfig, generate, generate_fused, pick};

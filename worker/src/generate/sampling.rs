@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use stackwise_common::rng::Rng;
 
-use crate::models::{KvCache, Transformer};
+use crate::models::{KvCache, ScaffoldContext, Transformer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SamplingConfig {
@@ -21,6 +21,9 @@ pub struct SamplingConfig {
     pub repetition_penalty: f64,
     /// Never repeat an n-gram of this size.
     pub no_repeat_ngram: Option<usize>,
+    /// Stop once the output repeats an n-gram of this size, and cut the repeat off.
+    #[serde(default)]
+    pub stop_on_repeat_ngram: Option<usize>,
     pub min_new_tokens: usize,
     pub max_new_tokens: usize,
     pub seed: u64,
@@ -36,6 +39,7 @@ impl Default for SamplingConfig {
             top_p: None,
             repetition_penalty: 1.0,
             no_repeat_ngram: None,
+            stop_on_repeat_ngram: None,
             min_new_tokens: 0,
             max_new_tokens: 100,
             seed: 0,
@@ -146,11 +150,32 @@ pub fn pick(logits: &[f32], ctx: &[u32], cfg: &SamplingConfig, n_new: usize, rng
     *idx.last().expect("non-empty") as u32
 }
 
+/// Whether the last `n` tokens of `out` already occurred as an n-gram earlier in `out`.
+pub fn ends_with_repeat(out: &[u32], n: usize) -> bool {
+    if n == 0 || out.len() <= n {
+        return false;
+    }
+    let last = &out[out.len() - n..];
+    out[..out.len() - 1].windows(n).any(|w| w == last)
+}
+
 /// Continue `prompt` (token ids, non-empty) with up to `max_new_tokens` tokens.
 pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig) -> Result<Generation> {
+    generate_fused(model, prompt, cfg, None)
+}
+
+/// `generate` for a base with a scaffold: `ctx` is the scaffold's reading of the prompt,
+/// computed once; the base decodes with its KV cache.
+pub fn generate_fused(
+    model: &Transformer,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    ctx: Option<&ScaffoldContext>,
+) -> Result<Generation> {
     if prompt.is_empty() {
         candle_core::bail!("the prompt is empty; give at least one token")
     }
+    let scaffold = ctx;
     let device = model.device();
     let mut rng = Rng::derive(cfg.seed, "sampling");
     let mut ctx = prompt.to_vec();
@@ -165,10 +190,10 @@ pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig) -> Re
         let logits = if cfg.use_cache {
             let start = cache.len();
             let input = Tensor::new(&ctx[start..], &device)?.unsqueeze(0)?;
-            model.forward(&input, start, Some(&mut cache))?
+            model.forward_fused(&input, start, Some(&mut cache), scaffold)?
         } else {
             let input = Tensor::new(ctx.as_slice(), &device)?.unsqueeze(0)?;
-            model.forward(&input, 0, None)?
+            model.forward_fused(&input, 0, None, scaffold)?
         };
         let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?; // (V)
         let last: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
@@ -178,6 +203,12 @@ pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig) -> Re
         if Some(next) == cfg.eos_token_id {
             break;
         }
+        if let Some(n) = cfg.stop_on_repeat_ngram
+            && ends_with_repeat(&new, n)
+        {
+            new.truncate(new.len() - n);
+            break;
+        }
     }
     Ok(Generation::since(new, started))
 }
@@ -185,6 +216,16 @@ pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_ngram_is_found_only_when_it_ends_the_output() {
+        // "the cat sat the cat" has no repeated 3-gram; one more "sat" repeats the first.
+        assert!(!ends_with_repeat(&[1, 2, 3, 1, 2], 3));
+        assert!(ends_with_repeat(&[1, 2, 3, 1, 2, 3], 3));
+        assert!(!ends_with_repeat(&[1, 2, 3], 3));
+        assert!(ends_with_repeat(&[7, 7], 1));
+        assert!(!ends_with_repeat(&[1, 2, 3, 1, 2, 3], 0));
+    }
 
     #[test]
     fn greedy_penalties_and_filters() {

@@ -11,6 +11,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use stackwise_common::config::{Family, ModelConfig, Positions};
 
 use super::block::Block;
+use super::fuser::{Fusers, ScaffoldContext, ScaffoldInput};
 use super::kv_cache::KvCache;
 use super::linear::{INIT_STD, Norm};
 use super::params::{Init, ParamBuilder, Params};
@@ -31,6 +32,29 @@ pub struct Transformer {
     /// Gradient checkpointing: blocks recompute their activations in the backward, and
     /// their parameters' gradients land here (`training.gradient_checkpointing`).
     pub recompute: Option<Arc<GradSink>>,
+    /// A scaffold and its cross-attention fusers (`fuser.rs`): used by `hidden_fused` with
+    /// a `ScaffoldContext`.
+    pub fusion: Option<Arc<Fusion>>,
+}
+
+/// A scaffold model and the fusers through which a base attends to its hidden states.
+#[derive(Clone)]
+pub struct Fusion {
+    pub scaffold: Transformer,
+    pub fusers: Fusers,
+}
+
+impl Fusion {
+    /// Run the scaffold over `input` once and project its final states for every fuser.
+    pub fn context(&self, input: &ScaffoldInput, influence: f64) -> Result<ScaffoldContext> {
+        let states = self.scaffold.hidden(&input.ids, 0, None)?;
+        self.fusers.context(states, input, influence)
+    }
+
+    /// The trained influence: the default scaffold weight.
+    pub fn influence(&self) -> f64 {
+        self.fusers.influence
+    }
 }
 
 /// Names of the embedding tables, which differ by family.
@@ -114,6 +138,7 @@ impl Transformer {
             lm_head,
             rope,
             recompute: None,
+            fusion: None,
         })
     }
 
@@ -144,8 +169,24 @@ impl Transformer {
         &self,
         ids: &Tensor,
         start: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        self.hidden_fused(ids, start, cache, None)
+    }
+
+    /// `hidden`, with the fusers of `self.fusion` applied after their layers when `ctx` (the
+    /// scaffold's reading of the prompts) is given.
+    pub fn hidden_fused(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        ctx: Option<&ScaffoldContext>,
+    ) -> Result<Tensor> {
+        let fused = match (&self.fusion, ctx) {
+            (Some(f), Some(c)) => Some((f, c)),
+            _ => None,
+        };
         let mut x = self.embed(ids, start)?;
         for (i, block) in self.blocks.iter().enumerate() {
             x = match cache.as_deref_mut() {
@@ -159,6 +200,11 @@ impl Transformer {
                 }
                 c => block.forward(&x, self.rope.as_ref(), start, c.map(|c| &mut c.layers[i]))?,
             };
+            if let Some((f, c)) = fused
+                && let Some(j) = f.fusers.fuser_after(i)
+            {
+                x = f.fusers.apply(j, &x, c)?;
+            }
         }
         self.norm_f.forward(&x)
     }
@@ -232,6 +278,17 @@ impl Transformer {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         self.logits(&self.hidden(ids, start, cache)?)
+    }
+
+    /// `forward` with the scaffold's context (see `hidden_fused`).
+    pub fn forward_fused(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        cache: Option<&mut KvCache>,
+        ctx: Option<&ScaffoldContext>,
+    ) -> Result<Tensor> {
+        self.logits(&self.hidden_fused(ids, start, cache, ctx)?)
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod block;
 pub mod decoder;
+pub mod fuser;
 pub mod hf;
 pub mod kernel_attention;
 pub mod kv_cache;
@@ -14,10 +15,12 @@ pub mod params;
 pub mod quant;
 pub mod recompute;
 pub mod rope;
+pub mod scaffold;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use decoder::{Transformer, names};
+pub use decoder::{Fusion, Transformer, names};
+pub use fuser::{ScaffoldContext, ScaffoldInput};
 pub use kv_cache::KvCache;
 pub use params::{ParamBuilder, Params};
 pub use stackwise_common::config::{ModelConfig, RawModelConfig};

@@ -68,6 +68,18 @@ impl StagePolicy {
         }
     }
 
+    /// Nothing trains; linears stored at `precision`, no adapters.
+    pub fn frozen(precision: Precision) -> Self {
+        Self {
+            trainable_layers: Vec::new(),
+            train_embeddings: false,
+            train_head: false,
+            precision,
+            lora: None,
+            boft: None,
+        }
+    }
+
     /// Whether the linear `module` (its name without `.weight`) gets an adapter.
     pub fn targets(&self, module: &str) -> bool {
         self.lora.as_ref().is_some_and(|l| l.targets(module))
@@ -134,6 +146,21 @@ impl FrozenSet {
             + self.stored.values().map(|f| f.bytes()).sum::<usize>()
     }
 
+    /// These tensors with `prefix` before each name.
+    pub fn prefixed(self, prefix: &str) -> Self {
+        let p = |k: String| format!("{prefix}{k}");
+        Self {
+            plain: self.plain.into_iter().map(|(k, v)| (p(k), v)).collect(),
+            stored: self.stored.into_iter().map(|(k, v)| (p(k), v)).collect(),
+        }
+    }
+
+    /// Add `other`'s tensors (names must differ).
+    pub fn extend(&mut self, other: FrozenSet) {
+        self.plain.extend(other.plain);
+        self.stored.extend(other.stored);
+    }
+
     /// Names of the weights stored at reduced precision.
     pub fn quantized_names(&self) -> Vec<String> {
         self.stored.keys().cloned().collect()
@@ -193,6 +220,15 @@ impl ParamBuilder {
             loaded,
             lora_scale,
             policy: Some(policy),
+            ..Self::init(seed, device)
+        }
+    }
+
+    /// Everything trains: tensors come from `loaded` when present, from the seeded init
+    /// otherwise.
+    pub fn trainable(loaded: HashMap<String, Tensor>, seed: u64, device: &Device) -> Self {
+        Self {
+            loaded,
             ..Self::init(seed, device)
         }
     }
@@ -382,6 +418,22 @@ pub struct Params {
 }
 
 impl Params {
+    /// These parameters with `prefix` before each name.
+    pub fn prefixed(self, prefix: &str) -> Self {
+        Self {
+            vars: self
+                .vars
+                .into_iter()
+                .map(|(k, v)| (format!("{prefix}{k}"), v))
+                .collect(),
+        }
+    }
+
+    /// Add `other`'s parameters (names must differ).
+    pub fn extend(&mut self, other: Params) {
+        self.vars.extend(other.vars);
+    }
+
     pub fn count(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }

@@ -7,6 +7,8 @@ use candle_core::{Device, Result, Tensor};
 use stackwise_common::config::Objective;
 use stackwise_common::rng::Rng;
 
+use crate::models::ScaffoldInput;
+
 /// The smallest diffusion time drawn when `t ~ U(0, 1]` (MDLM's `eps`): keeps `1/t` bounded.
 pub const MIN_T: f64 = 1e-3;
 
@@ -39,6 +41,8 @@ pub struct Batch {
     pub tokens: usize,
     /// The input of layer `k` when it comes from an activation cache: `(hidden (B, T, D), k)`.
     pub prefix: Option<(Tensor, usize)>,
+    /// A scaffold run's prompts, read by the scaffold model.
+    pub scaffold: Option<ScaffoldInput>,
 }
 
 impl Batch {
@@ -63,6 +67,7 @@ impl Batch {
             normaliser,
             tokens: b * t,
             prefix: None,
+            scaffold: None,
         })
     }
 
@@ -142,6 +147,7 @@ impl Batch {
             normaliser,
             tokens: b * t,
             prefix: None,
+            scaffold: None,
         })
     }
 

@@ -10,9 +10,13 @@ use crate::ops;
 /// Logits `(N, V)` at the batch's predicted positions. Only those rows are projected onto
 /// the vocabulary, which for masked objectives is a fraction of the (B*T, V) logits.
 pub fn predicted_logits(model: &Transformer, batch: &Batch) -> Result<Tensor> {
-    let hidden = match &batch.prefix {
-        Some((x, k)) => model.hidden_after(x, *k)?,
-        None => model.hidden(&batch.input, 0, None)?,
+    let hidden = match (&batch.prefix, &batch.scaffold, &model.fusion) {
+        (Some((x, k)), _, _) => model.hidden_after(x, *k)?,
+        (None, Some(prompts), Some(f)) => {
+            let ctx = f.context(prompts, f.influence())?;
+            model.hidden_fused(&batch.input, 0, None, Some(&ctx))?
+        }
+        _ => model.hidden(&batch.input, 0, None)?,
     }; // (B, T, D)
     let (b, t, d) = hidden.dims3()?;
     let flat = hidden.reshape((b * t, d))?;

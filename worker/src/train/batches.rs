@@ -16,6 +16,15 @@ pub fn loss_tokens(row: &Sample) -> usize {
     row.1.iter().skip(1).filter(|&&w| w > 0.0).count()
 }
 
+/// The prompt of an SFT sample: its tokens before the first loss token (at least one).
+pub fn prompt_len(row: &Sample) -> usize {
+    row.1
+        .iter()
+        .position(|&w| w > 0.0)
+        .unwrap_or(row.0.len())
+        .max(1)
+}
+
 use super::trainer::Trainer;
 use crate::objectives::{Batch, Masking};
 
@@ -97,6 +106,37 @@ impl Trainer {
         Ok((idx, rows))
     }
 
+    /// A scaffold run's prompts of `rows`, padded to the longest prompt of `global` (the
+    /// whole micro-batch across ranks, so the shapes do not depend on the world size).
+    pub(super) fn scaffold_input(
+        &self,
+        global: &[Sample],
+        rows: &[Sample],
+    ) -> Result<Option<crate::models::ScaffoldInput>> {
+        let Some(run) = &self.spec.scaffold else {
+            return Ok(None);
+        };
+        let prompt = |r: &Sample| run.prompt_ids(&self.spec.tok, &r.0[..prompt_len(r)]);
+        let width = global
+            .iter()
+            .map(|r| prompt(r).map(|p| p.len()))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(1);
+        let prompts = rows.iter().map(prompt).collect::<Result<Vec<_>>>()?;
+        let pad = run
+            .tokenizer
+            .as_ref()
+            .map_or(self.spec.pad_id, |t| t.eos_id().unwrap_or(0));
+        Ok(Some(crate::models::ScaffoldInput::new(
+            &prompts,
+            width,
+            pad,
+            &self.spec.device,
+        )?))
+    }
+
     /// This rank's micro-batches of the next step (advances the cursor).
     pub(super) fn micro_batches(&mut self) -> Result<Vec<Batch>> {
         let start = self.state.cursor;
@@ -121,6 +161,7 @@ impl Trainer {
             .zip(idx.chunks(batch_size))
             .zip(salts.chunks(batch_size))
         {
+            let global = c;
             let (c, keys, salts) = (&c[mine.clone()], &keys[mine.clone()], &salts[mine.clone()]);
             let mut b = match &masking {
                 Some(m) => {
@@ -129,6 +170,7 @@ impl Trainer {
                 }
                 None => Batch::from_rows(c, &device)?,
             };
+            b.scaffold = self.scaffold_input(global, c)?;
             if let Some(cache) = &mut self.act_cache {
                 let names: Vec<String> = keys
                     .iter()

@@ -5,9 +5,11 @@
 use anyhow::Result;
 use serde_json::json;
 
+use super::batches::prompt_len;
 use super::report::Reporter;
 use super::state::StageResult;
 use super::trainer::Trainer;
+use crate::generate::{SamplingConfig, generate_fused};
 use crate::objectives::{Batch, Totals};
 
 impl Trainer {
@@ -17,6 +19,52 @@ impl Trainer {
     /// masked-token accuracy.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         self.evaluate_at(self.stage().eval_fraction().into_iter().collect())
+    }
+
+    /// A scaffold run's validation loss of the base alone (no scaffold context: the fusers
+    /// are skipped).
+    pub(super) fn evaluate_without_scaffold(&mut self) -> Result<Option<f64>> {
+        self.base_only_eval = true;
+        let v = self.evaluate();
+        self.base_only_eval = false;
+        v
+    }
+
+    /// A scaffold run's greedy completions of the first validation prompts (logged at each
+    /// evaluation, as the original prints a few samples every epoch).
+    pub(super) fn log_scaffold_samples(&self, rep: &mut Reporter) -> Result<()> {
+        const SAMPLES: usize = 3;
+        let (spec, Some(fusion)) = (&self.spec, &self.model.fusion) else {
+            return Ok(());
+        };
+        if !self.is_leader() {
+            return Ok(());
+        }
+        let n = spec.val.num_samples(spec.seq_len, spec.packed).min(SAMPLES);
+        let cfg = SamplingConfig {
+            temperature: 0.0,
+            max_new_tokens: 32,
+            stop_on_repeat_ngram: Some(3),
+            eos_token_id: spec.tok.eos_id(),
+            ..Default::default()
+        };
+        for i in 0..n {
+            let row = spec
+                .val
+                .sample(i, spec.seq_len, spec.packed, spec.pad_id, false);
+            let prompt = &row.0[..prompt_len(&row)];
+            let input =
+                self.scaffold_input(std::slice::from_ref(&row), std::slice::from_ref(&row))?;
+            let Some(input) = input else { return Ok(()) };
+            let ctx = fusion.context(&input, fusion.influence())?;
+            let out = generate_fused(&self.model, prompt, &cfg, Some(&ctx))?;
+            let (p, c) = (spec.tok.decode(prompt)?, spec.tok.decode(&out.tokens)?);
+            rep.record(
+                &json!({"step": self.state.step, "sample": i, "prompt": p, "completion": c}),
+            );
+            rep.line(&format!("  sample {}: {p:?} -> {c:?}", i + 1));
+        }
+        Ok(())
     }
 
     /// `evaluate` with each validation sequence masked at one of `fractions` (chosen per
@@ -51,13 +99,16 @@ impl Trainer {
                         .sample(i, spec.seq_len, spec.packed, spec.pad_id, self.all_tokens)
                 })
                 .collect();
-            let b = match &masking {
+            let mut b = match &masking {
                 Some(m) => {
                     let keys: Vec<u64> = chunk.iter().map(|&k| k as u64).collect();
                     Batch::masked(&rows, &keys, u64::MAX, m, &spec.device)?
                 }
                 None => Batch::from_rows(&rows, &spec.device)?,
             };
+            if !self.base_only_eval {
+                b.scaffold = self.scaffold_input(&rows, &rows)?;
+            }
             totals.add(&self.model, &b)?;
         }
         if let Some(raw) = raw {

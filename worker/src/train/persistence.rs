@@ -14,7 +14,10 @@ use super::state::TrainerState;
 use super::trainer::Trainer;
 use crate::adapters::{BoftAdapter, LoraAdapter};
 use crate::checkpoint as layout;
+use crate::checkpoint::scaffold as ckscaffold;
+use crate::models::fuser::FUSER_PREFIX;
 use crate::models::hf;
+use crate::models::scaffold::SCAFFOLD_PREFIX;
 
 impl Trainer {
     /// Stage a checkpoint of the current step and start its upload (DESIGN §6). One upload
@@ -96,6 +99,52 @@ impl Trainer {
             for (name, bytes) in peft {
                 files.push((format!("{}/{name}", layout::ADAPTER), Bytes::from(bytes)));
             }
+        }
+        if let (Some(run), Some(sc), Some(fusion)) = (
+            &self.spec.scaffold,
+            &self.stage().scaffold,
+            &self.model.fusion,
+        ) {
+            let trained = self.ema.as_ref().map_or(&weights, |e| &e.shadow);
+            let own: BTreeMap<String, Tensor> = trained
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix(SCAFFOLD_PREFIX)
+                        .map(|k| (k.to_string(), v.clone()))
+                })
+                .collect();
+            let peft = LoraAdapter::from_trained(&sc.lora, &run.cfg, &own)
+                .files(&run.cfg, Some(&run.source.path))?;
+            for (name, bytes) in peft {
+                files.push((
+                    format!("{}/{name}", ckscaffold::SCAFFOLD_ADAPTER),
+                    Bytes::from(bytes),
+                ));
+            }
+            // The fusers as the model uses them; trained ones from the EMA when there is one.
+            let mut fusers: BTreeMap<String, Tensor> =
+                fusion.fusers.fuser_tensors()?.into_iter().collect();
+            for (k, v) in trained.iter().filter(|(k, _)| k.starts_with(FUSER_PREFIX)) {
+                fusers.insert(k.clone(), v.clone());
+            }
+            files.push((
+                ckscaffold::FUSERS.into(),
+                Bytes::from(hf::params_to_safetensors(&fusers)?),
+            ));
+            let s = &run.section;
+            let meta = ckscaffold::ScaffoldMeta {
+                scaffold: run.source.clone(),
+                cross_attn_layers: s.cross_attn_layers.clone(),
+                heads: s.heads.unwrap_or(self.model.cfg.n_heads),
+                pool: s.pool,
+                fusers: s.fusers,
+                influence_weight: s.influence_weight,
+                lora_scale: sc.lora.scale(),
+            };
+            files.push((
+                ckscaffold::SCAFFOLD_META.into(),
+                Bytes::from(serde_json::to_vec_pretty(&meta)?),
+            ));
         }
         if let Some(ema) = &self.ema {
             files.push((
@@ -215,6 +264,19 @@ impl Trainer {
                         b.path,
                         &b.sha256[..16]
                     ))
+            );
+        }
+        if let (Some(was), Some(run)) = (ckscaffold::meta(c)?, &self.spec.scaffold)
+            && was.scaffold.sha256 != run.source.sha256
+        {
+            bail!(
+                "checkpoint {} was trained with the scaffold {} (sha256 {}), but scaffold.scaffold is now {} (sha256 {}); \
+                 resume with the scaffold it was trained with",
+                c.name,
+                was.scaffold.path,
+                &was.scaffold.sha256[..16],
+                run.source.path,
+                &run.source.sha256[..16]
             );
         }
         let mut state = state;

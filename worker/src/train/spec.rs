@@ -8,9 +8,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use stackwise_common::checkpoint::{BaseRef, CheckpointStore};
+use stackwise_common::checkpoint::{BaseRef, CheckpointStore, model_folder};
 use stackwise_common::config::{
-    DeviceSpec, ModelConfig, Objective, TrainConfig, require_world_divides_batch,
+    DeviceSpec, ModelConfig, Objective, Precision, ScaffoldSection, TrainConfig,
+    require_world_divides_batch,
 };
 use stackwise_common::data::dataset::fingerprint;
 use stackwise_common::data::{SplitData, TokenIndex};
@@ -30,6 +31,8 @@ pub struct RunSpec {
     /// The frozen base of an adapter run (`training.adapter`): `init_from`, referenced by
     /// path and sha256 from every checkpoint instead of copied into it.
     pub base: Option<BaseRef>,
+    /// A scaffold run's scaffold model (`scaffold:`); its base is `initial` / `base`.
+    pub scaffold: Option<ScaffoldRun>,
     pub device: Device,
     pub train: SplitData,
     pub val: SplitData,
@@ -72,8 +75,13 @@ impl RunSpec {
         let val = index.load_split(&data_store, &index.validation)?;
         let data_fingerprint = fingerprint(index.vocab_size, &[&train, &val]);
 
-        // The full model's config, and its weights when it starts from an HF folder.
-        let (mut model_cfg, initial) = match &cfg.init_from {
+        // The full model's config, and its weights when it starts from an HF folder (a
+        // scaffold run's base).
+        let init_from = match &cfg.scaffold {
+            Some(s) => Some(model_folder(&s.base)?),
+            None => cfg.init_from.clone(),
+        };
+        let (mut model_cfg, initial) = match &init_from {
             Some(dir) => {
                 let mut model_cfg = ModelConfig::read_hf_dir(Path::new(dir))?;
                 let tensors = hf::read_safetensors_dir(Path::new(dir), &device)?;
@@ -87,9 +95,18 @@ impl RunSpec {
             }
             None => (cfg.model.resolve(Some(index.vocab_size))?, HashMap::new()),
         };
-        let base = match (&cfg.training.adapter, &cfg.init_from) {
-            (Some(a), Some(dir)) => Some(BaseRef::of_dir(Path::new(dir), a.base_precision)?),
+        let base_precision = match (&cfg.training.adapter, &cfg.scaffold) {
+            (Some(a), _) => Some(a.base_precision),
+            (None, Some(s)) => Some(s.base_precision),
+            (None, None) => None,
+        };
+        let base = match (base_precision, &init_from) {
+            (Some(p), Some(dir)) => Some(BaseRef::of_dir(Path::new(dir), p)?),
             _ => None,
+        };
+        let scaffold = match &cfg.scaffold {
+            Some(s) => Some(ScaffoldRun::open(s, &tok, &device)?),
+            None => None,
         };
         let plan = match plan {
             Some(p) => p,
@@ -99,7 +116,7 @@ impl RunSpec {
         let masked = plan.stages.iter().any(|s| s.objective.is_masked());
         let mask_id = if masked {
             let id = tok.ensure_mask_token()?;
-            if cfg.init_from.is_none() && cfg.model.vocab_size.is_none() {
+            if init_from.is_none() && cfg.model.vocab_size.is_none() {
                 model_cfg.vocab_size = model_cfg.vocab_size.max(id as usize + 1);
             }
             if id as usize >= model_cfg.vocab_size {
@@ -114,7 +131,7 @@ impl RunSpec {
         } else {
             None
         };
-        if cfg.init_from.is_none() {
+        if init_from.is_none() {
             if model_cfg.vocab_size < index.vocab_size {
                 bail!(
                     "model.vocab_size ({}) is smaller than the tokenizer's ({})",
@@ -128,7 +145,7 @@ impl RunSpec {
             bail!(
                 "init_from {}: the model's vocab_size ({}) is smaller than the dataset tokenizer's ({}); \
                  prepare the data with the model's tokenizer (`stackwise data prepare --tokenizer {0}`)",
-                cfg.init_from.as_deref().unwrap_or_default(),
+                init_from.as_deref().unwrap_or_default(),
                 model_cfg.vocab_size,
                 index.vocab_size
             );
@@ -177,6 +194,7 @@ impl RunSpec {
             model_cfg,
             initial,
             base,
+            scaffold,
             device,
             train,
             val,
@@ -194,5 +212,61 @@ impl RunSpec {
     /// Training samples of `seq_len` tokens in the split.
     pub fn train_samples(&self) -> usize {
         self.train.num_samples(self.seq_len, self.packed)
+    }
+}
+
+/// A scaffold run's scaffold: its config and frozen weights, the reference every checkpoint
+/// keeps to it, and how it reads the data's prompts.
+pub struct ScaffoldRun {
+    pub section: ScaffoldSection,
+    pub cfg: ModelConfig,
+    pub weights: HashMap<String, Tensor>,
+    /// Its folder (path and weights' sha256).
+    pub source: BaseRef,
+    /// The scaffold's own tokenizer when it differs from the data's: prompts are decoded
+    /// and re-encoded with it.
+    pub tokenizer: Option<Tok>,
+}
+
+impl ScaffoldRun {
+    fn open(s: &ScaffoldSection, data_tok: &Tok, device: &Device) -> Result<Self> {
+        let dir = model_folder(&s.scaffold)?;
+        let cfg = ModelConfig::read_hf_dir(Path::new(&dir))?;
+        let tensors = hf::read_safetensors_dir(Path::new(&dir), device)?;
+        let (_, params) = hf::model_from_tensors(&cfg, tensors, device)
+            .with_context(|| format!("load the scaffold {dir}"))?;
+        let weights = params.tensors()?.into_iter().collect();
+        let own = Tok::load(Path::new(&dir))
+            .with_context(|| format!("scaffold {dir}: the model folder needs its tokenizer"))?;
+        let tokenizer = (own.to_json()? != data_tok.to_json()?).then_some(own);
+        if tokenizer.is_some() {
+            tracing::info!(
+                scaffold = %dir,
+                "the scaffold's tokenizer differs from the data's: prompts are re-encoded for it"
+            );
+        }
+        Ok(Self {
+            section: s.clone(),
+            cfg,
+            weights,
+            source: BaseRef::of_dir(Path::new(&dir), Precision::Fp32)?,
+            tokenizer,
+        })
+    }
+
+    /// The scaffold's token ids of a prompt given in the data's ids.
+    pub fn prompt_ids(&self, data_tok: &Tok, ids: &[u32]) -> Result<Vec<u32>> {
+        match &self.tokenizer {
+            None => Ok(ids.to_vec()),
+            Some(own) => {
+                let text = data_tok.decode(ids)?;
+                let mut out = own.encode(&text, false)?;
+                out.truncate(self.cfg.seq_len);
+                if out.is_empty() {
+                    out.push(own.eos_id().unwrap_or(0));
+                }
+                Ok(out)
+            }
+        }
     }
 }

@@ -12,7 +12,9 @@ use stackwise_common::schedule::Schedule;
 
 use super::actcache::ActivationCache;
 use super::trainer::Trainer;
+use crate::models::fuser::FUSER_PREFIX;
 use crate::models::params::StagePolicy;
+use crate::models::scaffold::{SCAFFOLD_PREFIX, TrainingSetup};
 use crate::models::{ParamBuilder, Transformer};
 use crate::optim::{AdamW, AdamWConfig, Ema};
 
@@ -57,6 +59,10 @@ impl Trainer {
         let mut mcfg = self.spec.model_cfg.clone();
         mcfg.attention_mode = stage.attention;
         let device = self.spec.device.clone();
+        // A scaffold stage's checkpointed weights: the scaffold's LoRA and the fusers.
+        let mut weights = weights;
+        let scaffold_loaded = take_prefixed(&mut weights, SCAFFOLD_PREFIX, true);
+        let fusers_loaded = take_prefixed(&mut weights, FUSER_PREFIX, false);
         let mut pb = ParamBuilder::for_stage(
             weights,
             self.spec.cfg.run.seed,
@@ -69,7 +75,29 @@ impl Trainer {
             let sink = crate::models::recompute::GradSink::new(!stage.train_embeddings);
             self.model.recompute = Some(std::sync::Arc::new(sink));
         }
-        let (params, frozen, _later_layers) = pb.finish_stage();
+        let (mut params, mut frozen, _later_layers) = pb.finish_stage();
+        if let (Some(sc), Some(run)) = (&stage.scaffold, &self.spec.scaffold) {
+            let mut sw = run.weights.clone();
+            sw.extend(scaffold_loaded);
+            let s = &run.section;
+            let parts = TrainingSetup {
+                scaffold_cfg: &run.cfg,
+                weights: sw,
+                fusers: fusers_loaded,
+                lora: &sc.lora,
+                train_fusers: sc.train_fusers,
+                layers: &s.cross_attn_layers,
+                d_base: mcfg.d_model,
+                heads: s.heads.unwrap_or(mcfg.n_heads),
+                pool: s.pool,
+                influence: s.influence_weight,
+                seed: self.spec.cfg.run.seed,
+            }
+            .build(&device)?;
+            params.extend(parts.params);
+            frozen.extend(parts.frozen);
+            self.model.fusion = Some(std::sync::Arc::new(parts.fusion));
+        }
         self.params = params;
         self.frozen = frozen;
         self.opt = AdamW::new(&self.params.vars, self.adamw_config())?;
@@ -152,4 +180,30 @@ impl Trainer {
             self.comm.rank(),
         )
     }
+}
+
+/// Remove the weights under `prefix` from `weights`; returned without the prefix when
+/// `strip` (the scaffold's own names), as they are otherwise (the fusers').
+fn take_prefixed(
+    weights: &mut HashMap<String, Tensor>,
+    prefix: &str,
+    strip: bool,
+) -> HashMap<String, Tensor> {
+    let names: Vec<String> = weights
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    names
+        .into_iter()
+        .map(|k| {
+            let t = weights.remove(&k).expect("listed");
+            let name = if strip {
+                k[prefix.len()..].to_string()
+            } else {
+                k
+            };
+            (name, t)
+        })
+        .collect()
 }

@@ -96,6 +96,8 @@ pub struct Trainer {
     /// The cursor's permutation of the current epoch.
     pub(super) order: Option<(u64, Vec<u32>)>,
     pub(super) last_val_accuracy: Option<f64>,
+    /// Evaluate a scaffold run's base alone (`evaluate_without_scaffold`).
+    pub(super) base_only_eval: bool,
     pub(super) checkpointer: Checkpointer,
     pub(super) comm: Box<dyn Comm>,
     observer: Option<Box<dyn FnMut(TrainEvent) + Send>>,
@@ -136,6 +138,10 @@ impl Trainer {
             // keeping the f32 copy as well would undo QLoRA's saving. The base's folder has it.
             trainer.spec.initial = HashMap::new();
         }
+        if let Some(s) = &mut trainer.spec.scaffold {
+            // Likewise the scaffold's: its frozen weights are in `frozen` now.
+            s.weights = HashMap::new();
+        }
         if trainer.is_leader() {
             trainer.write_run_files()?;
         }
@@ -168,6 +174,7 @@ impl Trainer {
             all_tokens: true,
             order: None,
             last_val_accuracy: None,
+            base_only_eval: false,
             checkpointer,
             comm,
             observer: None,
@@ -335,6 +342,9 @@ impl Trainer {
             }
             // Diagnostics only below this line.
             self.report_step(&mut rep, &mut progress, &stats, lr, val, total, stop_at);
+            if val.is_some() {
+                self.log_scaffold_samples(&mut rep)?;
+            }
         }
         self.wait_pending_save()?;
         rep.finish();
@@ -370,7 +380,19 @@ impl Trainer {
             rec["val_masked_accuracy"] = acc.into();
         }
         rep.record(&rec);
-        if self.is_leader() && adapter_run {
+        if self.spec.scaffold.is_some() {
+            // Every rank evaluates (the totals are all-reduced); rank 0 reports.
+            let base = self.evaluate_without_scaffold()?.unwrap_or(f64::NAN);
+            rep.record(&json!({"step": self.state.step, "base_val_loss": base}));
+            if self.is_leader() {
+                rep.line(&format!(
+                    "before training: val {v:.4} ppl {:.2} (base + fusers, scaffold LoRA at zero); the base alone: val {base:.4} ppl {:.2}; {}",
+                    v.exp(),
+                    base.exp(),
+                    self.parameters_line()
+                ));
+            }
+        } else if self.is_leader() && adapter_run {
             rep.line(&format!(
                 "before training: val {v:.4} ppl {:.2} (the base wrapped with a zero adapter; {})",
                 v.exp(),
