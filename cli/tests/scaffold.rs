@@ -338,6 +338,18 @@ fn scaffold_runs_resume_bitwise_two_workers_match_one_and_chat_trains_from_a_pip
         assert!(d < 1e-4, "{n}: {d}");
     }
 
+    // A base stored in NF4 (QLoRA's storage) trains and generates; its file stays as it was.
+    let before = sha(&toy.base.join("model.safetensors"));
+    let nf4 = config(dir.path(), &toy, "nf4", 10, 10);
+    ok(bin().arg("train").arg(&nf4).args([
+        "--no-progress",
+        "--set",
+        "scaffold.base_precision=nf4",
+    ]));
+    let run = dir.path().join("out/runs/nf4");
+    assert!(!greedy(&run, "a1 =>", &[]).is_empty());
+    assert_eq!(sha(&toy.base.join("model.safetensors")), before);
+
     // chat from a pipe: one response line per prompt, no prompt marks; `train` runs one more
     // cycle of the config and continues from its checkpoint; `quit` ends the loop.
     let run = dir.path().join("out/runs/a");
