@@ -527,10 +527,45 @@ fn the_activation_cache_gives_the_same_training_and_hits_after_the_first_epoch()
     for (cache, w) in &results[1..] {
         assert!(*w == results[0].1, "{cache} cache changed the training");
     }
-    assert!(
-        dir.path()
-            .join("store/runs/st/activation-cache/stage-01/rank-0")
-            .exists()
+    // Entries live under the fingerprint of what produced them.
+    let caches: Vec<_> = std::fs::read_dir(dir.path().join("store/runs/st/activation-cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(caches.len(), 1, "{caches:?}");
+    assert!(caches[0].join("stage-01/rank-0").exists());
+}
+
+#[test]
+fn a_new_run_of_the_same_name_never_reads_another_runs_cached_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 2_500);
+    let run = |seed: u64, out: &str, until_step: u64, cache: &str| {
+        let cache_dir = dir.path().join(cache);
+        let mut cfg = config(
+            &dir.path().join(out),
+            &data,
+            &format!(
+                "mode: layerwise, steps_per_stage: 30, objective: diffusion, time_step_masking: true, \
+                 mask_seeds: 1, activation_cache: disk, activation_cache_dir: {}",
+                cache_dir.display()
+            ),
+        );
+        cfg.run.seed = seed;
+        let mut t = trainer(cfg, &RunOptions::default());
+        t.run(&until(until_step)).unwrap();
+        t.activation_cache_stats().unwrap()
+    };
+    // What a run of seed 6 hits on its own (samples its stage 1 sees twice).
+    let alone = run(6, "alone", 60, "own-cache");
+    // A first run fills the shared cache of stage 1 through more than an epoch.
+    let (hits, _) = run(5, "a", 60, "shared");
+    assert!(hits > 0);
+    // Same name, same cache folder, other weights (seed): only its own entries hit.
+    assert_eq!(
+        run(6, "b", 60, "shared"),
+        alone,
+        "(hits, misses) with another run's cache"
     );
 }
 

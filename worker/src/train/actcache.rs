@@ -27,17 +27,21 @@ pub struct ActivationCache {
 }
 
 impl ActivationCache {
-    /// A cache for stage `stage` (input of layer `layer`) on rank `rank`.
+    /// A cache for stage `stage` (input of layer `layer`) on rank `rank`, under the
+    /// `fingerprint` of what produces its entries (a run reads only its own).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: ActivationCacheKind,
         dir: Option<&str>,
         run: &Store,
         run_id: &str,
+        fingerprint: &str,
         stage: usize,
         layer: usize,
         rank: usize,
     ) -> Result<Option<Self>> {
-        let shard = format!("stage-{stage:02}/rank-{rank}");
+        let fp = &fingerprint[..fingerprint.len().min(16)];
+        let shard = format!("{fp}/stage-{stage:02}/rank-{rank}");
         let backend = match kind {
             ActivationCacheKind::None => return Ok(None),
             ActivationCacheKind::Memory => Backend::Memory(HashMap::new()),

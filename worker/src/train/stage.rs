@@ -175,11 +175,47 @@ impl Trainer {
             t.activation_cache_dir.as_deref(),
             &self.spec.run,
             &self.spec.cfg.run.name,
+            &self.activation_fingerprint(stage, k)?,
             self.state.stage,
             k,
             self.comm.rank(),
         )
     }
+}
+
+impl Trainer {
+    /// What the cached inputs of layer `k` depend on, hashed: the frozen prefix's weights
+    /// (embeddings and layers `0..k`, as stored), the data, the masking (objective, seed, mask
+    /// seeds, fractions), the sequence length and packing. A cache entry is only read back by
+    /// a run whose fingerprint matches, so a re-created run of the same name, or one on other
+    /// data or weights, never reads stale activations.
+    fn activation_fingerprint(&self, stage: &StagePlan, k: usize) -> Result<String> {
+        use crate::models::params::{Group, group_of};
+        use sha2::{Digest, Sha256};
+        let t = &self.spec.cfg.training;
+        let mut h = Sha256::new();
+        let what = serde_json::json!({
+            "data": self.spec.data_fingerprint, "seed": self.spec.cfg.run.seed,
+            "objective": stage.objective, "mask_fractions": stage.mask_fractions,
+            "mask_seeds": t.mask_seeds, "seq_len": self.spec.seq_len, "packed": self.spec.packed,
+            "attention": stage.attention, "layer": k, "mask_id": self.spec.mask_id,
+        });
+        h.update(what.to_string().as_bytes());
+        let prefix = |name: &str| match group_of(name) {
+            Group::Embeddings => true,
+            Group::Layer(i) => i < k,
+            Group::Head => false,
+        };
+        for (name, w) in self.frozen.tensors()?.iter().filter(|(n, _)| prefix(n)) {
+            h.update(name.as_bytes());
+            h.update(bytemuck_f32(&w.flatten_all()?.to_vec1::<f32>()?));
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+}
+
+fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Remove the weights under `prefix` from `weights`; returned without the prefix when
