@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 mod launch;
+mod serve;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -53,6 +54,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// An interactive prompt loop over a model (`train` runs a training cycle; `quit` leaves).
     Chat(cli::chat::ChatArgs),
+    /// Serve a model over HTTP: the original /generate and OpenAI's completions API.
+    Serve(cli::serve::ServeArgs),
     /// Train a small model on an embedded corpus and sample from it: the first thing to run.
     Quickstart(cli::quickstart::QuickstartArgs),
 }
@@ -80,6 +83,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Chat(a) => cli::chat::run(a),
+        Command::Serve(a) => cli::serve::run(a),
         Command::Quickstart(a) => cli::quickstart::run(a),
     };
     match result {

@@ -11,4 +11,5 @@ pub mod objectives;
 pub mod ops;
 pub mod optim;
 pub mod runtime;
+pub mod serve;
 pub mod train;

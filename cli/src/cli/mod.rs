@@ -12,4 +12,5 @@ pub mod generate;
 pub mod logging;
 pub mod model_source;
 pub mod quickstart;
+pub mod serve;
 pub mod train;
