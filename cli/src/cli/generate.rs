@@ -139,26 +139,10 @@ pub fn autoregressive(
     let Some(fusion) = &m.model.fusion else {
         return Ok(generate(&m.model, prompt, cfg)?);
     };
-    let ids = fusion_prompt(m, prompt)?;
+    let ids = fusion.prompt_ids(&m.tok, prompt)?;
     let input = ScaffoldInput::new(&[ids], 0, 0, &m.model.device())?;
     let ctx = fusion.context(&input, scaffold_weight.unwrap_or(fusion.influence()))?;
     Ok(generate_fused(&m.model, prompt, cfg, Some(&ctx))?)
-}
-
-/// The scaffold's ids of a prompt (re-encoded when its tokenizer is not the base's), cut to
-/// the scaffold's context.
-fn fusion_prompt(m: &LoadedModel, prompt: &[u32]) -> Result<Vec<u32>> {
-    let fusion = m.model.fusion.as_ref().context("not a scaffold model")?;
-    let mut ids = match &fusion.fusers.tokenizer {
-        None => prompt.to_vec(),
-        Some(own) => own.encode(&m.tok.decode(prompt)?, false)?,
-    };
-    if ids.is_empty() {
-        bail!("the prompt tokenizes to nothing in the scaffold's tokenizer");
-    }
-    let limit = fusion.scaffold.cfg.seq_len;
-    ids.drain(..ids.len().saturating_sub(limit));
-    Ok(ids)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

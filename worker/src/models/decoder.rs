@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Module, Result, Tensor};
 use stackwise_common::config::{Family, ModelConfig, Positions};
+use stackwise_common::tokenizer::Tok;
 
 use super::block::Block;
 use super::fuser::{Fusers, ScaffoldContext, ScaffoldInput};
@@ -54,6 +55,24 @@ impl Fusion {
     /// The trained influence: the default scaffold weight.
     pub fn influence(&self) -> f64 {
         self.fusers.influence
+    }
+
+    /// The scaffold's ids of a prompt given in the base's tokenizer `base`: re-encoded when
+    /// the scaffold's tokenizer differs, cut to the scaffold's context (its end kept).
+    pub fn prompt_ids(&self, base: &Tok, prompt: &[u32]) -> Result<Vec<u32>> {
+        let msg =
+            |e: stackwise_common::tokenizer::TokenizerError| candle_core::Error::Msg(e.to_string());
+        let mut ids = match &self.fusers.tokenizer {
+            None => prompt.to_vec(),
+            Some(own) => own
+                .encode(&base.decode(prompt).map_err(msg)?, false)
+                .map_err(msg)?,
+        };
+        if ids.is_empty() {
+            candle_core::bail!("the prompt tokenizes to nothing in the scaffold's tokenizer");
+        }
+        ids.drain(..ids.len().saturating_sub(self.scaffold.cfg.seq_len));
+        Ok(ids)
     }
 }
 

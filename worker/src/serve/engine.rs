@@ -184,14 +184,17 @@ fn run(
             let req = waiting.pop_front().expect("front");
             stats.waiting.fetch_sub(1, Ordering::SeqCst);
             used += need;
-            let m = &models[req.model].model;
+            let served = &models[req.model];
+            let m = &served.model;
             let scaffold = match &m.fusion {
                 Some(f) => {
-                    let input =
-                        ScaffoldInput::new(std::slice::from_ref(&req.prompt), 0, 0, &m.device());
-                    match input
-                        .and_then(|i| f.context(&i, req.scaffold_weight.unwrap_or(f.influence())))
-                    {
+                    let weight = req.scaffold_weight.unwrap_or(f.influence());
+                    let ctx = f.prompt_ids(&served.tok, &req.prompt).and_then(|ids| {
+                        let input =
+                            ScaffoldInput::new(std::slice::from_ref(&ids), 0, 0, &m.device())?;
+                        f.context(&input, weight)
+                    });
+                    match ctx {
                         Ok(c) => Some(c),
                         Err(e) => {
                             let _ = req.events.send(Event::Error(e.to_string()));
