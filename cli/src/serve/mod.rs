@@ -336,14 +336,16 @@ fn original_job(app: &App, body: &[u8]) -> Result<Job, ApiError> {
     )
 }
 
+/// The original body's job, and a request slot for it.
+fn original_admit(app: &App, body: &[u8]) -> Result<(Job, OwnedSemaphorePermit), ApiError> {
+    let job = original_job(app, body)?;
+    Ok((job, app.permit()?))
+}
+
 async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Response {
     const ROUTE: &str = "/generate";
-    let job = match original_job(&app, &body) {
-        Ok(j) => j,
-        Err(e) => return error(&app, ROUTE, e),
-    };
-    let _permit = match app.permit() {
-        Ok(p) => p,
+    let (job, _permit) = match original_admit(&app, &body) {
+        Ok(a) => a,
         Err(e) => return error(&app, ROUTE, e),
     };
     let out = match app.submit(&job, 0) {
@@ -389,12 +391,8 @@ fn sse(
 
 async fn generate_stream(State(app): State<Arc<App>>, body: Bytes) -> Response {
     const ROUTE: &str = "/generate_stream";
-    let job = match original_job(&app, &body) {
-        Ok(j) => j,
-        Err(e) => return error(&app, ROUTE, e),
-    };
-    let permit = match app.permit() {
-        Ok(p) => p,
+    let (job, permit) = match original_admit(&app, &body) {
+        Ok(a) => a,
         Err(e) => return error(&app, ROUTE, e),
     };
     let rx = match app.submit(&job, 0) {

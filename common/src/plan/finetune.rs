@@ -56,21 +56,14 @@ pub(super) fn adapter_plan(
     Ok(Plan {
         mode: "finetune".into(),
         stages: vec![StagePlan {
-            name: format!("fine-tune {objective} ({kind})"),
-            active_layers: n_layers,
-            trainable: vec![],
-            frozen: (0..n_layers).collect(),
-            frozen_precision: a.base_precision,
             adapters: lora,
             boft,
-            scaffold: None,
-            train_embeddings: false,
-            train_head: false,
-            objective: t.objective,
-            attention: AttentionMode::Causal,
-            mask_fractions: vec![],
-            steps: t.steps,
-            lr: t.lr,
+            ..frozen_base_stage(
+                t,
+                format!("fine-tune {objective} ({kind})"),
+                n_layers,
+                a.base_precision,
+            )
         }],
     })
 }
@@ -117,39 +110,57 @@ pub fn scaffold_plan(
         rslora: false,
         targets,
     };
-    let n = base.n_layers;
     Ok(Plan {
         mode: "scaffold".into(),
         stages: vec![StagePlan {
-            name: format!(
-                "scaffold {:?} (LoRA r {}, fusers after layers {:?}, {})",
-                t.objective,
-                s.lora.r,
-                s.cross_attn_layers,
-                if s.fusers == FuserMode::Trainable {
-                    "fusers train"
-                } else {
-                    "fusers frozen"
-                }
-            )
-            .to_lowercase(),
-            active_layers: n,
-            trainable: vec![],
-            frozen: (0..n).collect(),
-            frozen_precision: s.base_precision,
-            adapters: None,
-            boft: None,
             scaffold: Some(ScaffoldStage {
                 lora,
                 train_fusers: s.fusers == FuserMode::Trainable,
             }),
-            train_embeddings: false,
-            train_head: false,
-            objective: t.objective,
-            attention: AttentionMode::Causal,
-            mask_fractions: vec![],
-            steps: t.steps,
-            lr: t.lr,
+            ..frozen_base_stage(
+                t,
+                format!(
+                    "scaffold {:?} (LoRA r {}, fusers after layers {:?}, {})",
+                    t.objective,
+                    s.lora.r,
+                    s.cross_attn_layers,
+                    if s.fusers == FuserMode::Trainable {
+                        "fusers train"
+                    } else {
+                        "fusers frozen"
+                    }
+                )
+                .to_lowercase(),
+                base.n_layers,
+                s.base_precision,
+            )
         }],
     })
+}
+
+/// One stage over the whole frozen base (`n_layers` layers stored at `precision`), causal,
+/// with the run's steps and learning rate; the caller says what trains.
+fn frozen_base_stage(
+    t: &TrainingSection,
+    name: String,
+    n_layers: usize,
+    precision: Precision,
+) -> StagePlan {
+    StagePlan {
+        name,
+        active_layers: n_layers,
+        trainable: vec![],
+        frozen: (0..n_layers).collect(),
+        frozen_precision: precision,
+        adapters: None,
+        boft: None,
+        scaffold: None,
+        train_embeddings: false,
+        train_head: false,
+        objective: t.objective,
+        attention: AttentionMode::Causal,
+        mask_fractions: vec![],
+        steps: t.steps,
+        lr: t.lr,
+    }
 }
