@@ -5,7 +5,6 @@ use std::io::Write;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use stackwise_worker::generate::{Generation, SamplingConfig, generate, generate_fused};
-use stackwise_worker::models::ScaffoldInput;
 
 use super::args::ModelArgs;
 use super::model_source::LoadedModel;
@@ -139,9 +138,7 @@ pub fn autoregressive(
     let Some(fusion) = &m.model.fusion else {
         return Ok(generate(&m.model, prompt, cfg)?);
     };
-    let ids = fusion.prompt_ids(&m.tok, prompt)?;
-    let input = ScaffoldInput::new(&[ids], 0, 0, &m.model.device())?;
-    let ctx = fusion.context(&input, scaffold_weight.unwrap_or(fusion.influence()))?;
+    let ctx = fusion.prompt_context(&m.tok, prompt, scaffold_weight)?;
     Ok(generate_fused(&m.model, prompt, cfg, Some(&ctx))?)
 }
 

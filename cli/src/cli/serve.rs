@@ -1,14 +1,16 @@
 //! `stackwise serve`: an HTTP endpoint (the original's `/generate` and OpenAI's API) over a
 //! model and any number of adapters on the same base, unmerged.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use candle_core::Tensor;
 use clap::Args;
 use stackwise_worker::adapters::PeftAdapter;
-use stackwise_worker::models::hf;
+use stackwise_worker::models::{ModelConfig, hf};
 use stackwise_worker::serve::{Engine, PagePool, ServedModel};
 
 use crate::serve::api::Limits;
@@ -75,24 +77,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
-    let mut served = Vec::new();
-    let eos = |tok: &stackwise_common::tokenizer::Tok,
-               cfg: &stackwise_worker::models::ModelConfig| {
-        tok.eos_id().or(cfg.eos_token_id)
-    };
-    let (mut model, _) = hf::model_from_tensors(&base.cfg, base.weights.clone(), &device)
-        .with_context(|| format!("load {}", base.source))?;
-    model.fusion = base.fusion.clone();
-    served.push((
-        ModelInfo {
-            name: base_name.clone(),
+    // The base and each adapter: a model sharing the base's tensors, and what the HTTP
+    // layer knows of it.
+    let build = |name: String, cfg: &ModelConfig, w: HashMap<String, Tensor>| -> Result<_> {
+        let (mut model, _) = hf::model_from_tensors(cfg, w, &device)
+            .with_context(|| format!("load {name} from {}", base.source))?;
+        model.fusion = base.fusion.clone();
+        let info = ModelInfo {
+            name,
             tok: base.tok.clone(),
             seq_len,
             scaffold: model.fusion.is_some(),
-            eos: eos(&base.tok, &base.cfg),
-        },
-        model,
-    ));
+            eos: base.tok.eos_id().or(cfg.eos_token_id),
+        };
+        Ok((info, model))
+    };
+    let mut served = vec![build(base_name, &base.cfg, base.weights.clone())?];
     for spec in &a.adapters {
         let Some((name, dir)) = spec.split_once('=') else {
             bail!("--adapter {spec:?}: give NAME=DIR");
@@ -104,18 +104,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         PeftAdapter::load(std::path::Path::new(dir), &device)?
             .apply(&mut w, &mut cfg)
             .with_context(|| format!("apply the adapter {dir} to {}", base.source))?;
-        let (mut m, _) = hf::model_from_tensors(&cfg, w, &device)?;
-        m.fusion = base.fusion.clone();
-        served.push((
-            ModelInfo {
-                name: name.to_string(),
-                tok: base.tok.clone(),
-                seq_len,
-                scaffold: m.fusion.is_some(),
-                eos: eos(&base.tok, &cfg),
-            },
-            m,
-        ));
+        served.push(build(name.to_string(), &cfg, w)?);
     }
     let limits = Limits {
         max_input_tokens: a.max_input_tokens.unwrap_or(seq_len - 1),
@@ -150,8 +139,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .into_iter()
         .map(|(info, model)| {
             let tok = info.tok.clone();
-            let name = info.name.clone();
-            (info, ServedModel { name, model, tok })
+            (info, ServedModel { model, tok })
         })
         .unzip();
     let names: Vec<String> = infos.iter().map(|i| i.name.clone()).collect();

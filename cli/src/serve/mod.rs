@@ -194,7 +194,6 @@ impl App {
                 scaffold_weight: job.scaffold_weight,
                 stop: job.stop.clone(),
                 events: tx,
-                arrived: Instant::now(),
             })
             .map_err(|e| ApiError {
                 status: 503,

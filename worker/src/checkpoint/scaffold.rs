@@ -9,6 +9,7 @@
 //! The base is referenced by the manifest's `base`, as for any adapter run; neither model is
 //! copied.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -75,7 +76,7 @@ pub fn load_fusion(
         layout::MODEL
     };
     let trained = layout::tensors(ck, trained_file, device)?;
-    weights.extend(strip_prefix(&trained, SCAFFOLD_PREFIX));
+    weights.extend(strip_prefix::<HashMap<_, _>>(&trained, SCAFFOLD_PREFIX));
     cfg.lora_scale = Some(meta.lora_scale);
     let (scaffold, _) = hf::model_from_tensors(&cfg, weights, device)
         .with_context(|| format!("load the scaffold {}", meta.scaffold.path))?;

@@ -57,6 +57,19 @@ impl Fusion {
         self.fusers.influence
     }
 
+    /// The scaffold's reading of one prompt (ids in the base's tokenizer `base`) at
+    /// `weight` (default: the trained influence): what generation and serving decode with.
+    pub fn prompt_context(
+        &self,
+        base: &Tok,
+        prompt: &[u32],
+        weight: Option<f64>,
+    ) -> Result<ScaffoldContext> {
+        let ids = self.prompt_ids(base, prompt)?;
+        let input = ScaffoldInput::new(std::slice::from_ref(&ids), 0, 0, &self.scaffold.device())?;
+        self.context(&input, weight.unwrap_or(self.influence()))
+    }
+
     /// The scaffold's ids of a prompt given in the base's tokenizer `base`: re-encoded when
     /// the scaffold's tokenizer differs, cut to the scaffold's context (its end kept).
     pub fn prompt_ids(&self, base: &Tok, prompt: &[u32]) -> Result<Vec<u32>> {

@@ -77,9 +77,15 @@ impl TrainingSetup<'_> {
     }
 }
 
-/// The weights of `all` under `prefix`, with the prefix removed.
-pub fn strip_prefix(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
-    all.iter()
+/// The weights of `all` under `prefix`, with the prefix removed (into any map).
+pub fn strip_prefix<'a, M>(
+    all: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    prefix: &str,
+) -> M
+where
+    M: FromIterator<(String, Tensor)>,
+{
+    all.into_iter()
         .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
         .collect()
 }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -19,11 +19,10 @@ use stackwise_common::tokenizer::Tok;
 
 use crate::generate::SamplingConfig;
 use crate::generate::sampling::{ends_with_repeat, pick};
-use crate::models::{KvCache, ScaffoldContext, ScaffoldInput, Transformer};
+use crate::models::{KvCache, ScaffoldContext, Transformer};
 
-/// A model the engine serves, by name (the base, or the base with an adapter).
+/// A model the engine serves (the base, or the base with an adapter).
 pub struct ServedModel {
-    pub name: String,
     pub model: Transformer,
     pub tok: Tok,
 }
@@ -73,7 +72,6 @@ pub struct GenerationRequest {
     /// Stop strings: the output ends before the first one it contains.
     pub stop: Vec<String>,
     pub events: tokio::sync::mpsc::UnboundedSender<Event>,
-    pub arrived: Instant,
 }
 
 /// KV memory in pages of `page_size` token positions.
@@ -187,22 +185,14 @@ fn run(
             let served = &models[req.model];
             let m = &served.model;
             let scaffold = match &m.fusion {
-                Some(f) => {
-                    let weight = req.scaffold_weight.unwrap_or(f.influence());
-                    let ctx = f.prompt_ids(&served.tok, &req.prompt).and_then(|ids| {
-                        let input =
-                            ScaffoldInput::new(std::slice::from_ref(&ids), 0, 0, &m.device())?;
-                        f.context(&input, weight)
-                    });
-                    match ctx {
-                        Ok(c) => Some(c),
-                        Err(e) => {
-                            let _ = req.events.send(Event::Error(e.to_string()));
-                            used -= need;
-                            continue;
-                        }
+                Some(f) => match f.prompt_context(&served.tok, &req.prompt, req.scaffold_weight) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        let _ = req.events.send(Event::Error(e.to_string()));
+                        used -= need;
+                        continue;
                     }
-                }
+                },
                 None => None,
             };
             running.push(Sequence {

@@ -106,25 +106,23 @@ impl Trainer {
         Ok((idx, rows))
     }
 
-    /// A scaffold run's prompts of `rows`, padded to the longest prompt of `global` (the
-    /// whole micro-batch across ranks, so the shapes do not depend on the world size).
+    /// A scaffold run's prompts of rows `mine` of `global`, padded to the longest prompt of
+    /// `global` (the whole micro-batch across ranks, so the shapes do not depend on the
+    /// world size).
     pub(super) fn scaffold_input(
         &self,
         global: &[Sample],
-        rows: &[Sample],
+        mine: std::ops::Range<usize>,
     ) -> Result<Option<crate::models::ScaffoldInput>> {
         let Some(run) = &self.spec.scaffold else {
             return Ok(None);
         };
-        let prompt = |r: &Sample| run.prompt_ids(&self.spec.tok, &r.0[..prompt_len(r)]);
-        let width = global
+        let mut prompts = global
             .iter()
-            .map(|r| prompt(r).map(|p| p.len()))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .max()
-            .unwrap_or(1);
-        let prompts = rows.iter().map(prompt).collect::<Result<Vec<_>>>()?;
+            .map(|r| run.prompt_ids(&self.spec.tok, &r.0[..prompt_len(r)]))
+            .collect::<Result<Vec<_>>>()?;
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(1);
+        let prompts: Vec<Vec<u32>> = prompts.drain(mine).collect();
         let pad = run
             .tokenizer
             .as_ref()
@@ -170,7 +168,7 @@ impl Trainer {
                 }
                 None => Batch::from_rows(c, &device)?,
             };
-            b.scaffold = self.scaffold_input(global, c)?;
+            b.scaffold = self.scaffold_input(global, mine.clone())?;
             if let Some(cache) = &mut self.act_cache {
                 let names: Vec<String> = keys
                     .iter()

@@ -53,8 +53,7 @@ impl Trainer {
                 .val
                 .sample(i, spec.seq_len, spec.packed, spec.pad_id, false);
             let prompt = &row.0[..prompt_len(&row)];
-            let input =
-                self.scaffold_input(std::slice::from_ref(&row), std::slice::from_ref(&row))?;
+            let input = self.scaffold_input(std::slice::from_ref(&row), 0..1)?;
             let Some(input) = input else { return Ok(()) };
             let ctx = fusion.context(&input, fusion.influence())?;
             let out = generate_fused(&self.model, prompt, &cfg, Some(&ctx))?;
@@ -107,7 +106,7 @@ impl Trainer {
                 None => Batch::from_rows(&rows, &spec.device)?,
             };
             if !self.base_only_eval {
-                b.scaffold = self.scaffold_input(&rows, &rows)?;
+                b.scaffold = self.scaffold_input(&rows, 0..rows.len())?;
             }
             totals.add(&self.model, &b)?;
         }

@@ -17,7 +17,7 @@ use crate::checkpoint as layout;
 use crate::checkpoint::scaffold as ckscaffold;
 use crate::models::fuser::FUSER_PREFIX;
 use crate::models::hf;
-use crate::models::scaffold::SCAFFOLD_PREFIX;
+use crate::models::scaffold::{SCAFFOLD_PREFIX, strip_prefix};
 
 impl Trainer {
     /// Stage a checkpoint of the current step and start its upload (DESIGN §6). One upload
@@ -106,13 +106,7 @@ impl Trainer {
             &self.model.fusion,
         ) {
             let trained = self.ema.as_ref().map_or(&weights, |e| &e.shadow);
-            let own: BTreeMap<String, Tensor> = trained
-                .iter()
-                .filter_map(|(k, v)| {
-                    k.strip_prefix(SCAFFOLD_PREFIX)
-                        .map(|k| (k.to_string(), v.clone()))
-                })
-                .collect();
+            let own: BTreeMap<String, Tensor> = strip_prefix(trained, SCAFFOLD_PREFIX);
             let peft = LoraAdapter::from_trained(&sc.lora, &run.cfg, &own)
                 .files(&run.cfg, Some(&run.source.path))?;
             for (name, bytes) in peft {

@@ -84,13 +84,11 @@ impl RunSpec {
         let (mut model_cfg, initial) = match &init_from {
             Some(dir) => {
                 let mut model_cfg = ModelConfig::read_hf_dir(Path::new(dir))?;
-                let tensors = hf::read_safetensors_dir(Path::new(dir), &device)?;
                 if let Some(mode) = cfg.model.attention_mode {
                     model_cfg.attention_mode = mode;
                 }
-                let (_, params) = hf::model_from_tensors(&model_cfg, tensors, &device)
+                let initial = folder_weights(&model_cfg, dir, &device)
                     .with_context(|| format!("load init_from {dir}"))?;
-                let initial: HashMap<String, Tensor> = params.tensors()?.into_iter().collect();
                 (model_cfg, initial)
             }
             None => (cfg.model.resolve(Some(index.vocab_size))?, HashMap::new()),
@@ -215,6 +213,17 @@ impl RunSpec {
     }
 }
 
+/// The weights of the model folder `dir` (config `cfg`) by the model's parameter names.
+fn folder_weights(
+    cfg: &ModelConfig,
+    dir: &str,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let tensors = hf::read_safetensors_dir(Path::new(dir), device)?;
+    let (_, params) = hf::model_from_tensors(cfg, tensors, device)?;
+    Ok(params.tensors()?.into_iter().collect())
+}
+
 /// A scaffold run's scaffold: its config and frozen weights, the reference every checkpoint
 /// keeps to it, and how it reads the data's prompts.
 pub struct ScaffoldRun {
@@ -232,10 +241,8 @@ impl ScaffoldRun {
     fn open(s: &ScaffoldSection, data_tok: &Tok, device: &Device) -> Result<Self> {
         let dir = model_folder(&s.scaffold)?;
         let cfg = ModelConfig::read_hf_dir(Path::new(&dir))?;
-        let tensors = hf::read_safetensors_dir(Path::new(&dir), device)?;
-        let (_, params) = hf::model_from_tensors(&cfg, tensors, device)
+        let weights = folder_weights(&cfg, &dir, device)
             .with_context(|| format!("load the scaffold {dir}"))?;
-        let weights = params.tensors()?.into_iter().collect();
         let own = Tok::load(Path::new(&dir))
             .with_context(|| format!("scaffold {dir}: the model folder needs its tokenizer"))?;
         let tokenizer = (own.to_json()? != data_tok.to_json()?).then_some(own);

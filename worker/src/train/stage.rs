@@ -208,13 +208,13 @@ impl Trainer {
         };
         for (name, w) in self.frozen.tensors()?.iter().filter(|(n, _)| prefix(n)) {
             h.update(name.as_bytes());
-            h.update(bytemuck_f32(&w.flatten_all()?.to_vec1::<f32>()?));
+            h.update(le_bytes(&w.flatten_all()?.to_vec1::<f32>()?));
         }
         Ok(hex::encode(h.finalize()))
     }
 }
 
-fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
+fn le_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
