@@ -114,13 +114,14 @@ impl Trainer {
         global: &[Sample],
         mine: std::ops::Range<usize>,
     ) -> Result<Option<crate::models::ScaffoldInput>> {
-        let Some(run) = &self.spec.scaffold else {
+        let (Some(run), Some(fusion)) = (&self.spec.scaffold, &self.model.fusion) else {
             return Ok(None);
         };
+        // The same prompt rule as generation and serving (Fusion::prompt_ids).
         let mut prompts = global
             .iter()
-            .map(|r| run.prompt_ids(&self.spec.tok, &r.0[..prompt_len(r)]))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|r| fusion.prompt_ids(&self.spec.tok, &r.0[..prompt_len(r)]))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let width = prompts.iter().map(Vec::len).max().unwrap_or(1);
         let prompts: Vec<Vec<u32>> = prompts.drain(mine).collect();
         let pad = run

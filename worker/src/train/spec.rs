@@ -260,20 +260,4 @@ impl ScaffoldRun {
             tokenizer,
         })
     }
-
-    /// The scaffold's token ids of a prompt given in the data's ids.
-    pub fn prompt_ids(&self, data_tok: &Tok, ids: &[u32]) -> Result<Vec<u32>> {
-        match &self.tokenizer {
-            None => Ok(ids.to_vec()),
-            Some(own) => {
-                let text = data_tok.decode(ids)?;
-                let mut out = own.encode(&text, false)?;
-                out.truncate(self.cfg.seq_len);
-                if out.is_empty() {
-                    out.push(own.eos_id().unwrap_or(0));
-                }
-                Ok(out)
-            }
-        }
-    }
 }

@@ -94,9 +94,11 @@ impl Trainer {
                 seed: self.spec.cfg.run.seed,
             }
             .build(&device)?;
+            let mut fusion = parts.fusion;
+            fusion.fusers.tokenizer = run.tokenizer.clone();
             params.extend(parts.params);
             frozen.extend(parts.frozen);
-            self.model.fusion = Some(std::sync::Arc::new(parts.fusion));
+            self.model.fusion = Some(std::sync::Arc::new(fusion));
         }
         self.params = params;
         self.frozen = frozen;
