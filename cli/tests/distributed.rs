@@ -220,6 +220,12 @@ fn msg(generation: u64, worker: &str, report: Report) -> pb::WorkerMessage {
     .into_pb()
 }
 
+fn hello(reg: &pb::RegisterResponse) -> Report {
+    Report::Hello {
+        session_secret: reg.session_secret.clone(),
+    }
+}
+
 fn step_report(step: u64) -> Report {
     Report::Step(StepMetrics {
         stage: 0,
@@ -281,7 +287,7 @@ async fn calls_without_the_token_are_refused() {
 }
 
 #[tokio::test]
-async fn stale_generation_and_foreign_run_reports_are_refused() {
+async fn stale_generation_reports_are_dropped_and_foreign_run_reports_refused() {
     let dir = tempfile::tempdir().unwrap();
     let coord = Coordinator::start(spec(dir.path(), 1, 5000), "127.0.0.1:0", None, None)
         .await
@@ -292,14 +298,10 @@ async fn stale_generation_and_foreign_run_reports_are_refused() {
         tls_ca: None,
     };
     let mut c = target.connect().await.unwrap();
-    let id = c
-        .register(register_request())
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let reg = c.register(register_request()).await.unwrap().into_inner();
+    let id = reg.worker_id.clone();
     let (up, rx) = tokio::sync::mpsc::unbounded_channel();
-    up.send(msg(0, &id, Report::Hello)).unwrap();
+    up.send(msg(0, &id, hello(&reg))).unwrap();
     let mut down = c
         .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
         .await
@@ -314,20 +316,30 @@ async fn stale_generation_and_foreign_run_reports_are_refused() {
     ));
     // A report of the current generation is accepted...
     up.send(msg(1, &id, step_report(1))).unwrap();
-    // ...one from generation 0 is refused and ends the stream.
+    // ...one from generation 0 is dropped: a late report of an aborted generation is
+    // expected, and ending the session for it would make the worker re-register.
     up.send(msg(0, &id, step_report(2))).unwrap();
-    let e = down.message().await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    assert!(
-        e.message().contains("stale generation 0"),
-        "{}",
-        e.message()
+    up.send(msg(1, &id, step_report(3))).unwrap();
+    for _ in 0..100 {
+        if coord.status().step == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        coord.status().step,
+        3,
+        "the session went on after the stale report"
     );
-    assert_eq!(coord.status().step, 1, "the stale report was not applied");
+    assert_eq!(
+        coord.job().tokens_total,
+        20,
+        "the reports of steps 1 and 3 were applied (10 tokens each), the stale one not"
+    );
 
-    // Another run's report is refused too.
+    // Another run's report is refused, and ends the session.
     let (up, rx) = tokio::sync::mpsc::unbounded_channel();
-    up.send(msg(0, &id, Report::Hello)).unwrap();
+    up.send(msg(0, &id, hello(&reg))).unwrap();
     let mut down = c
         .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
         .await
@@ -354,15 +366,11 @@ async fn a_worker_that_stops_heartbeating_is_dropped_within_its_lease() {
         tls_ca: None,
     };
     let mut c = target.connect().await.unwrap();
-    let id = c
-        .register(register_request())
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let reg = c.register(register_request()).await.unwrap().into_inner();
+    let id = reg.worker_id.clone();
     // Open the session and then say nothing more (the stream stays open).
     let (up, rx) = tokio::sync::mpsc::unbounded_channel();
-    up.send(msg(0, &id, Report::Hello)).unwrap();
+    up.send(msg(0, &id, hello(&reg))).unwrap();
     let _down = c
         .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
         .await
@@ -704,5 +712,44 @@ async fn session_and_stop_without_the_token_are_refused_and_the_job_keeps_going(
         "waiting",
         "the refused Stop stopped nothing"
     );
+    coord.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn a_session_cannot_be_opened_for_another_worker_by_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(spec(dir.path(), 2, 5000), "127.0.0.1:0", None, None)
+        .await
+        .unwrap();
+    let target = Target {
+        url: format!("http://{}", coord.addr),
+        token: None,
+        tls_ca: None,
+    };
+    let mut c = target.connect().await.unwrap();
+    let victim = c.register(register_request()).await.unwrap().into_inner();
+    let intruder = c.register(register_request()).await.unwrap().into_inner();
+    assert_ne!(victim.session_secret, intruder.session_secret);
+    for secret in [String::new(), intruder.session_secret.clone()] {
+        let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+        let hello = Report::Hello {
+            session_secret: secret,
+        };
+        up.send(msg(0, &victim.worker_id, hello)).unwrap();
+        let e = c
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("session secret"), "{}", e.message());
+    }
+    assert_eq!(coord.job().connected(), 0, "no session was opened");
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.send(msg(0, &victim.worker_id, hello(&victim))).unwrap();
+    let _down = c
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap();
+    assert_eq!(coord.job().connected(), 1);
     coord.shutdown(Duration::ZERO).await;
 }

@@ -13,6 +13,8 @@ pub struct Member {
     pub name: String,
     pub caps: Capabilities,
     pub ring_address: String,
+    /// Issued at registration; the session hello must carry it.
+    pub session_secret: String,
     pub last_seen: Instant,
     /// Rank in the current generation.
     pub rank: Option<u32>,
@@ -42,7 +44,8 @@ impl Membership {
         self.lease
     }
 
-    pub fn register(&mut self, reg: Registration, now: Instant) -> String {
+    /// Add a worker with a fresh id and the session secret it was issued.
+    pub fn register(&mut self, reg: Registration, session_secret: String, now: Instant) -> String {
         self.next_id += 1;
         let id = format!("w{:05}", self.next_id);
         self.members.insert(
@@ -52,6 +55,7 @@ impl Membership {
                 name: reg.name,
                 caps: reg.capabilities,
                 ring_address: reg.ring_address,
+                session_secret,
                 last_seen: now,
                 rank: None,
                 step: 0,
@@ -170,8 +174,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_worker_is_dropped_after_its_lease_and_not_before() {
         let mut m = Membership::new(Duration::from_secs(5));
-        let a = m.register(reg("a"), Instant::now());
-        let b = m.register(reg("b"), Instant::now());
+        let a = m.register(reg("a"), "sa".into(), Instant::now());
+        let b = m.register(reg("b"), "sb".into(), Instant::now());
         tokio::time::advance(Duration::from_secs(3)).await;
         m.touch(&a, Instant::now()).unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -196,7 +200,7 @@ mod tests {
         let mut m = Membership::new(Duration::from_secs(5));
         let ids: Vec<_> = ["a", "b", "c", "d"]
             .iter()
-            .map(|n| m.register(reg(n), Instant::now()))
+            .map(|n| m.register(reg(n), format!("s{n}"), Instant::now()))
             .collect();
         assert_eq!(m.form(1, 4, 8, |_| true).unwrap(), ids);
         // 4 live, at most 3 wanted, batch 8: 3 does not divide 8, so 2.

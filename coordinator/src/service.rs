@@ -91,6 +91,17 @@ struct Service {
     shared: Arc<Shared>,
 }
 
+/// Session `session` of `id` is over: unlink it and tell the job.
+fn close_session(shared: &Arc<Shared>, id: &str, session: u64) {
+    {
+        let mut links = lock(&shared.links);
+        if links.get(id).is_some_and(|(s, _)| *s == session) {
+            links.remove(id);
+        }
+    }
+    shared.apply(|job| ((), job.stream_closed(id, session)));
+}
+
 #[tonic::async_trait]
 impl CoordinatorRpc for Service {
     async fn register(
@@ -99,12 +110,13 @@ impl CoordinatorRpc for Service {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let reg: Registration = req.into_inner().try_into()?;
         let mut job = self.shared.job();
-        let worker_id = job.register(reg, Instant::now())?;
+        let (worker_id, session_secret) = job.register(reg, Instant::now())?;
         Ok(Response::new(pb::RegisterResponse {
             run_id: job.spec.run_id.clone(),
             worker_id,
             lease_ms: job.spec.group.lease.as_millis() as u64,
             heartbeat_ms: job.spec.group.heartbeat.as_millis() as u64,
+            session_secret,
         }))
     }
 
@@ -120,18 +132,19 @@ impl CoordinatorRpc for Service {
             .await?
             .ok_or_else(|| Status::invalid_argument("the session ended before its hello"))?;
         let hello = WorkerReport::try_from(first)?;
-        if hello.report != Report::Hello {
+        let Report::Hello { session_secret } = &hello.report else {
             return Err(Status::invalid_argument(
                 "the first message of a session must be hello",
             ));
-        }
+        };
+        let secret = session_secret.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let id = hello.worker_id.clone();
         let shared = self.shared.clone();
         let (session, actions) = {
             let mut job = shared.job();
+            let (session, more) = job.attach(&id, &secret, Instant::now())?;
             let mut actions = job.on_report(hello, Instant::now())?;
-            let (session, more) = job.attach(&id, Instant::now())?;
             // The link is in place before the job's lock is released: nothing sent to this
             // session can be lost between attaching and listening.
             lock(&shared.links).insert(id.clone(), (session, tx.clone()));
@@ -154,21 +167,26 @@ impl CoordinatorRpc for Service {
                             shared.perform(actions);
                             Ok(())
                         });
-                        if let Err(e) = applied {
-                            tracing::warn!(worker = %id, "refused a report: {e}");
-                            // Ends this stream with the error; the worker re-syncs.
-                            let _ = tx.send(Err(e.into()));
-                            return;
+                        match applied {
+                            Ok(()) => {}
+                            // A report of a generation that has just ended (e.g. a
+                            // survivor's failure after the abort) is expected: drop it.
+                            Err(e @ ProtoError::StaleGeneration { .. }) => {
+                                tracing::debug!(worker = %id, "dropped a report: {e}");
+                            }
+                            Err(e) => {
+                                tracing::warn!(worker = %id, "refused a report: {e}");
+                                // Ends this stream with the error, and the worker with it:
+                                // it registers again, and no member is left behind that
+                                // never heartbeats.
+                                let _ = tx.send(Err(e.into()));
+                                close_session(&shared, &id, session);
+                                return;
+                            }
                         }
                     }
                     Ok(None) | Err(_) => {
-                        {
-                            let mut links = lock(&shared.links);
-                            if links.get(&id).is_some_and(|(s, _)| *s == session) {
-                                links.remove(&id);
-                            }
-                        }
-                        shared.apply(|job| ((), job.stream_closed(&id, session)));
+                        close_session(&shared, &id, session);
                         return;
                     }
                 }
@@ -215,11 +233,6 @@ impl TokenCheck {
     }
 }
 
-/// Compare without an early exit, so timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl tonic::service::Interceptor for TokenCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.expected else {
@@ -230,7 +243,7 @@ impl tonic::service::Interceptor for TokenCheck {
             .get(AUTH_HEADER)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        if constant_time_eq(given, expected.as_bytes()) {
+        if stackwise_proto::constant_time_eq(given, expected.as_bytes()) {
             Ok(req)
         } else {
             Err(ProtoError::Unauthenticated.into())

@@ -28,6 +28,8 @@ pub enum ProtoError {
     UnknownWorker(String),
     #[error("the job is over: {0}")]
     JobOver(String),
+    #[error("the session secret does not match worker {0:?}'s registration")]
+    WrongSessionSecret(String),
 }
 
 impl From<ProtoError> for tonic::Status {
@@ -43,6 +45,7 @@ impl From<ProtoError> for tonic::Status {
             ProtoError::StaleGeneration { .. } => tonic::Status::failed_precondition(msg),
             ProtoError::UnknownWorker(_) => tonic::Status::not_found(msg),
             ProtoError::JobOver(_) => tonic::Status::unavailable(msg),
+            ProtoError::WrongSessionSecret(_) => tonic::Status::permission_denied(msg),
         }
     }
 }
@@ -210,6 +213,9 @@ impl std::str::FromStr for Backend {
     }
 }
 
+/// Bytes of a generation's ring nonce.
+pub const RING_NONCE_BYTES: usize = 32;
+
 /// What a worker is told to run in a generation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunStage {
@@ -225,6 +231,8 @@ pub struct RunStage {
     pub ring_tag: u64,
     /// The stage plan as JSON (none = one end-to-end stage).
     pub plan_json: Option<String>,
+    /// The generation's ring key material (see the proto).
+    pub ring_nonce: Vec<u8>,
 }
 
 impl TryFrom<pb::RunStage> for RunStage {
@@ -250,6 +258,15 @@ impl TryFrom<pb::RunStage> for RunStage {
                 ),
             ));
         }
+        if backend == Backend::Ring && r.ring_nonce.len() != RING_NONCE_BYTES {
+            return Err(invalid(
+                "ring_nonce",
+                format!(
+                    "{} bytes; a ring needs {RING_NONCE_BYTES}",
+                    r.ring_nonce.len()
+                ),
+            ));
+        }
         if backend == Backend::Local && r.world_size != 1 {
             return Err(invalid("backend", "local needs world_size 1"));
         }
@@ -268,6 +285,7 @@ impl TryFrom<pb::RunStage> for RunStage {
             until_step: (r.until_step > 0).then_some(r.until_step),
             ring_tag: r.ring_tag,
             plan_json: (!r.plan_json.is_empty()).then_some(r.plan_json),
+            ring_nonce: r.ring_nonce,
         })
     }
 }
@@ -286,6 +304,7 @@ impl From<RunStage> for pb::RunStage {
             until_step: r.until_step.unwrap_or(0),
             ring_tag: r.ring_tag,
             plan_json: r.plan_json.unwrap_or_default(),
+            ring_nonce: r.ring_nonce,
         }
     }
 }
@@ -377,7 +396,10 @@ pub struct StageDone {
 /// A report from a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
-    Hello,
+    /// Opens a session; carries the secret of the worker's registration.
+    Hello {
+        session_secret: String,
+    },
     Heartbeat {
         step: u64,
     },
@@ -398,7 +420,7 @@ impl Report {
     /// Reports that belong to a generation's work and are refused when stale. Hello and
     /// heartbeats only keep the lease alive and are accepted from any generation.
     pub fn is_fenced(&self) -> bool {
-        !matches!(self, Report::Hello | Report::Heartbeat { .. })
+        !matches!(self, Report::Hello { .. } | Report::Heartbeat { .. })
     }
 }
 
@@ -427,7 +449,9 @@ impl TryFrom<pb::WorkerMessage> for WorkerReport {
             return Err(ProtoError::Missing("worker_id"));
         }
         let report = match m.body.ok_or(ProtoError::Missing("body"))? {
-            Body::Hello(_) => Report::Hello,
+            Body::Hello(h) => Report::Hello {
+                session_secret: h.session_secret,
+            },
             Body::Heartbeat(h) => Report::Heartbeat { step: h.step },
             Body::Step(s) => Report::Step(StepMetrics {
                 stage: s.stage,
@@ -475,7 +499,7 @@ impl WorkerReport {
     pub fn into_pb(self) -> pb::WorkerMessage {
         use pb::worker_message::Body;
         let body = match self.report {
-            Report::Hello => Body::Hello(pb::Hello {}),
+            Report::Hello { session_secret } => Body::Hello(pb::Hello { session_secret }),
             Report::Heartbeat { step } => Body::Heartbeat(pb::Heartbeat { step }),
             Report::Step(s) => Body::Step(pb::StepMetrics {
                 stage: s.stage,
@@ -530,6 +554,7 @@ mod tests {
             until_step: None,
             ring_tag: 0,
             plan_json: Some("{}".into()),
+            ring_nonce: vec![9; RING_NONCE_BYTES],
         }
         .into()
     }
@@ -557,6 +582,17 @@ mod tests {
             ..stage()
         };
         assert!(RunStage::try_from(bad_backend).is_err());
+        let short_nonce = pb::RunStage {
+            ring_nonce: vec![1; 8],
+            ..stage()
+        };
+        assert!(matches!(
+            RunStage::try_from(short_nonce),
+            Err(ProtoError::Invalid {
+                field: "ring_nonce",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -565,7 +601,7 @@ mod tests {
             run_id: String::new(),
             generation: 1,
             worker_id: "w".into(),
-            body: Some(pb::worker_message::Body::Hello(pb::Hello {})),
+            body: Some(pb::worker_message::Body::Hello(pb::Hello::default())),
         };
         assert_eq!(
             WorkerReport::try_from(m.clone()),
@@ -639,6 +675,10 @@ mod tests {
             ),
             (ProtoError::UnknownWorker("w".into()), Code::NotFound),
             (ProtoError::JobOver("done".into()), Code::Unavailable),
+            (
+                ProtoError::WrongSessionSecret("w".into()),
+                Code::PermissionDenied,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(tonic::Status::from(e).code(), code);

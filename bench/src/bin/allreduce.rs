@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use stackwise_worker::comm::{Comm, Ring, RingListener};
+use stackwise_worker::comm::{Comm, Ring, RingKey, RingListener, RingOptions};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -94,7 +94,11 @@ fn run_rank(a: &Args, rank: usize) -> Result<()> {
         rank,
         1,
         1,
-        Duration::from_secs(30),
+        &RingOptions {
+            key: RingKey::derive(None, b"allreduce benchmark"),
+            connect_timeout: Duration::from_secs(30),
+            collective_timeout: Duration::from_secs(600),
+        },
         Arc::default(),
     )?;
     let w = a.world as f64;

@@ -209,20 +209,40 @@ impl Job {
         self.events.push(msg);
     }
 
-    pub fn register(&mut self, reg: Registration, now: Instant) -> Result<String, ProtoError> {
+    /// Add a worker; returns its id and the session secret its session hello must carry.
+    pub fn register(
+        &mut self,
+        reg: Registration,
+        now: Instant,
+    ) -> Result<(String, String), ProtoError> {
         if self.phase.is_over() {
             return Err(ProtoError::JobOver(self.phase.name().into()));
         }
         let name = reg.name.clone();
         let host = reg.capabilities.host.clone();
-        let id = self.members.register(reg, now);
+        let secret = stackwise_proto::random_hex(32);
+        let id = self.members.register(reg, secret.clone(), now);
         self.event(format!("worker {id} ({name} on {host}) registered"));
-        Ok(id)
+        Ok((id, secret))
     }
 
-    /// A session stream of `id` opened: commands for it go there from now on. Returns the
-    /// session number (for `stream_closed`) and the actions.
-    pub fn attach(&mut self, id: &str, now: Instant) -> Result<(u64, Vec<Action>), ProtoError> {
+    /// A session stream of `id` opened with `secret`: commands for it go there from now on.
+    /// Returns the session number (for `stream_closed`) and the actions. A secret other
+    /// than the one issued at registration is refused, so no one takes over a worker's
+    /// session by its listed id.
+    pub fn attach(
+        &mut self,
+        id: &str,
+        secret: &str,
+        now: Instant,
+    ) -> Result<(u64, Vec<Action>), ProtoError> {
+        let member = self
+            .members
+            .get(id)
+            .ok_or_else(|| ProtoError::UnknownWorker(id.to_string()))?;
+        if !stackwise_proto::constant_time_eq(member.session_secret.as_bytes(), secret.as_bytes()) {
+            return Err(ProtoError::WrongSessionSecret(id.to_string()));
+        }
         self.members.touch(id, now)?;
         self.session_counter += 1;
         self.sessions.insert(id.to_string(), self.session_counter);
@@ -273,7 +293,7 @@ impl Job {
             });
         }
         match r.report {
-            Report::Hello | Report::Heartbeat { .. } => {}
+            Report::Hello { .. } | Report::Heartbeat { .. } => {}
             Report::Step(s) => {
                 self.tokens_total += s.tokens;
                 self.steps_window = Some(
@@ -613,6 +633,7 @@ impl Job {
                 )),
         ));
         let plan_json = serde_json::to_string(&self.spec.plan).expect("a plan serializes");
+        let ring_nonce = stackwise_proto::random_bytes(stackwise_proto::model::RING_NONCE_BYTES);
         for (rank, id) in ranks.iter().enumerate() {
             let cmd = RunStage {
                 rank: rank as u32,
@@ -626,6 +647,7 @@ impl Job {
                 until_step: Some(until_step),
                 ring_tag: self.instance ^ self.generation.rotate_left(32),
                 plan_json: Some(plan_json.clone()),
+                ring_nonce: ring_nonce.clone(),
             };
             self.send(id, Command::RunStage(Box::new(cmd)));
         }

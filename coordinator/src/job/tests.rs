@@ -81,10 +81,14 @@ fn join(job: &mut Job, name: &str, now: Instant) -> (String, Inbox) {
         },
         ring_address: format!("127.0.0.1:{}", 7000 + name.len()),
     };
-    let id = job.register(reg, now).unwrap();
+    let (id, secret) = job.register(reg, now).unwrap();
     let inbox = Inbox::default();
     INBOXES.with(|b| b.borrow_mut().insert(id.clone(), inbox.clone()));
-    let (_, actions) = job.attach(&id, now).unwrap();
+    assert!(matches!(
+        job.attach(&id, "not its secret", now),
+        Err(ProtoError::WrongSessionSecret(_))
+    ));
+    let (_, actions) = job.attach(&id, &secret, now).unwrap();
     deliver(actions);
     (id, inbox)
 }

@@ -13,6 +13,10 @@ pub enum CommError {
     Aborted,
     #[error("nccl: {0}")]
     Nccl(String),
+    #[error("ranks out of step: {0}")]
+    OutOfStep(String),
+    #[error("collective timed out: {0}")]
+    Timeout(String),
 }
 
 /// A group of `world_size` ranks that reduce and share buffers. Every rank calls the same

@@ -2,6 +2,7 @@
 //! CPU) and `nccl` (CUDA, feature `cuda`), behind the `Comm` trait (`collective.rs`).
 
 pub mod collective;
+mod handshake;
 mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -9,5 +10,6 @@ pub mod ring;
 
 pub(crate) use collective::chunk_range;
 pub use collective::{Comm, CommError};
+pub use handshake::RingKey;
 pub use local::Local;
-pub use ring::{Ring, RingAbort, RingListener};
+pub use ring::{COLLECTIVE_TIMEOUT_ENV, Ring, RingAbort, RingListener, RingOptions};

@@ -13,17 +13,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::handshake::{self, Hello, RingKey};
 use super::{Comm, CommError, chunk_range};
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("the ring sends f32 buffers as raw little-endian bytes");
 
-/// "STKWRING"
-const MAGIC: u64 = 0x5354_4b57_5249_4e47;
 /// Floats per message: 256 KiB pieces keep the pipe full without large staging buffers.
 const PIECE_FLOATS: usize = 64 * 1024;
+/// Handshakes in progress at once on a listener; connections past it are closed at once.
+const MAX_HANDSHAKES: usize = 64;
 
-/// The worker's listening socket for ring connections, bound once for the worker's life.
+/// How a ring is formed and how long its collectives may wait.
+#[derive(Debug, Clone)]
+pub struct RingOptions {
+    /// The generation's key (see [`RingKey::derive`]).
+    pub key: RingKey,
+    /// Forming the ring fails after this long.
+    pub connect_timeout: Duration,
+    /// A collective fails when the previous rank sends nothing (or the next takes nothing)
+    /// for this long: ranks out of step, or a peer stalled without closing its socket.
+    pub collective_timeout: Duration,
+}
+
 pub struct RingListener {
     listener: TcpListener,
 }
@@ -67,37 +79,9 @@ pub struct Ring {
     broken: bool,
     aborted: Arc<AtomicBool>,
     abort_streams: Arc<Vec<TcpStream>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Hello {
-    run_tag: u64,
-    generation: u64,
-    from_rank: u32,
-    world: u32,
-}
-
-impl Hello {
-    fn encode(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
-        b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-        b[8..16].copy_from_slice(&self.run_tag.to_le_bytes());
-        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
-        b[24..28].copy_from_slice(&self.from_rank.to_le_bytes());
-        b[28..32].copy_from_slice(&self.world.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8; 32]) -> Option<Self> {
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        (u64_at(0) == MAGIC).then(|| Self {
-            run_tag: u64_at(8),
-            generation: u64_at(16),
-            from_rank: u32_at(24),
-            world: u32_at(28),
-        })
-    }
+    /// Collectives started on this ring, checked against the previous rank's count.
+    seq: u64,
+    collective_timeout: Duration,
 }
 
 fn tune(s: &TcpStream) -> std::io::Result<()> {
@@ -106,17 +90,118 @@ fn tune(s: &TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Dial the next rank until a connection passes the handshake, the deadline passes, or
+/// `cancel` is set.
+fn dial_next(
+    addr: &str,
+    key: &RingKey,
+    hello: &Hello,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<TcpStream, CommError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| CommError::Setup(format!("resolve peer {addr}: {e}")))?
+        .collect();
+    let mut last_refusal = None;
+    loop {
+        if let Some(mut s) = addrs
+            .iter()
+            .find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).ok())
+        {
+            tune(&s)?;
+            match handshake::dial(&mut s, key, hello) {
+                Ok(()) => return Ok(s),
+                Err(e) => {
+                    tracing::debug!(
+                        "ring: the next rank at {addr} refused or failed the handshake: {e}"
+                    );
+                    last_refusal = Some(e.to_string());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(CommError::Setup(format!(
+                "could not connect to the next rank at {addr} in time{}",
+                last_refusal.map_or(String::new(), |e| format!(" (last handshake: {e})"))
+            )));
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Accept connections, each handshaken on a thread of its own (at most [`MAX_HANDSHAKES`]
+/// at once, each bounded by the handshake deadline), until one from the previous rank
+/// passes. Idle, garbage and unauthenticated connections are dropped without delaying it.
+fn accept_prev(
+    listener: &TcpListener,
+    key: &RingKey,
+    expected: Hello,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<TcpStream, CommError> {
+    let (tx, rx) = std::sync::mpsc::channel::<TcpStream>();
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    loop {
+        match listener.accept() {
+            Ok((s, from)) => {
+                if in_flight.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    tracing::warn!(
+                        "ring: {from} dropped: {MAX_HANDSHAKES} handshakes already in progress"
+                    );
+                    continue;
+                }
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                let (tx, key, in_flight) = (tx.clone(), key.clone(), in_flight.clone());
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let ok = tune(&s)
+                        .map_err(handshake::Refused::from)
+                        .and_then(|()| handshake::accept(&mut s, &key, &expected));
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    match ok {
+                        Ok(()) => {
+                            let _ = tx.send(s);
+                        }
+                        Err(e) => tracing::debug!("ring: dropped a connection from {from}: {e}"),
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Ok(s) = rx.try_recv() {
+                    return Ok(s);
+                }
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(CommError::Aborted);
+                }
+                if Instant::now() > deadline {
+                    return Err(CommError::Setup(format!(
+                        "rank {} did not connect in time",
+                        expected.from_rank
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Ring {
     /// Form the ring of one generation: connect to rank+1's listener and accept rank-1's
-    /// connection. Connections from another run or generation (e.g. a late peer of an
-    /// aborted generation) are dropped. Fails after `timeout`, or soon after `cancel` is set.
+    /// connection, both authenticated with the generation's key. Connections from another
+    /// run or generation (e.g. a late peer of an aborted generation) and strangers are
+    /// dropped. Fails after `opts.connect_timeout`, or soon after `cancel` is set.
     pub fn connect(
         listener: &RingListener,
         peers: &[String],
         rank: usize,
         run_tag: u64,
         generation: u64,
-        timeout: Duration,
+        opts: &RingOptions,
         cancel: Arc<AtomicBool>,
     ) -> Result<Self, CommError> {
         let world = peers.len();
@@ -125,77 +210,28 @@ impl Ring {
                 "a ring needs at least 2 ranks and rank < world (rank {rank}, world {world})"
             )));
         }
-        let deadline = Instant::now() + timeout;
-        let next_addr = peers[(rank + 1) % world].clone();
+        let deadline = Instant::now() + opts.connect_timeout;
         let hello = Hello {
             run_tag,
             generation,
             from_rank: rank as u32,
             world: world as u32,
         };
-        let dial_cancel = cancel.clone();
-        let dialer = std::thread::spawn(move || -> Result<TcpStream, CommError> {
-            let addrs: Vec<SocketAddr> = next_addr
-                .to_socket_addrs()
-                .map_err(|e| CommError::Setup(format!("resolve peer {next_addr}: {e}")))?
-                .collect();
-            loop {
-                let attempt = addrs
-                    .iter()
-                    .find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).ok());
-                if let Some(mut s) = attempt {
-                    tune(&s)?;
-                    s.write_all(&hello.encode())?;
-                    return Ok(s);
-                }
-                if Instant::now() > deadline {
-                    return Err(CommError::Setup(format!(
-                        "could not connect to the next rank at {next_addr} within {timeout:?}"
-                    )));
-                }
-                if dial_cancel.load(Ordering::SeqCst) {
-                    return Err(CommError::Aborted);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        let want_from = ((rank + world - 1) % world) as u32;
-        let prev = loop {
-            match listener.listener.accept() {
-                Ok((mut s, _)) => {
-                    tune(&s)?;
-                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    let mut b = [0u8; 32];
-                    let ok = s.read_exact(&mut b).is_ok()
-                        && Hello::decode(&b).is_some_and(|h| {
-                            h == Hello {
-                                from_rank: want_from,
-                                ..hello
-                            }
-                        });
-                    if ok {
-                        s.set_read_timeout(None)?;
-                        break s;
-                    }
-                    tracing::debug!("ring: dropped a connection from another run or generation");
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if cancel.load(Ordering::SeqCst) {
-                        return Err(CommError::Aborted);
-                    }
-                    if Instant::now() > deadline {
-                        return Err(CommError::Setup(format!(
-                            "rank {want_from} did not connect within {timeout:?}"
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(e.into()),
-            }
+        let next_addr = peers[(rank + 1) % world].clone();
+        let (key, dial_cancel) = (opts.key.clone(), cancel.clone());
+        let dialer =
+            std::thread::spawn(move || dial_next(&next_addr, &key, &hello, deadline, &dial_cancel));
+        let expected = Hello {
+            from_rank: ((rank + world - 1) % world) as u32,
+            ..hello
         };
+        let prev = accept_prev(&listener.listener, &opts.key, expected, deadline, &cancel);
         let next = dialer
             .join()
-            .map_err(|_| CommError::Setup("ring dialer panicked".into()))??;
+            .map_err(|_| CommError::Setup("ring dialer panicked".into()))?;
+        let (prev, next) = (prev?, next?);
+        prev.set_read_timeout(Some(opts.collective_timeout))?;
+        next.set_write_timeout(Some(opts.collective_timeout))?;
         let abort_streams = Arc::new(vec![next.try_clone()?, prev.try_clone()?]);
         Ok(Self {
             rank,
@@ -206,6 +242,8 @@ impl Ring {
             broken: false,
             aborted: Arc::new(AtomicBool::new(false)),
             abort_streams,
+            seq: 0,
+            collective_timeout: opts.collective_timeout,
         })
     }
 
@@ -221,9 +259,32 @@ impl Ring {
         let _ = self.next.shutdown(Shutdown::Both);
         let _ = self.prev.shutdown(Shutdown::Both);
         if self.aborted.load(Ordering::SeqCst) {
-            CommError::Aborted
-        } else {
-            e
+            return CommError::Aborted;
+        }
+        match e {
+            CommError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                CommError::Timeout(format!(
+                    "rank {}: no data moved to or from the neighbouring ranks for {:?} \
+                     (ranks out of step, or a peer stalled); raise it with {COLLECTIVE_TIMEOUT_ENV}",
+                    self.rank, self.collective_timeout
+                ))
+            }
+            e => e,
+        }
+    }
+
+    /// The frame of this rank's next collective.
+    fn frame(&mut self, op: Op, floats: usize) -> Frame {
+        self.seq += 1;
+        Frame {
+            op,
+            seq: self.seq,
+            floats: floats as u64,
         }
     }
 
@@ -245,6 +306,88 @@ fn bytes_mut(s: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
 }
 
+/// Overrides the collectives' timeout (seconds) of the ring and NCCL.
+pub const COLLECTIVE_TIMEOUT_ENV: &str = "STACKWISE_COLLECTIVE_TIMEOUT_S";
+
+/// Which collective a frame announces.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    AllReduce,
+    Broadcast { root: u32 },
+    Unknown(u32, u32),
+}
+
+/// Sent ahead of every collective's data: the previous rank's must equal this rank's, so
+/// ranks out of step fail at once with both sides named instead of mixing up buffers or
+/// waiting for bytes that never come.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Frame {
+    op: Op,
+    seq: u64,
+    floats: u64,
+}
+
+impl Frame {
+    const SIZE: usize = 24;
+
+    fn encode(&self) -> [u8; Self::SIZE] {
+        let (op, root) = match self.op {
+            Op::AllReduce => (1, 0),
+            Op::Broadcast { root } => (2, root),
+            Op::Unknown(op, root) => (op, root),
+        };
+        let mut b = [0u8; Self::SIZE];
+        b[0..4].copy_from_slice(&op.to_le_bytes());
+        b[4..8].copy_from_slice(&root.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.floats.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; Self::SIZE]) -> Self {
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let op = match (u32_at(0), u32_at(4)) {
+            (1, 0) => Op::AllReduce,
+            (2, root) => Op::Broadcast { root },
+            (op, root) => Op::Unknown(op, root),
+        };
+        Self {
+            op,
+            seq: u64_at(8),
+            floats: u64_at(16),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let what = match self.op {
+            Op::AllReduce => "an all-reduce".to_string(),
+            Op::Broadcast { root } => format!("a broadcast from rank {root}"),
+            Op::Unknown(op, _) => format!("an unknown collective ({op})"),
+        };
+        format!(
+            "collective #{} ({what} of {} floats)",
+            self.seq, self.floats
+        )
+    }
+
+    /// Read the previous rank's frame and compare it with `self`.
+    fn check(&self, prev: &mut TcpStream, rank: usize, world: usize) -> Result<(), CommError> {
+        let mut b = [0u8; Self::SIZE];
+        prev.read_exact(&mut b)?;
+        let theirs = Self::decode(&b);
+        if theirs != *self {
+            return Err(CommError::OutOfStep(format!(
+                "rank {} is at {}, rank {rank} at {}",
+                (rank + world - 1) % world,
+                theirs.describe(),
+                self.describe()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The pieces of chunk `c`.
 fn pieces(n: usize, world: usize, c: usize) -> Vec<Range<usize>> {
     let r = chunk_range(n, world, c);
@@ -255,7 +398,7 @@ fn pieces(n: usize, world: usize, c: usize) -> Vec<Range<usize>> {
 }
 
 /// One piece of one step: the region of the buffer it reads (writer) or writes (reader).
-struct Op {
+struct PieceOp {
     step: usize,
     piece: usize,
     range: Range<usize>,
@@ -266,7 +409,7 @@ fn schedule(
     n: usize,
     world: usize,
     chunk_of_step: impl Fn(usize) -> usize,
-) -> (Vec<Op>, Vec<usize>) {
+) -> (Vec<PieceOp>, Vec<usize>) {
     let mut ops = Vec::new();
     let mut starts = Vec::new();
     for step in 0..2 * (world - 1) {
@@ -275,7 +418,7 @@ fn schedule(
             .into_iter()
             .enumerate()
         {
-            ops.push(Op { step, piece, range });
+            ops.push(PieceOp { step, piece, range });
         }
     }
     (ops, starts)
@@ -342,6 +485,7 @@ impl Comm for Ring {
         if n == 0 {
             return Ok(());
         }
+        let frame = self.frame(Op::AllReduce, n);
         let (wops, wstart) = schedule(n, w, |s| (r + w * 2 - s % w) % w);
         let (rops, rstart) = schedule(n, w, |s| (r + w * 2 - s % w - 1) % w);
         let progress = Progress::default();
@@ -353,6 +497,10 @@ impl Comm for Ring {
         let result = std::thread::scope(|scope| {
             let writer = scope.spawn(|| -> Result<(), CommError> {
                 let mut out = next;
+                if let Err(e) = out.write_all(&frame.encode()) {
+                    progress.update(|p| p.2 = true);
+                    return Err(e.into());
+                }
                 for (i, op) in wops.iter().enumerate() {
                     let need = (op.step > 0).then(|| rstart[op.step - 1] + op.piece + 1);
                     if !progress.wait(|rd, _| need.is_none_or(|k| rd >= k)) {
@@ -374,6 +522,7 @@ impl Comm for Ring {
                 Ok(())
             });
             let read = (|| -> Result<(), CommError> {
+                frame.check(prev, r, w)?;
                 for (i, op) in rops.iter().enumerate() {
                     let need = (op.step + 1 >= w).then(|| wstart[op.step + 1 - w] + op.piece + 1);
                     if !progress.wait(|_, wd| need.is_none_or(|k| wd >= k)) {
@@ -418,7 +567,14 @@ impl Comm for Ring {
             )));
         }
         let dist = (r + w - root) % w;
+        let frame = self.frame(Op::Broadcast { root: root as u32 }, buf.len());
         let result = (|| -> Result<(), CommError> {
+            if dist > 0 {
+                frame.check(&mut self.prev, r, w)?;
+            }
+            if dist < w - 1 {
+                self.next.write_all(&frame.encode())?;
+            }
             let n = buf.len();
             for s in (0..n).step_by(PIECE_FLOATS) {
                 let piece = &mut buf[s..(s + PIECE_FLOATS).min(n)];
@@ -439,6 +595,14 @@ impl Comm for Ring {
 mod tests {
     use super::*;
 
+    fn opts() -> RingOptions {
+        RingOptions {
+            key: RingKey::derive(Some("job token"), b"generation nonce"),
+            connect_timeout: Duration::from_secs(20),
+            collective_timeout: Duration::from_secs(20),
+        }
+    }
+
     /// Ranks as threads joined by real TCP connections on 127.0.0.1.
     fn rings(world: usize, generation: u64) -> Vec<Ring> {
         let listeners: Vec<_> = (0..world)
@@ -454,16 +618,8 @@ mod tests {
             .map(|(rank, l)| {
                 let peers = peers.clone();
                 std::thread::spawn(move || {
-                    Ring::connect(
-                        &l,
-                        &peers,
-                        rank,
-                        7,
-                        generation,
-                        Duration::from_secs(20),
-                        Default::default(),
-                    )
-                    .unwrap()
+                    Ring::connect(&l, &peers, rank, 7, generation, &opts(), Default::default())
+                        .unwrap()
                 })
             })
             .collect();
@@ -568,50 +724,59 @@ mod tests {
         }
     }
 
+    /// Connections a listener must drop: idle, garbage, a stale generation's hello, and a
+    /// current hello with the wrong key.
+    fn strangers(addr: SocketAddr) -> Vec<std::thread::JoinHandle<()>> {
+        let stale = Hello {
+            run_tag: 7,
+            generation: 1,
+            from_rank: 1,
+            world: 2,
+        };
+        let current = Hello {
+            generation: 2,
+            ..stale
+        };
+        let wrong_key = RingKey::derive(Some("not the job token"), b"generation nonce");
+        let mut out = Vec::new();
+        out.push(std::thread::spawn(move || {
+            let _idle = TcpStream::connect(addr).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        }));
+        out.push(std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(&[0x5a; 4096]);
+        }));
+        out.push(std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = handshake::dial(&mut s, &opts().key, &stale);
+        }));
+        out.push(std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            assert!(handshake::dial(&mut s, &wrong_key, &current).is_err());
+        }));
+        out
+    }
+
     #[test]
-    fn connections_from_another_generation_are_dropped() {
+    fn strangers_and_stale_peers_on_the_port_are_dropped_and_the_ring_still_forms() {
         let l = RingListener::bind("127.0.0.1:0").unwrap();
         let other = RingListener::bind("127.0.0.1:0").unwrap();
         let peers = vec![
             l.local_addr().unwrap().to_string(),
             other.local_addr().unwrap().to_string(),
         ];
-        // A stale peer of generation 1 knocks first.
-        let mut stale = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        stale
-            .write_all(
-                &Hello {
-                    run_tag: 7,
-                    generation: 1,
-                    from_rank: 1,
-                    world: 2,
-                }
-                .encode(),
-            )
-            .unwrap();
+        // They knock before rank 1 does, and stay connected while the ring forms.
+        let knocks = strangers(l.local_addr().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
         let p2 = peers.clone();
         let h = std::thread::spawn(move || {
-            Ring::connect(
-                &other,
-                &p2,
-                1,
-                7,
-                2,
-                Duration::from_secs(10),
-                Default::default(),
-            )
-            .unwrap()
+            Ring::connect(&other, &p2, 1, 7, 2, &opts(), Default::default()).unwrap()
         });
-        let mut r0 = Ring::connect(
-            &l,
-            &peers,
-            0,
-            7,
-            2,
-            Duration::from_secs(10),
-            Default::default(),
-        )
-        .unwrap();
+        let started = Instant::now();
+        let mut r0 = Ring::connect(&l, &peers, 0, 7, 2, &opts(), Default::default()).unwrap();
+        // Not held up by the idle connection's handshake deadline.
+        assert!(started.elapsed() < handshake::HANDSHAKE_TIMEOUT);
         let mut r1 = h.join().unwrap();
         let t = std::thread::spawn(move || {
             let mut b = vec![1.0f32; 10];
@@ -622,6 +787,77 @@ mod tests {
         r0.all_reduce_sum(&mut b).unwrap();
         assert_eq!(b, vec![3.0; 10]);
         assert_eq!(t.join().unwrap(), vec![3.0; 10]);
+        for k in knocks {
+            k.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_ring_with_the_wrong_key_never_forms() {
+        let l = RingListener::bind("127.0.0.1:0").unwrap();
+        let other = RingListener::bind("127.0.0.1:0").unwrap();
+        let peers = vec![
+            l.local_addr().unwrap().to_string(),
+            other.local_addr().unwrap().to_string(),
+        ];
+        let quick = |token: &str| RingOptions {
+            key: RingKey::derive(Some(token), b"generation nonce"),
+            connect_timeout: Duration::from_secs(2),
+            ..opts()
+        };
+        let p2 = peers.clone();
+        let h = std::thread::spawn(move || {
+            Ring::connect(&other, &p2, 1, 7, 2, &quick("b"), Default::default()).is_err()
+        });
+        assert!(Ring::connect(&l, &peers, 0, 7, 2, &quick("a"), Default::default()).is_err());
+        assert!(h.join().unwrap());
+    }
+
+    #[test]
+    fn ranks_out_of_step_fail_with_both_collectives_named() {
+        let mut rs = rings(2, 1);
+        let mut r1 = rs.pop().unwrap();
+        let mut r0 = rs.pop().unwrap();
+        let t = std::thread::spawn(move || r1.broadcast(&mut [0.0; 10], 0));
+        let e0 = r0.all_reduce_sum(&mut [1.0; 12]);
+        let e1 = t.join().unwrap().unwrap_err().to_string();
+        assert!(e0.is_err());
+        assert!(
+            e1.contains("rank 0 is at collective #1 (an all-reduce of 12 floats), rank 1 at collective #1 (a broadcast from rank 0 of 10 floats)"),
+            "{e1}"
+        );
+    }
+
+    #[test]
+    fn a_rank_that_never_joins_the_collective_times_out_instead_of_hanging() {
+        let quick = RingOptions {
+            collective_timeout: Duration::from_millis(300),
+            ..opts()
+        };
+        let listeners: Vec<_> = (0..2)
+            .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let mut hs: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (peers, quick) = (peers.clone(), quick.clone());
+                std::thread::spawn(move || {
+                    Ring::connect(&l, &peers, rank, 7, 1, &quick, Default::default()).unwrap()
+                })
+            })
+            .collect();
+        let _idle = hs.pop().unwrap().join().unwrap();
+        let mut r0 = hs.pop().unwrap().join().unwrap();
+        let started = Instant::now();
+        let e = r0.all_reduce_sum(&mut [1.0; 100]).unwrap_err();
+        assert!(matches!(e, CommError::Timeout(_)), "{e}");
+        assert!(e.to_string().contains(COLLECTIVE_TIMEOUT_ENV));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -11,13 +11,12 @@ use stackwise_proto::{PROTOCOL_VERSION, pb};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::options::{Terminate, WorkerOptions, capabilities};
-use super::stage::{Work, start, stop};
-use crate::comm::RingListener;
+use super::stage::{RingSide, Work, start, stop};
 
 /// One registration and session. Returns the Shutdown reason, or the error that ended it.
 pub(super) async fn session(
     opts: &WorkerOptions,
-    listener: &Arc<RingListener>,
+    ring_side: &Arc<RingSide>,
     ring_address: &str,
     registered: &mut bool,
     term: &Terminate,
@@ -56,7 +55,12 @@ pub(super) async fn session(
             .into_pb()
         }
     };
-    let _ = up.send(report(0, Report::Hello));
+    let _ = up.send(report(
+        0,
+        Report::Hello {
+            session_secret: reg.session_secret.clone(),
+        },
+    ));
     let mut inbound = client
         .session(UnboundedReceiverStream::new(up_rx))
         .await
@@ -133,7 +137,7 @@ pub(super) async fn session(
                     *rs,
                     fence,
                     opts.device,
-                    listener.clone(),
+                    ring_side.clone(),
                     up.clone(),
                     report.clone(),
                     step.clone(),

@@ -12,7 +12,9 @@ use stackwise_proto::model::{Backend, Fence, Report, RunStage, StageDone};
 use stackwise_proto::pb;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::comm::{Comm, Local, Ring, RingAbort, RingListener};
+use crate::comm::{
+    COLLECTIVE_TIMEOUT_ENV, Comm, Local, Ring, RingAbort, RingKey, RingListener, RingOptions,
+};
 use crate::train::{Aborted, RunOptions, TrainEvent, Trainer};
 
 /// A stable 64-bit tag of the run id (FNV-1a), checked in the ring handshake.
@@ -20,6 +22,30 @@ pub fn run_tag(run_id: &str) -> u64 {
     run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// This worker's side of the rings it joins: its listener, bound once for its life, and
+/// the job token the generations' ring keys are derived from.
+pub(super) struct RingSide {
+    pub(super) listener: RingListener,
+    pub(super) token: Option<String>,
+}
+
+/// How long a collective may wait on a peer: `STACKWISE_COLLECTIVE_TIMEOUT_S`, else 30 min
+/// (long enough for the slowest checkpoint write a rank may be busy with).
+fn collective_timeout() -> Result<Duration> {
+    match std::env::var(COLLECTIVE_TIMEOUT_ENV) {
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .with_context(|| {
+                format!("{COLLECTIVE_TIMEOUT_ENV}={v:?} is not a positive number of seconds")
+            }),
+        Err(_) => Ok(Duration::from_secs(30 * 60)),
+    }
 }
 
 /// The stage running on this worker's training thread.
@@ -62,7 +88,7 @@ pub(super) fn start(
     rs: RunStage,
     fence: Fence,
     device: DeviceSpec,
-    listener: Arc<RingListener>,
+    ring_side: Arc<RingSide>,
     up: UnboundedSender<pb::WorkerMessage>,
     report: impl Fn(u64, Report) -> pb::WorkerMessage + Send + Sync + Clone + 'static,
     step: Arc<AtomicU64>,
@@ -88,7 +114,7 @@ pub(super) fn start(
                         &rs,
                         &fence,
                         device,
-                        &listener,
+                        &ring_side,
                         &abort,
                         &stop_request,
                         &ring,
@@ -157,7 +183,7 @@ fn run_stage(
     rs: &RunStage,
     fence: &Fence,
     device: DeviceSpec,
-    listener: &RingListener,
+    ring_side: &RingSide,
     abort: &Arc<AtomicBool>,
     stop_request: &Arc<AtomicBool>,
     ring_slot: &Mutex<Option<RingAbort>>,
@@ -172,13 +198,18 @@ fn run_stage(
     let comm: Box<dyn Comm> = match rs.backend {
         Backend::Local => Box::new(Local),
         Backend::Ring => {
+            let opts = RingOptions {
+                key: RingKey::derive(ring_side.token.as_deref(), &rs.ring_nonce),
+                connect_timeout: Duration::from_secs(120),
+                collective_timeout: collective_timeout()?,
+            };
             let ring = Ring::connect(
-                listener,
+                &ring_side.listener,
                 &rs.peers,
                 rank,
                 run_tag(&fence.run_id) ^ rs.ring_tag,
                 fence.generation,
-                Duration::from_secs(120),
+                &opts,
                 abort.clone(),
             )?;
             *ring_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(ring.abort_handle());

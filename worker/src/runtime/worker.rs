@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 
 use super::options::{Terminate, WorkerOptions, local_host_towards};
 use super::session::session;
+use super::stage::RingSide;
 use crate::comm::RingListener;
 
 /// Errors that retrying cannot fix.
@@ -30,11 +31,12 @@ fn is_fatal(e: &anyhow::Error) -> bool {
 
 /// Run until the coordinator says Shutdown (Ok) or cannot be reached for `rejoin_timeout`.
 pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
-    let listener = Arc::new(
-        RingListener::bind(&opts.ring_bind)
+    let ring_side = Arc::new(RingSide {
+        listener: RingListener::bind(&opts.ring_bind)
             .with_context(|| format!("bind the ring listener to {}", opts.ring_bind))?,
-    );
-    let port = listener.local_addr()?.port();
+        token: opts.target.token.clone(),
+    });
+    let port = ring_side.listener.local_addr()?.port();
     let host = opts
         .advertise_host
         .clone()
@@ -66,7 +68,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
         if term.asked.load(Ordering::SeqCst) && !registered {
             bail!("SIGTERM while not connected to the coordinator: exiting");
         }
-        match session(&opts, &listener, &ring_address, &mut registered, &term).await {
+        match session(&opts, &ring_side, &ring_address, &mut registered, &term).await {
             Ok(reason) => {
                 tracing::info!("shutting down: {reason}");
                 return Ok(());
