@@ -753,3 +753,31 @@ async fn a_session_cannot_be_opened_for_another_worker_by_its_id() {
     assert_eq!(coord.job().connected(), 1);
     coord.shutdown(Duration::ZERO).await;
 }
+
+#[tokio::test]
+async fn a_session_that_never_says_hello_is_cut_off_within_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(spec(dir.path(), 1, 1000), "127.0.0.1:0", None, None)
+        .await
+        .unwrap();
+    let mut c = Target {
+        url: format!("http://{}", coord.addr),
+        token: None,
+        tls_ca: None,
+    }
+    .connect()
+    .await
+    .unwrap();
+    let (_up, rx) = tokio::sync::mpsc::unbounded_channel::<pb::WorkerMessage>();
+    let started = tokio::time::Instant::now();
+    let e = c
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Cancelled, "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The coordinator goes on serving.
+    let st = c.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.state, "waiting");
+    coord.shutdown(Duration::ZERO).await;
+}

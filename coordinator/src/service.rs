@@ -13,16 +13,21 @@ use stackwise_common::store::Store;
 use stackwise_proto::model::{ProtoError, Registration, Report, WorkerReport};
 use stackwise_proto::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use stackwise_proto::{AUTH_HEADER, pb};
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::job::{Action, Job, JobSpec, Phase};
 
-pub type Downlink = UnboundedSender<Result<pb::CoordinatorMessage, Status>>;
+pub type Downlink = Sender<Result<pb::CoordinatorMessage, Status>>;
+
+/// Commands queued for one worker at most; a worker that lets them pile up is not reading
+/// its session, and the session is closed.
+const DOWNLINK_CAPACITY: usize = 256;
 
 /// The largest gRPC message the coordinator sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -67,12 +72,21 @@ impl Shared {
         for action in actions {
             match action {
                 Action::Send { to, message } => {
-                    let mut links = lock(&self.links);
-                    if let Some((_, link)) = links.get(&to)
-                        && link.send(Ok(*message)).is_err()
-                    {
-                        // The stream is gone; its reader reports the close to the job.
-                        links.remove(&to);
+                    let full = {
+                        let mut links = lock(&self.links);
+                        match links.get(&to).map(|(s, l)| (*s, l.try_send(Ok(*message)))) {
+                            Some((session, Err(TrySendError::Full(_)))) => Some(session),
+                            Some((_, Err(TrySendError::Closed(_)))) => {
+                                // The stream is gone; its reader reports the close to the job.
+                                links.remove(&to);
+                                None
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some(session) = full {
+                        tracing::warn!(worker = %to, "{DOWNLINK_CAPACITY} commands unread: closing its session");
+                        close_session(self, &to, session);
                     }
                 }
                 Action::FindCheckpoint => {
@@ -120,7 +134,7 @@ impl CoordinatorRpc for Service {
         }))
     }
 
-    type SessionStream = UnboundedReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+    type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
 
     async fn session(
         &self,
@@ -138,7 +152,7 @@ impl CoordinatorRpc for Service {
             ));
         };
         let secret = session_secret.clone();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::channel(DOWNLINK_CAPACITY);
         let id = hello.worker_id.clone();
         let shared = self.shared.clone();
         let (session, actions) = {
@@ -179,7 +193,7 @@ impl CoordinatorRpc for Service {
                                 // Ends this stream with the error, and the worker with it:
                                 // it registers again, and no member is left behind that
                                 // never heartbeats.
-                                let _ = tx.send(Err(e.into()));
+                                let _ = tx.try_send(Err(e.into()));
                                 close_session(&shared, &id, session);
                                 return;
                             }
@@ -192,7 +206,7 @@ impl CoordinatorRpc for Service {
                 }
             }
         });
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn status(
@@ -277,6 +291,12 @@ impl Coordinator {
     ) -> Result<Self> {
         stackwise_proto::install_tls_provider();
         spec.plan.validate().context("the job's plan")?;
+        // Every handler must answer within a worker's lease (at least 1 s): a session whose
+        // hello does not come by then is from a worker that would be lost anyway.
+        let rpc_timeout = spec
+            .group
+            .lease
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("bind the coordinator to {bind}"))?;
@@ -307,6 +327,8 @@ impl Coordinator {
         let server = tokio::spawn(
             builder
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .timeout(rpc_timeout)
+                .max_concurrent_streams(Some(64))
                 .concurrency_limit_per_connection(32)
                 .add_service(service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

@@ -62,6 +62,9 @@ impl Target {
         let mut ep = Endpoint::from_shared(self.url.clone())
             .with_context(|| format!("coordinator address {:?}", self.url))?
             .connect_timeout(std::time::Duration::from_secs(5))
+            // Every call must be answered within this (a session: once the coordinator
+            // has read the hello; the stream itself may last as long as the job).
+            .timeout(std::time::Duration::from_secs(30))
             .http2_keep_alive_interval(std::time::Duration::from_secs(10))
             .keep_alive_while_idle(true);
         if self.url.starts_with("https://") {

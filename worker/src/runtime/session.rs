@@ -8,10 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use stackwise_proto::model::{Command, Fence, Report, WorkerReport};
 use stackwise_proto::{PROTOCOL_VERSION, pb};
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::options::{Terminate, WorkerOptions, capabilities};
 use super::stage::{RingSide, Work, start, stop};
+
+/// Messages queued for the coordinator at most.
+const UPLINK_CAPACITY: usize = 1024;
 
 /// One registration and session. Returns the Shutdown reason, or the error that ended it.
 pub(super) async fn session(
@@ -39,7 +43,9 @@ pub(super) async fn session(
     };
     *registered = true;
     tracing::info!(worker = %reg.worker_id, run = %reg.run_id, ring = %ring_address, "registered");
-    let (up, up_rx) = tokio::sync::mpsc::unbounded_channel::<pb::WorkerMessage>();
+    // Bounded: a stalled stream holds back the training thread's reports (it waits) and
+    // drops heartbeats, instead of queueing without limit.
+    let (up, up_rx) = tokio::sync::mpsc::channel::<pb::WorkerMessage>(UPLINK_CAPACITY);
     let worker_id = reg.worker_id.clone();
     let report = {
         let (run_id, worker_id) = (reg.run_id.clone(), worker_id.clone());
@@ -55,14 +61,14 @@ pub(super) async fn session(
             .into_pb()
         }
     };
-    let _ = up.send(report(
+    let _ = up.try_send(report(
         0,
         Report::Hello {
             session_secret: reg.session_secret.clone(),
         },
     ));
     let mut inbound = client
-        .session(UnboundedReceiverStream::new(up_rx))
+        .session(ReceiverStream::new(up_rx))
         .await
         .context("open the session stream")?
         .into_inner();
@@ -82,8 +88,9 @@ pub(super) async fn session(
                         step: step.load(Ordering::SeqCst),
                     },
                 );
-                if up.send(hb).is_err() {
-                    return;
+                match up.try_send(hb) {
+                    Ok(()) | Err(TrySendError::Full(_)) => {}
+                    Err(TrySendError::Closed(_)) => return,
                 }
             }
         })

@@ -10,7 +10,7 @@ use stackwise_common::config::DeviceSpec;
 use stackwise_common::plan::Plan;
 use stackwise_proto::model::{Backend, Fence, Report, RunStage, StageDone};
 use stackwise_proto::pb;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 
 use crate::comm::{
     COLLECTIVE_TIMEOUT_ENV, Comm, Local, Ring, RingAbort, RingKey, RingListener, RingOptions,
@@ -89,7 +89,7 @@ pub(super) fn start(
     fence: Fence,
     device: DeviceSpec,
     ring_side: Arc<RingSide>,
-    up: UnboundedSender<pb::WorkerMessage>,
+    up: Sender<pb::WorkerMessage>,
     report: impl Fn(u64, Report) -> pb::WorkerMessage + Send + Sync + Clone + 'static,
     step: Arc<AtomicU64>,
 ) -> Work {
@@ -106,7 +106,7 @@ pub(super) fn start(
                 let gen_ = fence.generation;
                 let stage_name = rs.stage_name.clone();
                 let send = |r: Report| {
-                    let _ = up.send(report(gen_, r));
+                    let _ = up.blocking_send(report(gen_, r));
                 };
                 let fault_at = injected_panic_step();
                 let run = || {
@@ -138,7 +138,7 @@ pub(super) fn start(
                                         Report::Checkpoint { step, name, uri }
                                     }
                                 };
-                                let _ = up.send(report(gen_, r));
+                                let _ = up.blocking_send(report(gen_, r));
                             })
                         },
                     )
