@@ -13,21 +13,8 @@ use super::train::{TrainConfig, TrainConfigError};
 pub fn load_config(path: &Path, sets: &[String]) -> Result<TrainConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
-    let mut raw: serde_yaml::Value =
-        serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-    if raw.is_null() {
-        raw = serde_yaml::Value::Mapping(Default::default());
-    }
-    let applied = apply_env(&mut raw, std::env::vars())?;
-    if !applied.is_empty() {
-        tracing::info!(
-            ?applied,
-            "config keys set from STACKWISE_* environment variables"
-        );
-    }
-    apply_sets(&mut raw, sets)?;
-    let mut cfg: TrainConfig = serde_yaml::from_value(raw)
-        .with_context(|| format!("invalid config {}", path.display()))?;
+    let mut cfg = config_from_str(&text, std::env::vars(), sets)
+        .with_context(|| format!("config {}", path.display()))?;
     if cfg.storage.is_some() {
         crate::store::configure_s3(cfg.storage.clone());
     }
@@ -38,6 +25,27 @@ pub fn load_config(path: &Path, sets: &[String]) -> Result<TrainConfig> {
             .map_or("run".into(), |s| s.to_string_lossy().to_string());
     }
     Ok(cfg)
+}
+
+/// A config from YAML text, then `STACKWISE_*` variables of `env`, then `--set` overrides.
+pub fn config_from_str(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    sets: &[String],
+) -> Result<TrainConfig> {
+    let mut raw: serde_yaml::Value = serde_yaml::from_str(text).context("parse the YAML")?;
+    if raw.is_null() {
+        raw = serde_yaml::Value::Mapping(Default::default());
+    }
+    let applied = apply_env(&mut raw, env)?;
+    if !applied.is_empty() {
+        tracing::info!(
+            ?applied,
+            "config keys set from STACKWISE_* environment variables"
+        );
+    }
+    apply_sets(&mut raw, sets)?;
+    serde_yaml::from_value(raw).context("invalid config")
 }
 
 /// Relative local paths become absolute, so workers started elsewhere (another directory,

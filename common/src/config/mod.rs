@@ -14,7 +14,7 @@ pub mod train;
 
 pub use adapter::{AdapterMethod, AdapterSection, default_targets};
 pub use device::DeviceSpec;
-pub use load::{absolutize, load_config, require_world_divides_batch};
+pub use load::{absolutize, config_from_str, load_config, require_world_divides_batch};
 pub use model::{
     Activation, AttentionKind, AttentionMode, ConfigError, Family, ModelConfig, NormKind,
     Positions, RawModelConfig,
