@@ -17,11 +17,15 @@
 //! could forge it.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use super::CommError;
 
 /// "STKWRING"
 const MAGIC: u64 = 0x5354_4b57_5249_4e47;
@@ -176,6 +180,115 @@ pub(super) fn accept(s: &mut TcpStream, key: &RingKey, expected: &Hello) -> Resu
     s.set_read_timeout(None)?;
     s.set_write_timeout(None)?;
     Ok(())
+}
+
+/// Handshakes in progress at once on a listener; connections past it are closed at once.
+const MAX_HANDSHAKES: usize = 64;
+
+fn tune(s: &TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_nonblocking(false)?;
+    Ok(())
+}
+
+/// Dial the next rank until a connection passes the handshake, the deadline passes, or
+/// `cancel` is set.
+pub(super) fn dial_next(
+    addr: &str,
+    key: &RingKey,
+    hello: &Hello,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<TcpStream, CommError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| CommError::Setup(format!("resolve peer {addr}: {e}")))?
+        .collect();
+    let mut last_refusal = None;
+    loop {
+        if let Some(mut s) = addrs
+            .iter()
+            .find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).ok())
+        {
+            tune(&s)?;
+            match dial(&mut s, key, hello) {
+                Ok(()) => return Ok(s),
+                Err(e) => {
+                    tracing::debug!(
+                        "ring: the next rank at {addr} refused or failed the handshake: {e}"
+                    );
+                    last_refusal = Some(e.to_string());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(CommError::Setup(format!(
+                "could not connect to the next rank at {addr} in time{}",
+                last_refusal.map_or(String::new(), |e| format!(" (last handshake: {e})"))
+            )));
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Accept connections, each handshaken on a thread of its own (at most [`MAX_HANDSHAKES`]
+/// at once, each bounded by the handshake deadline), until one from the previous rank
+/// passes. Idle, garbage and unauthenticated connections are dropped without delaying it.
+pub(super) fn accept_prev(
+    listener: &TcpListener,
+    key: &RingKey,
+    expected: Hello,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<TcpStream, CommError> {
+    let (tx, rx) = std::sync::mpsc::channel::<TcpStream>();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    loop {
+        match listener.accept() {
+            Ok((s, from)) => {
+                if in_flight.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    tracing::warn!(
+                        "ring: {from} dropped: {MAX_HANDSHAKES} handshakes already in progress"
+                    );
+                    continue;
+                }
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                let (tx, key, in_flight) = (tx.clone(), key.clone(), in_flight.clone());
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let ok = tune(&s)
+                        .map_err(Refused::from)
+                        .and_then(|()| accept(&mut s, &key, &expected));
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    match ok {
+                        Ok(()) => {
+                            let _ = tx.send(s);
+                        }
+                        Err(e) => tracing::debug!("ring: dropped a connection from {from}: {e}"),
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Ok(s) = rx.try_recv() {
+                    return Ok(s);
+                }
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(CommError::Aborted);
+                }
+                if Instant::now() > deadline {
+                    return Err(CommError::Setup(format!(
+                        "rank {} did not connect in time",
+                        expected.from_rank
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]

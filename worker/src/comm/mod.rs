@@ -2,6 +2,7 @@
 //! CPU) and `nccl` (CUDA, feature `cuda`), behind the `Comm` trait (`collective.rs`).
 
 pub mod collective;
+mod frame;
 mod handshake;
 mod local;
 #[cfg(feature = "cuda")]

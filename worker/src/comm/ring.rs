@@ -7,13 +7,14 @@
 //! depends on timing) and the all-gather hands every rank the very same bits.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::handshake::{self, Hello, RingKey};
+use super::frame::{Frame, Op};
+use super::handshake::{Hello, RingKey, accept_prev, dial_next};
 use super::{Comm, CommError, chunk_range};
 
 #[cfg(not(target_endian = "little"))]
@@ -21,8 +22,6 @@ compile_error!("the ring sends f32 buffers as raw little-endian bytes");
 
 /// Floats per message: 256 KiB pieces keep the pipe full without large staging buffers.
 const PIECE_FLOATS: usize = 64 * 1024;
-/// Handshakes in progress at once on a listener; connections past it are closed at once.
-const MAX_HANDSHAKES: usize = 64;
 
 /// How a ring is formed and how long its collectives may wait.
 #[derive(Debug, Clone)]
@@ -82,112 +81,6 @@ pub struct Ring {
     /// Collectives started on this ring, checked against the previous rank's count.
     seq: u64,
     collective_timeout: Duration,
-}
-
-fn tune(s: &TcpStream) -> std::io::Result<()> {
-    s.set_nodelay(true)?;
-    s.set_nonblocking(false)?;
-    Ok(())
-}
-
-/// Dial the next rank until a connection passes the handshake, the deadline passes, or
-/// `cancel` is set.
-fn dial_next(
-    addr: &str,
-    key: &RingKey,
-    hello: &Hello,
-    deadline: Instant,
-    cancel: &AtomicBool,
-) -> Result<TcpStream, CommError> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| CommError::Setup(format!("resolve peer {addr}: {e}")))?
-        .collect();
-    let mut last_refusal = None;
-    loop {
-        if let Some(mut s) = addrs
-            .iter()
-            .find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).ok())
-        {
-            tune(&s)?;
-            match handshake::dial(&mut s, key, hello) {
-                Ok(()) => return Ok(s),
-                Err(e) => {
-                    tracing::debug!(
-                        "ring: the next rank at {addr} refused or failed the handshake: {e}"
-                    );
-                    last_refusal = Some(e.to_string());
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(CommError::Setup(format!(
-                "could not connect to the next rank at {addr} in time{}",
-                last_refusal.map_or(String::new(), |e| format!(" (last handshake: {e})"))
-            )));
-        }
-        if cancel.load(Ordering::SeqCst) {
-            return Err(CommError::Aborted);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Accept connections, each handshaken on a thread of its own (at most [`MAX_HANDSHAKES`]
-/// at once, each bounded by the handshake deadline), until one from the previous rank
-/// passes. Idle, garbage and unauthenticated connections are dropped without delaying it.
-fn accept_prev(
-    listener: &TcpListener,
-    key: &RingKey,
-    expected: Hello,
-    deadline: Instant,
-    cancel: &AtomicBool,
-) -> Result<TcpStream, CommError> {
-    let (tx, rx) = std::sync::mpsc::channel::<TcpStream>();
-    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    loop {
-        match listener.accept() {
-            Ok((s, from)) => {
-                if in_flight.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
-                    tracing::warn!(
-                        "ring: {from} dropped: {MAX_HANDSHAKES} handshakes already in progress"
-                    );
-                    continue;
-                }
-                in_flight.fetch_add(1, Ordering::SeqCst);
-                let (tx, key, in_flight) = (tx.clone(), key.clone(), in_flight.clone());
-                std::thread::spawn(move || {
-                    let mut s = s;
-                    let ok = tune(&s)
-                        .map_err(handshake::Refused::from)
-                        .and_then(|()| handshake::accept(&mut s, &key, &expected));
-                    in_flight.fetch_sub(1, Ordering::SeqCst);
-                    match ok {
-                        Ok(()) => {
-                            let _ = tx.send(s);
-                        }
-                        Err(e) => tracing::debug!("ring: dropped a connection from {from}: {e}"),
-                    }
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if let Ok(s) = rx.try_recv() {
-                    return Ok(s);
-                }
-                if cancel.load(Ordering::SeqCst) {
-                    return Err(CommError::Aborted);
-                }
-                if Instant::now() > deadline {
-                    return Err(CommError::Setup(format!(
-                        "rank {} did not connect in time",
-                        expected.from_rank
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 impl Ring {
@@ -308,85 +201,6 @@ fn bytes_mut(s: &mut [f32]) -> &mut [u8] {
 
 /// Overrides the collectives' timeout (seconds) of the ring and NCCL.
 pub const COLLECTIVE_TIMEOUT_ENV: &str = "STACKWISE_COLLECTIVE_TIMEOUT_S";
-
-/// Which collective a frame announces.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Op {
-    AllReduce,
-    Broadcast { root: u32 },
-    Unknown(u32, u32),
-}
-
-/// Sent ahead of every collective's data: the previous rank's must equal this rank's, so
-/// ranks out of step fail at once with both sides named instead of mixing up buffers or
-/// waiting for bytes that never come.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Frame {
-    op: Op,
-    seq: u64,
-    floats: u64,
-}
-
-impl Frame {
-    const SIZE: usize = 24;
-
-    fn encode(&self) -> [u8; Self::SIZE] {
-        let (op, root) = match self.op {
-            Op::AllReduce => (1, 0),
-            Op::Broadcast { root } => (2, root),
-            Op::Unknown(op, root) => (op, root),
-        };
-        let mut b = [0u8; Self::SIZE];
-        b[0..4].copy_from_slice(&op.to_le_bytes());
-        b[4..8].copy_from_slice(&root.to_le_bytes());
-        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
-        b[16..24].copy_from_slice(&self.floats.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8; Self::SIZE]) -> Self {
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let op = match (u32_at(0), u32_at(4)) {
-            (1, 0) => Op::AllReduce,
-            (2, root) => Op::Broadcast { root },
-            (op, root) => Op::Unknown(op, root),
-        };
-        Self {
-            op,
-            seq: u64_at(8),
-            floats: u64_at(16),
-        }
-    }
-
-    fn describe(&self) -> String {
-        let what = match self.op {
-            Op::AllReduce => "an all-reduce".to_string(),
-            Op::Broadcast { root } => format!("a broadcast from rank {root}"),
-            Op::Unknown(op, _) => format!("an unknown collective ({op})"),
-        };
-        format!(
-            "collective #{} ({what} of {} floats)",
-            self.seq, self.floats
-        )
-    }
-
-    /// Read the previous rank's frame and compare it with `self`.
-    fn check(&self, prev: &mut TcpStream, rank: usize, world: usize) -> Result<(), CommError> {
-        let mut b = [0u8; Self::SIZE];
-        prev.read_exact(&mut b)?;
-        let theirs = Self::decode(&b);
-        if theirs != *self {
-            return Err(CommError::OutOfStep(format!(
-                "rank {} is at {}, rank {rank} at {}",
-                (rank + world - 1) % world,
-                theirs.describe(),
-                self.describe()
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// The pieces of chunk `c`.
 fn pieces(n: usize, world: usize, c: usize) -> Vec<Range<usize>> {
@@ -594,6 +408,7 @@ impl Comm for Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::handshake;
 
     fn opts() -> RingOptions {
         RingOptions {

@@ -12,9 +12,7 @@ use stackwise_proto::model::{Backend, Fence, Report, RunStage, StageDone};
 use stackwise_proto::pb;
 use tokio::sync::mpsc::Sender;
 
-use crate::comm::{
-    COLLECTIVE_TIMEOUT_ENV, Comm, Local, Ring, RingAbort, RingKey, RingListener, RingOptions,
-};
+use crate::comm::{COLLECTIVE_TIMEOUT_ENV, Comm, Local, Ring, RingKey, RingListener, RingOptions};
 use crate::train::{Aborted, RunOptions, TrainEvent, Trainer};
 
 /// A stable 64-bit tag of the run id (FNV-1a), checked in the ring handshake.
@@ -48,12 +46,16 @@ fn collective_timeout() -> Result<Duration> {
     }
 }
 
+/// Ends the generation's communicator from another thread (ring or NCCL), so a rank
+/// blocked in a collective returns at once.
+type CommAbort = Arc<Mutex<Option<Box<dyn Fn() + Send>>>>;
+
 /// The stage running on this worker's training thread.
 pub(super) struct Work {
     abort: Arc<AtomicBool>,
     /// Checkpoint and stop at the next step all ranks agree on (the coordinator asked).
     pub(super) stop_request: Arc<AtomicBool>,
-    ring: Arc<Mutex<Option<RingAbort>>>,
+    comm_abort: CommAbort,
     pub(super) nccl: std::sync::mpsc::Sender<Vec<u8>>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -61,8 +63,13 @@ pub(super) struct Work {
 pub(super) async fn stop(work: Option<Work>) {
     let Some(w) = work else { return };
     w.abort.store(true, Ordering::SeqCst);
-    if let Some(r) = w.ring.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        r.abort();
+    if let Some(abort) = w
+        .comm_abort
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        abort();
     }
     let _ = tokio::task::spawn_blocking(move || w.thread.join()).await;
 }
@@ -95,10 +102,11 @@ pub(super) fn start(
 ) -> Work {
     let abort = Arc::new(AtomicBool::new(false));
     let stop_request = Arc::new(AtomicBool::new(false));
-    let ring: Arc<Mutex<Option<RingAbort>>> = Arc::default();
+    let comm_abort: CommAbort = Arc::default();
     let (nccl, nccl_rx) = std::sync::mpsc::channel();
     let thread = {
-        let (abort, ring, stop_request) = (abort.clone(), ring.clone(), stop_request.clone());
+        let (abort, comm_abort, stop_request) =
+            (abort.clone(), comm_abort.clone(), stop_request.clone());
         let report: Arc<ReportFn> = Arc::new(report);
         std::thread::Builder::new()
             .name(format!("train-rank{}", rs.rank))
@@ -117,7 +125,7 @@ pub(super) fn start(
                         &ring_side,
                         &abort,
                         &stop_request,
-                        &ring,
+                        &comm_abort,
                         &nccl_rx,
                         &send,
                         {
@@ -172,7 +180,7 @@ pub(super) fn start(
     Work {
         abort,
         stop_request,
-        ring,
+        comm_abort,
         nccl,
         thread,
     }
@@ -186,7 +194,7 @@ fn run_stage(
     ring_side: &RingSide,
     abort: &Arc<AtomicBool>,
     stop_request: &Arc<AtomicBool>,
-    ring_slot: &Mutex<Option<RingAbort>>,
+    comm_abort: &CommAbort,
     nccl_rx: &std::sync::mpsc::Receiver<Vec<u8>>,
     send: &dyn Fn(Report),
     observer: Box<dyn FnMut(TrainEvent) + Send>,
@@ -212,13 +220,15 @@ fn run_stage(
                 &opts,
                 abort.clone(),
             )?;
-            *ring_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(ring.abort_handle());
+            let handle = ring.abort_handle();
+            *comm_abort.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Box::new(move || handle.abort()));
             if abort.load(Ordering::SeqCst) {
                 return Err(Aborted.into());
             }
             Box::new(ring)
         }
-        Backend::Nccl => nccl_comm(rs, device, nccl_rx, send)?,
+        Backend::Nccl => nccl_comm(rs, device, nccl_rx, send, comm_abort)?,
     };
     let opts = RunOptions {
         resume: false,
@@ -256,6 +266,7 @@ fn nccl_comm(
     device: DeviceSpec,
     nccl_rx: &std::sync::mpsc::Receiver<Vec<u8>>,
     send: &dyn Fn(Report),
+    comm_abort: &CommAbort,
 ) -> Result<Box<dyn Comm>> {
     use crate::comm::nccl;
     let DeviceSpec::Cuda(ordinal) = device else {
@@ -270,12 +281,17 @@ fn nccl_comm(
             .recv_timeout(Duration::from_secs(120))
             .context("waiting for rank 0's NCCL id from the coordinator")?
     };
-    Ok(Box::new(nccl::Nccl::new(
+    let comm = nccl::Nccl::new(
         ordinal,
         rs.rank as usize,
         rs.world_size as usize,
         &id,
-    )?))
+        Duration::from_secs(120),
+        collective_timeout()?,
+    )?;
+    let handle = comm.abort_handle();
+    *comm_abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(move || handle.abort()));
+    Ok(Box::new(comm))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -284,6 +300,7 @@ fn nccl_comm(
     _device: DeviceSpec,
     _nccl_rx: &std::sync::mpsc::Receiver<Vec<u8>>,
     _send: &dyn Fn(Report),
+    _comm_abort: &CommAbort,
 ) -> Result<Box<dyn Comm>> {
     bail!("the coordinator chose NCCL, but this worker was built without --features cuda")
 }
