@@ -57,7 +57,7 @@ for i in $(seq "$n"); do
   kill "$guard" 2>/dev/null || true
   # The kill must have hit a running worker: the launcher restarted it and the group re-formed.
   if grep -q "restarting it" "$log"; then
-    from=$(grep -o 'resuming from step-[0-9]*' "$log" | tail -1 | cut -d' ' -f3)
+    from=$(grep -o 'resuming from step-[0-9]*' "$log" | tail -1 | cut -d' ' -f3 || true)
     hit=$((hit + 1)); how="restarted, resumed from ${from:-the start}"
   else
     how="the kill missed (no restart)"
