@@ -58,6 +58,27 @@ pub struct Tok {
     pub inner: Tokenizer,
 }
 
+impl Tok {
+    /// A `tokenizer.json`'s bytes, parsed. The JSON is checked first, and a panic inside
+    /// `tokenizers` is caught: its deserializer panics on some malformed files (found by
+    /// fuzzing: `DecoderHelper::deserialize(..).expect("Helper")`), which must be an error.
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+            .map_err(|e| format!("not valid JSON: {e}"))?;
+        match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+            Ok(Ok(inner)) => Ok(Self { inner }),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(p) => Err(format!(
+                "malformed (the tokenizers library failed on it: {})",
+                p.downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic")
+            )),
+        }
+    }
+}
+
 impl std::fmt::Debug for Tok {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tok(vocab {})", self.vocab_size())
@@ -89,8 +110,8 @@ impl Tok {
             return Ok(Self { inner });
         }
         if file.exists() {
-            let inner = Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
-            return Ok(Self { inner });
+            let bytes = std::fs::read(&file).map_err(|e| err(e.to_string()))?;
+            return Self::from_json_bytes(&bytes).map_err(err);
         }
         if path.is_dir() {
             let pick = |names: &[&str]| names.iter().map(|n| path.join(n)).find(|p| p.exists());
@@ -239,6 +260,37 @@ impl Tok {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzzer finds (`fuzz/run.sh`, target `tokenizer`): each made `tokenizers` panic.
+    #[test]
+    fn malformed_tokenizer_files_are_errors_not_panics() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fuzz");
+        let found = std::fs::read(dir.join("tokenizer-decoder-panic.json")).unwrap();
+        let e = Tok::from_json_bytes(&found).err().expect("refused");
+        assert!(e.contains("not valid JSON"), "{e}");
+        // Valid JSON whose decoder matches no decoder type is an error of its own.
+        let mut v: serde_json::Value = serde_json::from_str(
+            &Tok::train(TokenizerKind::Byte, &[], 0)
+                .unwrap()
+                .to_json()
+                .unwrap(),
+        )
+        .unwrap();
+        for decoder in [
+            serde_json::json!({"type": 7}),
+            serde_json::json!({"no type": true}),
+            serde_json::json!([1, 2]),
+        ] {
+            v["decoder"] = decoder;
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let e = Tok::from_json_bytes(&bytes).err().expect("refused");
+            assert!(e.contains("did not match any variant"), "{e}");
+        }
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &found).unwrap();
+        let e = Tok::load(f.path()).err().expect("refused").to_string();
+        assert!(e.contains("not valid JSON"), "{e}");
+    }
 
     fn corpus() -> Vec<String> {
         vec!["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n".repeat(20), "Ünïcødé — ok?\n".into()]

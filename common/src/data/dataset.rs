@@ -83,9 +83,9 @@ impl TokenIndex {
         let tok_bytes = store
             .get("tokenizer.json")?
             .ok_or_else(|| err("tokenizer.json is missing".into()))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&tok_bytes)
-            .map_err(|e| err(format!("tokenizer.json: {e}")))?;
-        Ok((index, Tok { inner }))
+        let tok =
+            Tok::from_json_bytes(&tok_bytes).map_err(|e| err(format!("tokenizer.json: {e}")))?;
+        Ok((index, tok))
     }
 
     pub fn load_split(&self, store: &Store, split: &SplitIndex) -> Result<SplitData, DataError> {

@@ -121,9 +121,8 @@ pub fn model_config(ck: &LoadedCheckpoint) -> Result<ModelConfig> {
 
 /// The tokenizer a checkpoint was written with.
 pub fn tokenizer(ck: &LoadedCheckpoint) -> Result<Tok> {
-    let inner = tokenizers::Tokenizer::from_bytes(file(ck, TOKENIZER)?)
-        .map_err(|e| anyhow::anyhow!("{TOKENIZER} of checkpoint {}: {e}", ck.name))?;
-    Ok(Tok { inner })
+    Tok::from_json_bytes(file(ck, TOKENIZER)?)
+        .map_err(|e| anyhow::anyhow!("{TOKENIZER} of checkpoint {}: {e}", ck.name))
 }
 
 /// A shared object (a stage's backup), verified against the manifest entry that names it.
