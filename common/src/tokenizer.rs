@@ -266,7 +266,7 @@ mod tests {
     fn malformed_tokenizer_files_are_errors_not_panics() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fuzz");
         let found = std::fs::read(dir.join("tokenizer-decoder-panic.json")).unwrap();
-        let e = Tok::from_json_bytes(&found).err().expect("refused");
+        let e = Tok::from_json_bytes(&found).expect_err("refused");
         assert!(e.contains("not valid JSON"), "{e}");
         // Valid JSON whose decoder matches no decoder type is an error of its own.
         let mut v: serde_json::Value = serde_json::from_str(
@@ -283,12 +283,12 @@ mod tests {
         ] {
             v["decoder"] = decoder;
             let bytes = serde_json::to_vec(&v).unwrap();
-            let e = Tok::from_json_bytes(&bytes).err().expect("refused");
+            let e = Tok::from_json_bytes(&bytes).expect_err("refused");
             assert!(e.contains("did not match any variant"), "{e}");
         }
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), &found).unwrap();
-        let e = Tok::load(f.path()).err().expect("refused").to_string();
+        let e = Tok::load(f.path()).expect_err("refused").to_string();
         assert!(e.contains("not valid JSON"), "{e}");
     }
 
