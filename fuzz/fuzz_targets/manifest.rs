@@ -22,8 +22,9 @@ fuzz_target!(|data: &[u8]| {
     std::fs::create_dir_all(&ck).unwrap();
     std::fs::write(ck.join("MANIFEST.json"), p[0]).unwrap();
     std::fs::write(ck.join("model.safetensors"), p[1]).unwrap();
-    let store = Store::open(run.to_str().unwrap()).unwrap();
-    let ckpts = CheckpointStore::new(&store);
+    static STORE: std::sync::OnceLock<Store> = std::sync::OnceLock::new();
+    let store = STORE.get_or_init(|| Store::open(run.to_str().unwrap()).unwrap());
+    let ckpts = CheckpointStore::new(store);
     let _ = ckpts.newest_manifest();
     let _ = ckpts.load("step-00000001");
 });
