@@ -265,7 +265,10 @@ mod tests {
     #[test]
     fn malformed_tokenizer_files_are_errors_not_panics() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fuzz");
-        for name in ["tokenizer-decoder-panic.json", "tokenizer-decoder-panic-2.json"] {
+        for name in [
+            "tokenizer-decoder-panic.json",
+            "tokenizer-decoder-panic-2.json",
+        ] {
             let found = std::fs::read(dir.join(name)).unwrap();
             let e = Tok::from_json_bytes(&found).expect_err("refused");
             assert!(e.contains("not valid JSON"), "{name}: {e}");
