@@ -1,1 +1,3 @@
-//! Shared helpers for the benchmark binaries (none yet beyond the binaries themselves).
+//! Shared helpers for the benchmark binaries: the simulated workers of `swarm`.
+
+pub mod swarm;

@@ -221,7 +221,8 @@ pub const RING_NONCE_BYTES: usize = 32;
 pub struct RunStage {
     pub rank: u32,
     pub world_size: u32,
-    pub peers: Vec<String>,
+    /// The ring's next hop: rank + 1's listener (ring backend only).
+    pub next_peer: String,
     pub backend: Backend,
     pub stage: u32,
     pub stage_name: String,
@@ -248,15 +249,8 @@ impl TryFrom<pb::RunStage> for RunStage {
             ));
         }
         let backend: Backend = r.backend.parse()?;
-        if backend == Backend::Ring && r.peers.len() != r.world_size as usize {
-            return Err(invalid(
-                "peers",
-                format!(
-                    "{} addresses for world_size {}",
-                    r.peers.len(),
-                    r.world_size
-                ),
-            ));
+        if backend == Backend::Ring && r.next_peer.is_empty() {
+            return Err(ProtoError::Missing("next_peer"));
         }
         if backend == Backend::Ring && r.ring_nonce.len() != RING_NONCE_BYTES {
             return Err(invalid(
@@ -276,7 +270,7 @@ impl TryFrom<pb::RunStage> for RunStage {
         Ok(Self {
             rank: r.rank,
             world_size: r.world_size,
-            peers: r.peers,
+            next_peer: r.next_peer,
             backend,
             stage: r.stage,
             stage_name: r.stage_name,
@@ -295,7 +289,7 @@ impl From<RunStage> for pb::RunStage {
         Self {
             rank: r.rank,
             world_size: r.world_size,
-            peers: r.peers,
+            next_peer: r.next_peer,
             backend: r.backend.as_str().into(),
             stage: r.stage,
             stage_name: r.stage_name,
@@ -313,10 +307,20 @@ impl From<RunStage> for pb::RunStage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     RunStage(Box<RunStage>),
-    Checkpoint { step: u64 },
-    Abort { reason: String },
-    Shutdown { reason: String },
+    Checkpoint {
+        step: u64,
+    },
+    Abort {
+        reason: String,
+    },
+    Shutdown {
+        reason: String,
+    },
     NcclId(Vec<u8>),
+    /// The heartbeat `seq` renewed the lease.
+    HeartbeatAck {
+        seq: u64,
+    },
 }
 
 impl TryFrom<pb::CoordinatorMessage> for (Fence, Command) {
@@ -330,6 +334,7 @@ impl TryFrom<pb::CoordinatorMessage> for (Fence, Command) {
             Body::Abort(a) => Command::Abort { reason: a.reason },
             Body::Shutdown(s) => Command::Shutdown { reason: s.reason },
             Body::NcclId(n) => Command::NcclId(nccl_id(n.id)?),
+            Body::HeartbeatAck(a) => Command::HeartbeatAck { seq: a.seq },
         };
         Ok((f, cmd))
     }
@@ -344,6 +349,7 @@ impl Command {
             Command::Abort { reason } => Body::Abort(pb::Abort { reason }),
             Command::Shutdown { reason } => Body::Shutdown(pb::Shutdown { reason }),
             Command::NcclId(id) => Body::NcclId(pb::NcclId { id }),
+            Command::HeartbeatAck { seq } => Body::HeartbeatAck(pb::HeartbeatAck { seq }),
         };
         pb::CoordinatorMessage {
             run_id: fence.run_id.clone(),
@@ -402,6 +408,8 @@ pub enum Report {
     },
     Heartbeat {
         step: u64,
+        /// 1, 2, ... within a session; echoed by [`Command::HeartbeatAck`].
+        seq: u64,
     },
     Step(StepMetrics),
     Checkpoint {
@@ -452,7 +460,10 @@ impl TryFrom<pb::WorkerMessage> for WorkerReport {
             Body::Hello(h) => Report::Hello {
                 session_secret: h.session_secret,
             },
-            Body::Heartbeat(h) => Report::Heartbeat { step: h.step },
+            Body::Heartbeat(h) => Report::Heartbeat {
+                step: h.step,
+                seq: h.seq,
+            },
             Body::Step(s) => Report::Step(StepMetrics {
                 stage: s.stage,
                 step: s.step,
@@ -500,7 +511,7 @@ impl WorkerReport {
         use pb::worker_message::Body;
         let body = match self.report {
             Report::Hello { session_secret } => Body::Hello(pb::Hello { session_secret }),
-            Report::Heartbeat { step } => Body::Heartbeat(pb::Heartbeat { step }),
+            Report::Heartbeat { step, seq } => Body::Heartbeat(pb::Heartbeat { step, seq }),
             Report::Step(s) => Body::Step(pb::StepMetrics {
                 stage: s.stage,
                 step: s.step,
@@ -545,7 +556,7 @@ mod tests {
         RunStage {
             rank: 1,
             world_size: 2,
-            peers: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            next_peer: "127.0.0.1:2".into(),
             backend: Backend::Ring,
             stage: 0,
             stage_name: "end_to_end".into(),
@@ -569,13 +580,13 @@ mod tests {
             RunStage::try_from(bad_rank),
             Err(ProtoError::Invalid { field: "rank", .. })
         ));
-        let bad_peers = pb::RunStage {
-            peers: vec![],
+        let no_peer = pb::RunStage {
+            next_peer: String::new(),
             ..stage()
         };
         assert!(matches!(
-            RunStage::try_from(bad_peers),
-            Err(ProtoError::Invalid { field: "peers", .. })
+            RunStage::try_from(no_peer),
+            Err(ProtoError::Missing("next_peer"))
         ));
         let bad_backend = pb::RunStage {
             backend: "mpi".into(),

@@ -90,8 +90,9 @@ fn run_rank(a: &Args, rank: usize) -> Result<()> {
     let peers: Vec<String> = a.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut ring = Ring::connect(
         &listener,
-        &peers,
+        &peers[(rank + 1) % peers.len()],
         rank,
+        peers.len(),
         1,
         1,
         &RingOptions {

@@ -74,6 +74,21 @@ fn instance_nonce() -> u64 {
     h.finish()
 }
 
+/// `a, b, c`, or for a long list its first few and how many more: one log line stays short
+/// at any world size.
+fn brief_list(ids: &[String]) -> String {
+    const SHOWN: usize = 8;
+    if ids.len() <= SHOWN {
+        return ids.join(", ");
+    }
+    format!(
+        "{}, ... {} more, ..., {}",
+        ids[..SHOWN - 1].join(", "),
+        ids.len() - SHOWN,
+        ids[ids.len() - 1]
+    )
+}
+
 /// Where the checkpoint a new generation resumes from stands.
 #[derive(Debug, Clone, Default, PartialEq)]
 enum Discovery {
@@ -120,6 +135,9 @@ pub struct Job {
     discovery: Discovery,
     /// Actions decided but not yet handed to the service.
     outbox: Vec<Action>,
+    /// Per-worker events ("registered", "left: ...") not yet logged, by kind in order:
+    /// each kind becomes one line per tick, so 1,024 joins are one line, not 1,024.
+    pending_events: Vec<(String, Vec<String>)>,
 }
 
 impl Job {
@@ -146,6 +164,7 @@ impl Job {
             stop_requested: None,
             discovery: Discovery::Idle,
             outbox: Vec::new(),
+            pending_events: Vec::new(),
         }
     }
 
@@ -203,10 +222,33 @@ impl Job {
     }
 
     fn event(&mut self, msg: String) {
+        self.flush_worker_events();
+        self.push_event(msg);
+    }
+
+    fn push_event(&mut self, msg: String) {
         if self.log_events {
             tracing::info!("{msg}");
         }
         self.events.push(msg);
+    }
+
+    /// `who` (a worker) had an event of `kind`; logged with the others of its kind at the
+    /// next tick or event.
+    fn worker_event(&mut self, kind: String, who: String) {
+        match self.pending_events.last_mut() {
+            Some((k, ws)) if *k == kind => ws.push(who),
+            _ => self.pending_events.push((kind, vec![who])),
+        }
+    }
+
+    fn flush_worker_events(&mut self) {
+        for (kind, who) in std::mem::take(&mut self.pending_events) {
+            self.push_event(match who.as_slice() {
+                [one] => format!("worker {one} {kind}"),
+                _ => format!("{} workers {kind}: {}", who.len(), brief_list(&who)),
+            });
+        }
     }
 
     /// Add a worker; returns its id and the session secret its session hello must carry.
@@ -222,7 +264,7 @@ impl Job {
         let host = reg.capabilities.host.clone();
         let secret = stackwise_proto::random_hex(32);
         let id = self.members.register(reg, secret.clone(), now);
-        self.event(format!("worker {id} ({name} on {host}) registered"));
+        self.worker_event("registered".into(), format!("{id} ({name} on {host})"));
         Ok((id, secret))
     }
 
@@ -293,7 +335,8 @@ impl Job {
             });
         }
         match r.report {
-            Report::Hello { .. } | Report::Heartbeat { .. } => {}
+            Report::Hello { .. } => {}
+            Report::Heartbeat { seq, .. } => self.send(&r.worker_id, Command::HeartbeatAck { seq }),
             Report::Step(s) => {
                 self.tokens_total += s.tokens;
                 self.steps_window = Some(
@@ -371,7 +414,7 @@ impl Job {
             Some(r) if matches!(self.phase, Phase::Running { .. }) => {
                 self.generation_lost(format!("worker {id} ({name}, rank {r}) lost: {why}"));
             }
-            _ => self.event(format!("worker {id} ({name}) left: {why}")),
+            _ => self.worker_event(format!("left: {why}"), format!("{id} ({name})")),
         }
     }
 
@@ -425,6 +468,7 @@ impl Job {
 
     /// Move toward the intent: expire leases, form a generation, notice completion.
     pub fn reconcile(&mut self, now: Instant) -> Vec<Action> {
+        self.flush_worker_events();
         for m in self.members.expire(now) {
             let why = format!(
                 "missed its lease ({:?} without a heartbeat)",
@@ -624,7 +668,7 @@ impl Job {
             "generation {} formed for stage {}: {world} worker(s) [{}], {} backend, {}",
             self.generation,
             self.stage_name(),
-            ranks.join(", "),
+            brief_list(&ranks),
             backend.as_str(),
             resume
                 .as_deref()
@@ -638,7 +682,7 @@ impl Job {
             let cmd = RunStage {
                 rank: rank as u32,
                 world_size: world,
-                peers: peers.clone(),
+                next_peer: peers[(rank + 1) % peers.len()].clone(),
                 backend,
                 stage: self.stage,
                 stage_name: self.stage_name(),

@@ -207,3 +207,66 @@ fn a_run_stage_never_carries_the_s3_secret() {
     assert_eq!(stages.len(), 1);
     assert!(!stages[0].config_yaml.contains(secret));
 }
+
+#[test]
+fn at_300_workers_joins_are_one_log_line_each_rank_gets_only_its_next_hop_and_heartbeats_are_acked()
+{
+    let now = Instant::now();
+    let n = 300;
+    let mut spec = layerwise_spec(1, 4, n, n);
+    spec.batch_size = n;
+    let mut job = Job::new(spec);
+    job.log_events = false;
+    let mut workers = Vec::new();
+    for i in 0..n {
+        let reg = Registration {
+            name: format!("sim-{i}"),
+            capabilities: Capabilities {
+                device_kind: DeviceKind::Cpu,
+                device: "cpu".into(),
+                memory_bytes: 1 << 30,
+                host: "h".into(),
+                cpu_threads: 1,
+            },
+            ring_address: format!("10.0.0.{}:{}", i % 250, 9000 + i),
+        };
+        let (id, secret) = job.register(reg, now).unwrap();
+        let inbox = Inbox::default();
+        INBOXES.with(|b| b.borrow_mut().insert(id.clone(), inbox.clone()));
+        deliver(job.attach(&id, &secret, now).unwrap().1);
+        workers.push((id, inbox));
+    }
+    deliver(job.reconcile(now));
+    let joined: Vec<_> = job
+        .events
+        .iter()
+        .filter(|e| e.contains("registered"))
+        .collect();
+    assert_eq!(joined.len(), 1, "{joined:?}");
+    assert!(joined[0].starts_with("300 workers registered: w00001 (sim-0 on h), "));
+    let formed = job.events.last().unwrap();
+    assert!(formed.contains("generation 1 formed") && formed.contains("... 292 more"));
+    assert!(formed.len() < 400, "one short line: {formed}");
+    for (rank, (_, inbox)) in workers.iter_mut().enumerate() {
+        let rs = run_stages(inbox);
+        assert_eq!(rs.len(), 1);
+        let next = (rank + 1) % n;
+        assert_eq!((rs[0].rank as usize, rs[0].world_size as usize), (rank, n));
+        assert_eq!(
+            rs[0].next_peer,
+            format!("10.0.0.{}:{}", next % 250, 9000 + next)
+        );
+    }
+    // A heartbeat renews the lease and is answered with its seq, to that worker only.
+    let (id, inbox) = &mut workers[7];
+    let hb = WorkerReport {
+        fence: job.fence(),
+        worker_id: id.clone(),
+        report: Report::Heartbeat { step: 0, seq: 41 },
+    };
+    let actions = job.on_report(hb, now).unwrap();
+    assert_eq!(actions.len(), 1);
+    deliver(actions);
+    let ack = <(Fence, Command)>::try_from(inbox.try_recv().unwrap().unwrap()).unwrap();
+    assert_eq!(ack.1, Command::HeartbeatAck { seq: 41 });
+}

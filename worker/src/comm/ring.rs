@@ -84,20 +84,20 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Form the ring of one generation: connect to rank+1's listener and accept rank-1's
+    /// Form the ring of one generation: connect to rank+1's listener (`next_peer`) and accept rank-1's
     /// connection, both authenticated with the generation's key. Connections from another
     /// run or generation (e.g. a late peer of an aborted generation) and strangers are
     /// dropped. Fails after `opts.connect_timeout`, or soon after `cancel` is set.
     pub fn connect(
         listener: &RingListener,
-        peers: &[String],
+        next_peer: &str,
         rank: usize,
+        world: usize,
         run_tag: u64,
         generation: u64,
         opts: &RingOptions,
         cancel: Arc<AtomicBool>,
     ) -> Result<Self, CommError> {
-        let world = peers.len();
         if world < 2 || rank >= world {
             return Err(CommError::Setup(format!(
                 "a ring needs at least 2 ranks and rank < world (rank {rank}, world {world})"
@@ -110,7 +110,7 @@ impl Ring {
             from_rank: rank as u32,
             world: world as u32,
         };
-        let next_addr = peers[(rank + 1) % world].clone();
+        let next_addr = next_peer.to_string();
         let (key, dial_cancel) = (opts.key.clone(), cancel.clone());
         let dialer =
             std::thread::spawn(move || dial_next(&next_addr, &key, &hello, deadline, &dial_cancel));
@@ -433,8 +433,17 @@ mod tests {
             .map(|(rank, l)| {
                 let peers = peers.clone();
                 std::thread::spawn(move || {
-                    Ring::connect(&l, &peers, rank, 7, generation, &opts(), Default::default())
-                        .unwrap()
+                    Ring::connect(
+                        &l,
+                        &peers[(rank + 1) % peers.len()],
+                        rank,
+                        peers.len(),
+                        7,
+                        generation,
+                        &opts(),
+                        Default::default(),
+                    )
+                    .unwrap()
                 })
             })
             .collect();
@@ -586,10 +595,30 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         let p2 = peers.clone();
         let h = std::thread::spawn(move || {
-            Ring::connect(&other, &p2, 1, 7, 2, &opts(), Default::default()).unwrap()
+            Ring::connect(
+                &other,
+                &p2[0],
+                1,
+                p2.len(),
+                7,
+                2,
+                &opts(),
+                Default::default(),
+            )
+            .unwrap()
         });
         let started = Instant::now();
-        let mut r0 = Ring::connect(&l, &peers, 0, 7, 2, &opts(), Default::default()).unwrap();
+        let mut r0 = Ring::connect(
+            &l,
+            &peers[1],
+            0,
+            peers.len(),
+            7,
+            2,
+            &opts(),
+            Default::default(),
+        )
+        .unwrap();
         // Not held up by the idle connection's handshake deadline.
         assert!(started.elapsed() < handshake::HANDSHAKE_TIMEOUT);
         let mut r1 = h.join().unwrap();
@@ -622,9 +651,31 @@ mod tests {
         };
         let p2 = peers.clone();
         let h = std::thread::spawn(move || {
-            Ring::connect(&other, &p2, 1, 7, 2, &quick("b"), Default::default()).is_err()
+            Ring::connect(
+                &other,
+                &p2[0],
+                1,
+                p2.len(),
+                7,
+                2,
+                &quick("b"),
+                Default::default(),
+            )
+            .is_err()
         });
-        assert!(Ring::connect(&l, &peers, 0, 7, 2, &quick("a"), Default::default()).is_err());
+        assert!(
+            Ring::connect(
+                &l,
+                &peers[1],
+                0,
+                peers.len(),
+                7,
+                2,
+                &quick("a"),
+                Default::default()
+            )
+            .is_err()
+        );
         assert!(h.join().unwrap());
     }
 
@@ -662,7 +713,17 @@ mod tests {
             .map(|(rank, l)| {
                 let (peers, quick) = (peers.clone(), quick.clone());
                 std::thread::spawn(move || {
-                    Ring::connect(&l, &peers, rank, 7, 1, &quick, Default::default()).unwrap()
+                    Ring::connect(
+                        &l,
+                        &peers[(rank + 1) % peers.len()],
+                        rank,
+                        peers.len(),
+                        7,
+                        1,
+                        &quick,
+                        Default::default(),
+                    )
+                    .unwrap()
                 })
             })
             .collect();

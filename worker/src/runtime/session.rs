@@ -80,12 +80,16 @@ pub(super) async fn session(
             (up.clone(), step.clone(), generation.clone(), report.clone());
         let every = Duration::from_millis(reg.heartbeat_ms.max(10));
         tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
+            // A random phase: workers that registered together spread their heartbeats.
+            let mut next = tokio::time::Instant::now() + super::backoff::spread(every);
+            for seq in 1.. {
+                tokio::time::sleep_until(next).await;
+                next += every;
                 let hb = report(
                     generation.load(Ordering::SeqCst),
                     Report::Heartbeat {
                         step: step.load(Ordering::SeqCst),
+                        seq,
                     },
                 );
                 match up.try_send(hb) {
@@ -96,12 +100,28 @@ pub(super) async fn session(
         })
     };
 
+    // The coordinator answers every heartbeat. Unanswered for a whole lease, it has dropped
+    // this worker (or hangs): a worker without a lease must not keep training.
+    let lease = Duration::from_millis(reg.lease_ms.max(1));
+    let mut last_ack = tokio::time::Instant::now();
+    let mut lease_check = tokio::time::interval(lease / 4);
     let mut work: Option<Work> = None;
     let mut term_handled = false;
     let result = loop {
         let next = tokio::select! {
+            // Messages first: acks that queued while this loop waited (e.g. for a stage
+            // to stop) count before the lease is checked.
+            biased;
             m = inbound.message() => Some(m),
             _ = term.wait(), if !term_handled => None,
+            _ = lease_check.tick() => {
+                if last_ack.elapsed() > lease {
+                    break Err(anyhow!(
+                        "the coordinator answered no heartbeat for {lease:?} (the lease): it has dropped this worker or hangs"
+                    ));
+                }
+                continue;
+            }
         };
         let Some(next) = next else {
             term_handled = true;
@@ -172,6 +192,7 @@ pub(super) async fn session(
                     let _ = w.nccl.send(id);
                 }
             }
+            Command::HeartbeatAck { .. } => last_ack = tokio::time::Instant::now(),
         }
     };
     stop(work.take()).await;

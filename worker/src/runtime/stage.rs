@@ -213,8 +213,9 @@ fn run_stage(
             };
             let ring = Ring::connect(
                 &ring_side.listener,
-                &rs.peers,
+                &rs.next_peer,
                 rank,
+                rs.world_size as usize,
                 run_tag(&fence.run_id) ^ rs.ring_tag,
                 fence.generation,
                 &opts,

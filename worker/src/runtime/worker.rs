@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+use super::backoff::Backoff;
 use super::options::{Terminate, WorkerOptions, local_host_towards};
 use super::session::session;
 use super::stage::RingSide;
@@ -61,7 +62,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
             }
         });
     }
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::reconnect();
     let mut failing_since: Option<Instant> = None;
     loop {
         let mut registered = false;
@@ -90,7 +91,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
             Err(e) => {
                 if registered {
                     failing_since = None;
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                 }
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > opts.rejoin_timeout {
@@ -100,9 +101,9 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
                         opts.rejoin_timeout
                     );
                 }
-                tracing::warn!("coordinator session ended ({e:#}); reconnecting in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = backoff.next_wait();
+                tracing::warn!("coordinator session ended ({e:#}); reconnecting in {wait:?}");
+                tokio::time::sleep(wait).await;
             }
         }
     }
