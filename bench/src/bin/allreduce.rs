@@ -2,7 +2,8 @@
 //!   allreduce --world 2 --sizes-mib 1,16,64,256 --iters 5
 //! starts `world` copies of itself (one per rank, joined by the TCP ring over 127.0.0.1) and
 //! prints one JSON line per size: median seconds and bus bandwidth, 2(w-1)/w * bytes / time,
-//! the figure NCCL and torch.distributed benchmarks report.
+//! the figure NCCL and torch.distributed benchmarks report. Every rank also checks one
+//! all-reduce per size element by element against the exact sum.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use stackwise_worker::comm::{Comm, Ring, RingKey, RingListener, RingOptions};
+use stackwise_worker::comm::{Comm, Ring, RingKey, RingListener, RingOptions, Seat};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -90,9 +91,11 @@ fn run_rank(a: &Args, rank: usize) -> Result<()> {
     let peers: Vec<String> = a.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut ring = Ring::connect(
         &listener,
-        &peers[(rank + 1) % peers.len()],
-        rank,
-        peers.len(),
+        Seat {
+            next_peer: &peers[(rank + 1) % peers.len()],
+            rank,
+            world: peers.len(),
+        },
         1,
         1,
         &RingOptions {
@@ -114,6 +117,21 @@ fn run_rank(a: &Args, rank: usize) -> Result<()> {
             ring.all_reduce_sum(&mut buf)?;
             times.push(t.elapsed().as_secs_f64());
         }
+        // Correctness: small integers sum exactly in f32, so the result is known.
+        for (i, v) in buf.iter_mut().enumerate() {
+            *v = (i % 97) as f32 + rank as f32;
+        }
+        ring.all_reduce_sum(&mut buf)?;
+        let ranks = a.world as f32 * (a.world as f32 - 1.0) / 2.0;
+        let wrong = buf
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| **v != a.world as f32 * (i % 97) as f32 + ranks)
+            .count();
+        anyhow::ensure!(
+            wrong == 0,
+            "rank {rank}: {wrong} of {n} sums wrong at {mib} MiB"
+        );
         times.sort_by(f64::total_cmp);
         let med = times[times.len() / 2];
         let bytes = (n * 4) as f64;
@@ -121,7 +139,7 @@ fn run_rank(a: &Args, rank: usize) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"impl": "stackwise-ring", "world": a.world, "mib": mib, "seconds": med,
-                    "busbw_gbps": 2.0 * (w - 1.0) / w * bytes / med / 1e9})
+                    "busbw_gbps": 2.0 * (w - 1.0) / w * bytes / med / 1e9, "sums_exact": true})
             );
         }
     }

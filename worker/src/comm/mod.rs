@@ -13,4 +13,4 @@ pub(crate) use collective::chunk_range;
 pub use collective::{Comm, CommError};
 pub use handshake::RingKey;
 pub use local::Local;
-pub use ring::{COLLECTIVE_TIMEOUT_ENV, Ring, RingAbort, RingListener, RingOptions};
+pub use ring::{COLLECTIVE_TIMEOUT_ENV, Ring, RingAbort, RingListener, RingOptions, Seat};

@@ -83,6 +83,15 @@ pub struct Ring {
     collective_timeout: Duration,
 }
 
+/// Where a rank sits in a generation's ring: its rank, the world size, and the address of
+/// rank + 1's listener (the only peer it dials).
+#[derive(Debug, Clone, Copy)]
+pub struct Seat<'a> {
+    pub rank: usize,
+    pub world: usize,
+    pub next_peer: &'a str,
+}
+
 impl Ring {
     /// Form the ring of one generation: connect to rank+1's listener (`next_peer`) and accept rank-1's
     /// connection, both authenticated with the generation's key. Connections from another
@@ -90,14 +99,17 @@ impl Ring {
     /// dropped. Fails after `opts.connect_timeout`, or soon after `cancel` is set.
     pub fn connect(
         listener: &RingListener,
-        next_peer: &str,
-        rank: usize,
-        world: usize,
+        seat: Seat<'_>,
         run_tag: u64,
         generation: u64,
         opts: &RingOptions,
         cancel: Arc<AtomicBool>,
     ) -> Result<Self, CommError> {
+        let Seat {
+            next_peer,
+            rank,
+            world,
+        } = seat;
         if world < 2 || rank >= world {
             return Err(CommError::Setup(format!(
                 "a ring needs at least 2 ranks and rank < world (rank {rank}, world {world})"
@@ -435,9 +447,11 @@ mod tests {
                 std::thread::spawn(move || {
                     Ring::connect(
                         &l,
-                        &peers[(rank + 1) % peers.len()],
-                        rank,
-                        peers.len(),
+                        Seat {
+                            next_peer: &peers[(rank + 1) % peers.len()],
+                            rank,
+                            world: peers.len(),
+                        },
                         7,
                         generation,
                         &opts(),
@@ -597,9 +611,11 @@ mod tests {
         let h = std::thread::spawn(move || {
             Ring::connect(
                 &other,
-                &p2[0],
-                1,
-                p2.len(),
+                Seat {
+                    next_peer: &p2[0],
+                    rank: 1,
+                    world: p2.len(),
+                },
                 7,
                 2,
                 &opts(),
@@ -610,9 +626,11 @@ mod tests {
         let started = Instant::now();
         let mut r0 = Ring::connect(
             &l,
-            &peers[1],
-            0,
-            peers.len(),
+            Seat {
+                next_peer: &peers[1],
+                rank: 0,
+                world: peers.len(),
+            },
             7,
             2,
             &opts(),
@@ -653,9 +671,11 @@ mod tests {
         let h = std::thread::spawn(move || {
             Ring::connect(
                 &other,
-                &p2[0],
-                1,
-                p2.len(),
+                Seat {
+                    next_peer: &p2[0],
+                    rank: 1,
+                    world: p2.len(),
+                },
                 7,
                 2,
                 &quick("b"),
@@ -666,9 +686,11 @@ mod tests {
         assert!(
             Ring::connect(
                 &l,
-                &peers[1],
-                0,
-                peers.len(),
+                Seat {
+                    next_peer: &peers[1],
+                    rank: 0,
+                    world: peers.len()
+                },
                 7,
                 2,
                 &quick("a"),
@@ -715,9 +737,11 @@ mod tests {
                 std::thread::spawn(move || {
                     Ring::connect(
                         &l,
-                        &peers[(rank + 1) % peers.len()],
-                        rank,
-                        peers.len(),
+                        Seat {
+                            next_peer: &peers[(rank + 1) % peers.len()],
+                            rank,
+                            world: peers.len(),
+                        },
                         7,
                         1,
                         &quick,

@@ -12,7 +12,9 @@ use stackwise_proto::model::{Backend, Fence, Report, RunStage, StageDone};
 use stackwise_proto::pb;
 use tokio::sync::mpsc::Sender;
 
-use crate::comm::{COLLECTIVE_TIMEOUT_ENV, Comm, Local, Ring, RingKey, RingListener, RingOptions};
+use crate::comm::{
+    COLLECTIVE_TIMEOUT_ENV, Comm, Local, Ring, RingKey, RingListener, RingOptions, Seat,
+};
 use crate::train::{Aborted, RunOptions, TrainEvent, Trainer};
 
 /// A stable 64-bit tag of the run id (FNV-1a), checked in the ring handshake.
@@ -213,9 +215,11 @@ fn run_stage(
             };
             let ring = Ring::connect(
                 &ring_side.listener,
-                &rs.next_peer,
-                rank,
-                rs.world_size as usize,
+                Seat {
+                    next_peer: &rs.next_peer,
+                    rank,
+                    world: rs.world_size as usize,
+                },
                 run_tag(&fence.run_id) ^ rs.ring_tag,
                 fence.generation,
                 &opts,
