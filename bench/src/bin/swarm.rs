@@ -167,6 +167,24 @@ impl Watch {
             .filter(|t| *t >= since)
     }
 
+    /// Poll the events until `check` is satisfied, or fail after `limit` with what it
+    /// says is still missing.
+    async fn until<T>(
+        &mut self,
+        limit: Duration,
+        check: impl Fn(&Self) -> Result<T, String>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.drain();
+            match check(self) {
+                Ok(t) => return Ok(t),
+                Err(missing) if Instant::now() > deadline => bail!("{missing} within {limit:?}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
     /// Wait until every worker in `ws` saw `seen` at or after `since`; the latest such time.
     async fn all(
         &mut self,
@@ -175,22 +193,19 @@ impl Watch {
         since: Instant,
         limit: Duration,
     ) -> Result<Instant> {
-        let deadline = Instant::now() + limit;
-        loop {
-            self.drain();
-            let times: Vec<_> = ws.iter().map(|w| self.at(*w, seen, since)).collect();
-            if times.iter().all(Option::is_some) {
-                return Ok(times.into_iter().flatten().max().unwrap_or(since));
-            }
-            if Instant::now() > deadline {
-                let missing = times.iter().filter(|t| t.is_none()).count();
-                bail!(
-                    "{missing} of {} workers did not see {seen:?} within {limit:?}",
+        self.until(limit, |w| {
+            let times: Vec<_> = ws.iter().map(|x| w.at(*x, seen, since)).collect();
+            let missing = times.iter().filter(|t| t.is_none()).count();
+            match times.into_iter().max() {
+                Some(Some(t)) if missing == 0 => Ok(t),
+                _ if ws.is_empty() => Ok(since),
+                _ => Err(format!(
+                    "{missing} of {} workers did not see {seen:?}",
                     ws.len()
-                );
+                )),
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        })
+        .await
     }
 
     /// The first time any worker in `ws` saw `seen` at or after `since`.
@@ -201,17 +216,13 @@ impl Watch {
         since: Instant,
         limit: Duration,
     ) -> Result<Instant> {
-        let deadline = Instant::now() + limit;
-        loop {
-            self.drain();
-            if let Some(t) = ws.iter().filter_map(|w| self.at(*w, seen, since)).min() {
-                return Ok(t);
-            }
-            if Instant::now() > deadline {
-                bail!("no worker saw {seen:?} within {limit:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.until(limit, |w| {
+            ws.iter()
+                .filter_map(|x| w.at(*x, seen, since))
+                .min()
+                .ok_or_else(|| format!("no worker saw {seen:?}"))
+        })
+        .await
     }
 }
 

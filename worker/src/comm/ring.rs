@@ -420,6 +420,15 @@ impl Comm for Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `rank`'s seat in a ring over `peers`.
+    fn seat(peers: &[String], rank: usize) -> Seat<'_> {
+        Seat {
+            next_peer: &peers[(rank + 1) % peers.len()],
+            rank,
+            world: peers.len(),
+        }
+    }
     use crate::comm::handshake;
 
     fn opts() -> RingOptions {
@@ -447,11 +456,7 @@ mod tests {
                 std::thread::spawn(move || {
                     Ring::connect(
                         &l,
-                        Seat {
-                            next_peer: &peers[(rank + 1) % peers.len()],
-                            rank,
-                            world: peers.len(),
-                        },
+                        seat(&peers, rank),
                         7,
                         generation,
                         &opts(),
@@ -609,34 +614,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         let p2 = peers.clone();
         let h = std::thread::spawn(move || {
-            Ring::connect(
-                &other,
-                Seat {
-                    next_peer: &p2[0],
-                    rank: 1,
-                    world: p2.len(),
-                },
-                7,
-                2,
-                &opts(),
-                Default::default(),
-            )
-            .unwrap()
+            Ring::connect(&other, seat(&p2, 1), 7, 2, &opts(), Default::default()).unwrap()
         });
         let started = Instant::now();
-        let mut r0 = Ring::connect(
-            &l,
-            Seat {
-                next_peer: &peers[1],
-                rank: 0,
-                world: peers.len(),
-            },
-            7,
-            2,
-            &opts(),
-            Default::default(),
-        )
-        .unwrap();
+        let mut r0 = Ring::connect(&l, seat(&peers, 0), 7, 2, &opts(), Default::default()).unwrap();
         // Not held up by the idle connection's handshake deadline.
         assert!(started.elapsed() < handshake::HANDSHAKE_TIMEOUT);
         let mut r1 = h.join().unwrap();
@@ -669,35 +650,9 @@ mod tests {
         };
         let p2 = peers.clone();
         let h = std::thread::spawn(move || {
-            Ring::connect(
-                &other,
-                Seat {
-                    next_peer: &p2[0],
-                    rank: 1,
-                    world: p2.len(),
-                },
-                7,
-                2,
-                &quick("b"),
-                Default::default(),
-            )
-            .is_err()
+            Ring::connect(&other, seat(&p2, 1), 7, 2, &quick("b"), Default::default()).is_err()
         });
-        assert!(
-            Ring::connect(
-                &l,
-                Seat {
-                    next_peer: &peers[1],
-                    rank: 0,
-                    world: peers.len()
-                },
-                7,
-                2,
-                &quick("a"),
-                Default::default()
-            )
-            .is_err()
-        );
+        assert!(Ring::connect(&l, seat(&peers, 0), 7, 2, &quick("a"), Default::default()).is_err());
         assert!(h.join().unwrap());
     }
 
@@ -735,19 +690,7 @@ mod tests {
             .map(|(rank, l)| {
                 let (peers, quick) = (peers.clone(), quick.clone());
                 std::thread::spawn(move || {
-                    Ring::connect(
-                        &l,
-                        Seat {
-                            next_peer: &peers[(rank + 1) % peers.len()],
-                            rank,
-                            world: peers.len(),
-                        },
-                        7,
-                        1,
-                        &quick,
-                        Default::default(),
-                    )
-                    .unwrap()
+                    Ring::connect(&l, seat(&peers, rank), 7, 1, &quick, Default::default()).unwrap()
                 })
             })
             .collect();
