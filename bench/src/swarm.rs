@@ -232,6 +232,7 @@ async fn session(
                     tokens_per_s: 1024.0 / swarm.step.as_secs_f64(),
                     val_loss: None,
                     skipped: false,
+                    allreduce_seconds: 0.0,
                 }))).await?;
                 let name = format!("step-{:08}", s.step);
                 if s.rank == 0 && s.step.is_multiple_of(swarm.checkpoint_every) {

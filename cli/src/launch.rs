@@ -41,6 +41,8 @@ pub struct LaunchOptions {
     /// Restarts of a dead worker process (with `--on-worker-loss recover`).
     pub max_restarts: usize,
     pub progress: bool,
+    /// Serve the coordinator's /metrics and /healthz here.
+    pub http_bind: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -140,6 +142,13 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
     worker_env.extend(s3_secret.map(|s| (SECRET_ENV, s)));
     let coord = Coordinator::start(spec, "127.0.0.1:0", Some(token.clone()), None).await?;
     let url = format!("http://{}", coord.addr);
+    let metrics = match &o.http_bind {
+        Some(bind) => {
+            let (addr, _) = stackwise_coordinator::http::serve(coord.shared.clone(), bind).await?;
+            format!(" | metrics http://{addr}/metrics")
+        }
+        None => String::new(),
+    };
     coord.job().log_events = false;
 
     let bar = (o.progress && std::io::stderr().is_terminal()).then(|| {
@@ -154,7 +163,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
     });
     let printer = Arc::new(Printer { bar });
     printer.line(&format!(
-        "launch: run {run_id} | coordinator {url} | {} {} worker(s){}",
+        "launch: run {run_id} | coordinator {url}{metrics} | {} {} worker(s){}",
         o.workers,
         match o.device {
             LaunchDevice::Cpu => "CPU",

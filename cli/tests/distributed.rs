@@ -238,6 +238,7 @@ fn step_report(step: u64) -> Report {
         tokens_per_s: 10.0,
         val_loss: None,
         skipped: false,
+        allreduce_seconds: 0.01,
     })
 }
 

@@ -3,6 +3,7 @@
 //! carries the actions out. It builds on `stackwise-common` and `stackwise-proto` alone —
 //! no tensor code; the `stackwise` binary (`cli/`) joins it with the worker.
 
+pub mod http;
 pub mod job;
 pub mod membership;
 pub mod service;

@@ -385,6 +385,8 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     pub val_loss: Option<f64>,
     pub skipped: bool,
+    /// Seconds spent in collectives since the last report.
+    pub allreduce_seconds: f64,
 }
 
 /// The result of a finished stage on one rank.
@@ -475,6 +477,7 @@ impl TryFrom<pb::WorkerMessage> for WorkerReport {
                 tokens_per_s: finite("tokens_per_s", s.tokens_per_s)?,
                 val_loss: s.val_loss,
                 skipped: s.skipped,
+                allreduce_seconds: finite("allreduce_seconds", s.allreduce_seconds)?,
             }),
             Body::Checkpoint(c) => {
                 if c.name.is_empty() {
@@ -523,6 +526,7 @@ impl WorkerReport {
                 tokens_per_s: s.tokens_per_s,
                 val_loss: s.val_loss,
                 skipped: s.skipped,
+                allreduce_seconds: s.allreduce_seconds,
             }),
             Report::Checkpoint { step, name, uri } => {
                 Body::Checkpoint(pb::CheckpointReport { step, name, uri })

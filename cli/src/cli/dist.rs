@@ -55,6 +55,9 @@ pub struct CoordinatorArgs {
     /// How often workers send heartbeats.
     #[arg(long, default_value_t = 1_000)]
     pub heartbeat_ms: u64,
+    /// Also serve /metrics (Prometheus text) and /healthz over HTTP here, e.g. 0.0.0.0:9090.
+    #[arg(long)]
+    pub http_bind: Option<String>,
     #[command(flatten)]
     pub loss: LossArgs,
     #[command(flatten)]
@@ -97,6 +100,10 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
             "coordinator for run {run_id} listening on {scheme}://{} (waiting for {} worker(s))",
             coord.addr, a.min_workers
         );
+        if let Some(bind) = &a.http_bind {
+            let (addr, _) = stackwise_coordinator::http::serve(coord.shared.clone(), bind).await?;
+            eprintln!("coordinator metrics on http://{addr}/metrics");
+        }
         // SIGINT or SIGTERM: checkpoint at a step all workers agree on, then stop; a second
         // SIGINT stops at once.
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -200,6 +207,9 @@ pub struct LaunchArgs {
     /// With --on-worker-loss recover: restarts per worker.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: usize,
+    /// Serve the coordinator's /metrics (Prometheus text) and /healthz here, e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    pub http_bind: Option<String>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -218,6 +228,7 @@ pub fn run_launch(a: LaunchArgs) -> Result<()> {
         on_worker_loss: a.loss.on_worker_loss,
         max_restarts: a.max_restarts,
         progress: !a.output.no_progress,
+        http_bind: a.http_bind,
     };
     let json = a.output.json;
     let result = runtime()?.block_on(launch(opts));

@@ -282,6 +282,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
                 on_worker_loss: stackwise_coordinator::OnWorkerLoss::Stop,
             },
             max_restarts: 3,
+            http_bind: None,
             output: a.output,
         });
     }

@@ -113,7 +113,13 @@ pub struct Job {
     pub step: u64,
     pub loss: f64,
     pub val_loss: Option<f64>,
+    /// Rank 0's learning rate and seconds in all-reduce at its last step report.
+    pub lr: f64,
+    pub allreduce_seconds: f64,
     pub last_checkpoint: Option<String>,
+    /// Checkpoints reported committed, and when the last one was.
+    pub checkpoints_committed: u64,
+    pub last_checkpoint_at: Option<Instant>,
     /// Human-readable events for the launcher and logs ("generation 2 formed ...").
     pub events: Vec<String>,
     /// Also log events with `tracing` (off when the launcher prints them itself).
@@ -154,7 +160,11 @@ impl Job {
             step: 0,
             loss: f64::NAN,
             val_loss: None,
+            lr: f64::NAN,
+            allreduce_seconds: 0.0,
             last_checkpoint: None,
+            checkpoints_committed: 0,
+            last_checkpoint_at: None,
             events: Vec::new(),
             log_events: true,
             generations_formed: 0,
@@ -351,12 +361,18 @@ impl Job {
                     self.step = s.step;
                     self.stage = s.stage;
                     self.loss = s.loss;
+                    self.lr = s.lr;
+                    self.allreduce_seconds = s.allreduce_seconds;
                     if s.val_loss.is_some() {
                         self.val_loss = s.val_loss;
                     }
                 }
             }
-            Report::Checkpoint { name, .. } => self.last_checkpoint = Some(name),
+            Report::Checkpoint { name, .. } => {
+                self.last_checkpoint = Some(name);
+                self.checkpoints_committed += 1;
+                self.last_checkpoint_at = Some(now);
+            }
             Report::StageDone(d) => {
                 if let Phase::Running { done, .. } = &mut self.phase {
                     done.insert(r.worker_id, d);

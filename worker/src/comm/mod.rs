@@ -8,9 +8,11 @@ mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod ring;
+mod timed;
 
 pub(crate) use collective::chunk_range;
 pub use collective::{Comm, CommError};
 pub use handshake::RingKey;
 pub use local::Local;
 pub use ring::{COLLECTIVE_TIMEOUT_ENV, Ring, RingAbort, RingListener, RingOptions, Seat};
+pub use timed::Timed;

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -30,7 +30,7 @@ use super::report::{Reporter, StepReport, stage_line};
 use super::spec::RunSpec;
 use super::state::TrainerState;
 use super::step::{self, StepStats};
-use crate::comm::{Comm, Local};
+use crate::comm::{Comm, Local, Timed};
 use crate::models::params::FrozenSet;
 use crate::models::{Params, Transformer};
 use crate::optim::{AdamW, Ema};
@@ -100,6 +100,8 @@ pub struct Trainer {
     pub(super) base_only_eval: bool,
     pub(super) checkpointer: Checkpointer,
     pub(super) comm: Box<dyn Comm>,
+    /// Nanoseconds `comm` spent in collectives since the last step report.
+    comm_spent: Arc<AtomicU64>,
     observer: Option<Box<dyn FnMut(TrainEvent) + Send>>,
     abort: Option<Arc<AtomicBool>>,
     stop_request: Option<Arc<AtomicBool>>,
@@ -158,6 +160,8 @@ impl Trainer {
             comm.rank() == 0,
         );
         let (model, params) = Transformer::init(&spec.model_cfg, cfg.run.seed, &spec.device)?;
+        let comm_spent = Arc::new(AtomicU64::new(0));
+        let comm: Box<dyn Comm> = Box::new(Timed::new(comm, comm_spent.clone()));
         let mut trainer = Self {
             state: TrainerState::start(
                 &cfg.run.name,
@@ -177,6 +181,7 @@ impl Trainer {
             base_only_eval: false,
             checkpointer,
             comm,
+            comm_spent,
             observer: None,
             abort: None,
             stop_request: None,
@@ -500,6 +505,7 @@ impl Trainer {
             tokens_per_s,
             val_loss: val,
             skipped: stats.skipped,
+            allreduce_seconds: self.comm_spent.swap(0, Ordering::Relaxed) as f64 / 1e9,
         }));
         let every = self.spec.cfg.training.log_every.max(1);
         if step.is_multiple_of(every) || val.is_some() || step == stop_at {

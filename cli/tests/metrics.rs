@@ -1,0 +1,131 @@
+//! The coordinator's `/metrics` during a real 2-worker run: OpenMetrics text whose numbers
+//! move as the job trains.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{KillOnDrop, bin};
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// Parse OpenMetrics text strictly enough to catch a malformed exposition: every sample
+/// belongs to a family declared with `# TYPE`, every value is a number, `# EOF` ends it.
+/// Returns the samples as `name{labels}` -> value.
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    let mut families = BTreeMap::new();
+    let mut samples = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "{text}");
+    for l in &lines[..lines.len() - 1] {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["gauge", "counter"].contains(&kind), "{l}");
+            families.insert(name.to_string(), kind.to_string());
+        } else if l.starts_with("# HELP ") || l.starts_with("# UNIT ") {
+        } else {
+            let (key, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l}"));
+            let name = key.split('{').next().unwrap();
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            assert!(
+                families.contains_key(family),
+                "sample {key} of an undeclared family"
+            );
+            let v: f64 = value.parse().unwrap_or_else(|_| panic!("{l}"));
+            samples.insert(key.to_string(), v);
+        }
+    }
+    samples
+}
+
+#[test]
+fn the_coordinator_serves_openmetrics_that_follow_a_real_two_worker_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::dataset(dir.path(), 40_000);
+    let cfg = dir.path().join("m.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "run: {{name: m, output: {}}}\nmodel: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}\n\
+             data: {{path: {}}}\ntraining: {{steps: 300, batch_size: 4, warmup_steps: 2, eval_every: 50, checkpoint_every: 20}}\n",
+            dir.path().join("out").display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .arg("launch")
+        .arg(&cfg)
+        .args([
+            "--workers",
+            "2",
+            "--no-progress",
+            "--http-bind",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut launch = KillOnDrop(child);
+    let addr = loop {
+        let l = lines
+            .next()
+            .expect("launch printed no metrics address")
+            .unwrap();
+        if let Some(rest) = l.split_once("metrics http://") {
+            break rest.1.split('/').next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop)); // keep stderr drained
+    assert_eq!(http_get(&addr, "/healthz"), "ok\n");
+
+    let t = Instant::now();
+    let (mut first, mut last) = (None, BTreeMap::new());
+    while t.elapsed() < Duration::from_secs(120) {
+        let m = parse(&http_get(&addr, "/metrics"));
+        if m["stackwise_workers_in_generation"] == 2.0 && m["stackwise_step"] > 0.0 {
+            let f = first.get_or_insert_with(|| m.clone());
+            if m["stackwise_step"] >= f["stackwise_step"] + 10.0
+                && m["stackwise_checkpoints_committed_total"] >= 1.0
+            {
+                last = m;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = first.expect("the job never ran on 2 workers");
+    assert!(
+        !last.is_empty(),
+        "the step did not advance by 10 within 2 minutes"
+    );
+    assert_eq!(last["stackwise_job_state{state=\"running\"}"], 1.0);
+    assert_eq!(last["stackwise_job_state{state=\"finished\"}"], 0.0);
+    assert_eq!(last["stackwise_workers_alive"], 2.0);
+    assert_eq!(last["stackwise_total_steps"], 300.0);
+    assert!(last["stackwise_tokens_total"] > first["stackwise_tokens_total"]);
+    assert!(last["stackwise_loss"].is_finite() && last["stackwise_learning_rate"] > 0.0);
+    assert!(
+        last["stackwise_allreduce_seconds"] > 0.0,
+        "2 ranks all-reduce every step"
+    );
+    assert!(last["stackwise_seconds_since_checkpoint"] >= 0.0);
+    assert!(launch.0.wait().unwrap().success());
+}
