@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 worlds=("$@")
 [ ${#worlds[@]} -gt 0 ] || worlds=(2 4 8)
 sizes="${SIZES:-1,16,64}"
-cargo build --release --quiet -p stackwise-bench --bin allreduce
+# The same build line as swarm.sh (same packages, same features: no rebuild of either).
+cargo build --release --quiet -p stackwise -p stackwise-bench --bin stackwise --bin swarm --bin allreduce
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores" >&2
 for w in "${worlds[@]}"; do
   target/release/allreduce --world "$w" --sizes-mib "$sizes" --iters 5 | python3 -c '

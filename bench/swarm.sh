@@ -12,7 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(64 256 1024)
-cargo build --release --quiet -p stackwise --bin stackwise -p stackwise-bench --bin swarm
+# One build line for swarm.sh and ring_scale.sh: the same packages, so the same features and
+# no rebuild of the other.
+cargo build --release --quiet -p stackwise -p stackwise-bench --bin stackwise --bin swarm --bin allreduce
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 echo "CPU: $cpu, $(nproc) cores; coordinator and the simulated workers share them" >&2
 work=$(mktemp -d)
