@@ -87,16 +87,19 @@ impl Reply {
 }
 
 fn send(addr: &str, method: &str, path: &str, body: &[u8]) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    try_send(addr, method, path, body).unwrap()
+}
+
+fn try_send(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    s
+    )?;
+    s.write_all(body)?;
+    Ok(s)
 }
 
 fn dechunk(raw: &[u8]) -> Vec<u8> {
@@ -117,9 +120,13 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
 }
 
 fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Reply {
-    let mut s = send(addr, method, path, body);
+    try_request(addr, method, path, body).unwrap()
+}
+
+fn try_request(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Result<Reply> {
+    let mut s = try_send(addr, method, path, body)?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    s.read_to_end(&mut raw)?;
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let mut lines = head.lines();
@@ -144,11 +151,11 @@ fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Reply {
     } else {
         payload.to_vec()
     };
-    Reply {
+    Ok(Reply {
         status,
         headers,
         body: String::from_utf8(body).unwrap(),
-    }
+    })
 }
 
 fn post(addr: &str, path: &str, body: &Value) -> Reply {
@@ -448,8 +455,19 @@ fn completions_stream_and_adapters_equal_generate_and_bad_requests_get_4xx() {
         .status,
         400
     );
+    // Too large: 413. The server may answer and close before it has read the whole body,
+    // and then the client sees its connection reset instead of the answer (seen in CI).
     let big = vec![b' '; 2 << 20];
-    assert_eq!(bad("/v1/completions", &big).status, 413);
+    match try_request(a, "POST", "/v1/completions", &big) {
+        Ok(r) => assert_eq!(r.status, 413),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "{e}"
+        ),
+    }
     let chat_empty = post(
         a,
         "/v1/chat/completions",
