@@ -31,7 +31,6 @@ struct Snapshot {
 }
 
 fn snapshot(job: &Job, now: Instant) -> Snapshot {
-    let status = job.status(now);
     let ranks = match &job.phase {
         Phase::Running { ranks, .. } => ranks.len(),
         _ => 0,
@@ -45,7 +44,7 @@ fn snapshot(job: &Job, now: Instant) -> Snapshot {
             (
                 "total_steps",
                 "The step the job ends at",
-                status.total_steps as f64,
+                job.spec.target_step() as f64,
             ),
             (
                 "loss",
@@ -60,7 +59,7 @@ fn snapshot(job: &Job, now: Instant) -> Snapshot {
             (
                 "tokens_per_second",
                 "Training tokens per second, all ranks",
-                status.tokens_per_s,
+                job.tokens_per_s(),
             ),
             ("learning_rate", "Learning rate of the last step", job.lr),
             (

@@ -724,6 +724,15 @@ impl Job {
         (secs > 0.0).then(|| self.tokens_total as f64 / secs)
     }
 
+    /// Training tokens per second now: the sum of the current ranks' last rates.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.members
+            .members()
+            .filter(|m| m.rank.is_some())
+            .map(|m| m.tokens_per_s)
+            .sum()
+    }
+
     /// The status RPC's answer.
     pub fn status(&self, now: Instant) -> pb::JobStatus {
         let workers = self
@@ -747,11 +756,7 @@ impl Job {
                 last_seen_ms_ago: now.duration_since(m.last_seen).as_millis() as u64,
             })
             .collect::<Vec<_>>();
-        let tokens_per_s = workers
-            .iter()
-            .filter(|w| w.rank >= 0)
-            .map(|w| w.tokens_per_s)
-            .sum();
+        let tokens_per_s = self.tokens_per_s();
         pb::JobStatus {
             run_id: self.spec.run_id.clone(),
             generation: self.generation,
