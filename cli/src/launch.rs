@@ -136,6 +136,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         },
     )?;
     let run_id = spec.run_id.clone();
+    let run_uri = spec.run_uri.clone();
     let total = spec.target_step();
     let token = random_token()?;
     let mut worker_env = vec![("STACKWISE_TOKEN", token.clone())];
@@ -145,7 +146,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
     let metrics = match &o.http_bind {
         Some(bind) => {
             let (addr, _) = stackwise_coordinator::http::serve(coord.shared.clone(), bind).await?;
-            format!(" | metrics http://{addr}/metrics")
+            format!(" | dashboard http://{addr}/ | metrics http://{addr}/metrics")
         }
         None => String::new(),
     };
@@ -315,29 +316,40 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         b.finish_and_clear();
     }
     // When a worker process died, its exit status says more than the coordinator's view
-    // ("its stream closed"): name it in the error.
+    // ("its stream closed"): name it in the error. The others exit non-zero too once told
+    // the job failed, so one killed by a signal is the likelier cause.
     let mut phase = phase;
     if let Phase::Failed(why) = &phase {
         let deadline = Instant::now() + Duration::from_secs(2);
         'reap: while Instant::now() < deadline {
-            for w in &mut locals {
-                let Some(child) = &mut w.child else { continue };
-                if let Ok(Some(st)) = child.try_wait()
+            let mut dead: Vec<(usize, std::process::ExitStatus)> = Vec::new();
+            for (i, w) in locals.iter_mut().enumerate() {
+                if let Some(child) = &mut w.child
+                    && let Ok(Some(st)) = child.try_wait()
                     && !st.success()
                 {
-                    let rank = rank_of(&coord, &w.name)
-                        .or_else(|| rank_in_message(why))
-                        .map_or(String::new(), |r| format!("rank {r}, "));
-                    let what = format!(
-                        "worker {} ({rank}pid {}) {}",
-                        w.name,
-                        w.pid.unwrap_or(0),
-                        exit_text(st)
-                    );
-                    w.child = None;
-                    phase = Phase::Failed(format!("{what}; stopping the job"));
-                    break 'reap;
+                    dead.push((i, st));
                 }
+            }
+            use std::os::unix::process::ExitStatusExt;
+            if let Some(&(i, st)) = dead
+                .iter()
+                .find(|(_, st)| st.signal().is_some())
+                .or(dead.first())
+            {
+                let w = &mut locals[i];
+                let rank = rank_of(&coord, &w.name)
+                    .or_else(|| rank_in_message(why))
+                    .map_or(String::new(), |r| format!("rank {r}, "));
+                let what = format!(
+                    "worker {} ({rank}pid {}) {}",
+                    w.name,
+                    w.pid.unwrap_or(0),
+                    exit_text(st)
+                );
+                w.child = None;
+                phase = Phase::Failed(format!("{what}; stopping the job"));
+                break 'reap;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -382,6 +394,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
         )
     };
     coord.shutdown(Duration::from_secs(2)).await;
+    crate::plot::write_into_run(&run_uri);
     match phase {
         Phase::Finished => Ok(LaunchSummary {
             run_id,

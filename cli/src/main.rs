@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 mod launch;
+mod plot;
 mod serve;
 
 #[global_allocator]
@@ -52,6 +53,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Generate text from a model.
     Generate(cli::generate::GenerateArgs),
+    /// Plot a run's loss, validation loss and tokens/s from its metrics (SVG or PNG).
+    Plot(plot::PlotArgs),
     /// An interactive prompt loop over a model (`train` runs a training cycle; `quit` leaves).
     Chat(cli::chat::ChatArgs),
     /// Serve a model over HTTP: the original /generate and OpenAI's completions API.
@@ -82,12 +85,17 @@ fn main() -> std::process::ExitCode {
         Command::Tokenizer(c) => cli::data::run_tokenizer(c),
         Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Chat(a) => cli::chat::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Quickstart(a) => cli::quickstart::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<stackwise_worker::runtime::JobStopped>() => {
+            eprintln!("{e:#}");
+            std::process::ExitCode::from(stackwise_worker::runtime::JobStopped::EXIT_CODE)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -2,26 +2,12 @@
 //! move as the job trains.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{KillOnDrop, bin};
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
+use common::{KillOnDrop, bin, http_get};
 
 /// Parse OpenMetrics text strictly enough to catch a malformed exposition: every sample
 /// belongs to a family declared with `# TYPE`, every value is a number, `# EOF` ends it.
@@ -56,17 +42,12 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
 fn the_coordinator_serves_openmetrics_that_follow_a_real_two_worker_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::dataset(dir.path(), 40_000);
-    let cfg = dir.path().join("m.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "run: {{name: m, output: {}}}\nmodel: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}\n\
-             data: {{path: {}}}\ntraining: {{steps: 300, batch_size: 4, warmup_steps: 2, eval_every: 50, checkpoint_every: 20}}\n",
-            dir.path().join("out").display(),
-            data.display()
-        ),
-    )
-    .unwrap();
+    let cfg = common::tiny_job(
+        dir.path(),
+        "m",
+        &data,
+        "steps: 300, batch_size: 4, warmup_steps: 2, eval_every: 50, checkpoint_every: 20",
+    );
     let mut child = bin()
         .arg("launch")
         .arg(&cfg)

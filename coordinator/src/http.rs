@@ -1,6 +1,8 @@
 //! The coordinator's HTTP side (`--http-bind`): `GET /metrics`, the job in Prometheus
-//! (OpenMetrics) text via prometheus-client, and `GET /healthz` for probes. Each scrape reads
-//! the job once under its lock and renders outside it.
+//! (OpenMetrics) text via prometheus-client; `GET /`, a live dashboard (one static page that
+//! polls `GET /api/job`: the status, the run's curves and recent events as JSON); and
+//! `GET /healthz` for probes. Each request reads the job once under its lock and renders
+//! outside it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use anyhow::{Context, Result};
 use axum::Router;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
-use axum::response::IntoResponse;
+use axum::response::{Html, IntoResponse, Json};
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -158,7 +160,26 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
-/// Serve `/metrics` and `/healthz` for `shared`'s job on `bind` (`stackwise coordinator
+/// Events the dashboard lists, newest last.
+const DASHBOARD_EVENTS: usize = 50;
+
+async fn api_job(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let (status, history, events) = {
+        let job = shared.job();
+        let from = job.events.len().saturating_sub(DASHBOARD_EVENTS);
+        (
+            job.status(Instant::now()),
+            job.history.to_json(),
+            job.events[from..].to_vec(),
+        )
+    };
+    let mut v = crate::job::status_json(&status);
+    v["history"] = history;
+    v["events"] = events.into();
+    Json(v)
+}
+
+/// Serve `/`, `/api/job`, `/metrics` and `/healthz` for `shared`'s job on `bind` (`stackwise coordinator
 /// --http-bind`, `launch --http-bind`); returns the bound address and the server task.
 pub async fn serve(shared: Arc<Shared>, bind: &str) -> Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(bind)
@@ -166,6 +187,8 @@ pub async fn serve(shared: Arc<Shared>, bind: &str) -> Result<(SocketAddr, JoinH
         .with_context(|| format!("bind the coordinator's HTTP endpoint to {bind}"))?;
     let addr = listener.local_addr()?;
     let app = Router::new()
+        .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
+        .route("/api/job", get(api_job))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(shared);

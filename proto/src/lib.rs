@@ -9,7 +9,7 @@ pub mod pb {
 }
 
 /// Bumped on any incompatible change; a worker and coordinator must agree.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The metadata key of the shared token (`authorization: Bearer <token>`).
 pub const AUTH_HEADER: &str = "authorization";

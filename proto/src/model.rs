@@ -303,6 +303,39 @@ impl From<RunStage> for pb::RunStage {
     }
 }
 
+/// How a job ended, as Shutdown tells the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobEnd {
+    /// Every step ran.
+    Finished,
+    /// Stopped at a checkpoint (SIGTERM, Ctrl-C): a resumed job continues from it.
+    Stopped,
+    /// Failed; resuming may not help.
+    Failed,
+}
+
+impl TryFrom<i32> for JobEnd {
+    type Error = ProtoError;
+    fn try_from(v: i32) -> Result<Self, ProtoError> {
+        match pb::JobEnd::try_from(v) {
+            Ok(pb::JobEnd::Finished) => Ok(JobEnd::Finished),
+            Ok(pb::JobEnd::Stopped) => Ok(JobEnd::Stopped),
+            Ok(pb::JobEnd::Failed) => Ok(JobEnd::Failed),
+            _ => Err(ProtoError::Missing("shutdown.end")),
+        }
+    }
+}
+
+impl From<JobEnd> for pb::JobEnd {
+    fn from(e: JobEnd) -> Self {
+        match e {
+            JobEnd::Finished => pb::JobEnd::Finished,
+            JobEnd::Stopped => pb::JobEnd::Stopped,
+            JobEnd::Failed => pb::JobEnd::Failed,
+        }
+    }
+}
+
 /// A command from the coordinator.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -315,6 +348,7 @@ pub enum Command {
     },
     Shutdown {
         reason: String,
+        end: JobEnd,
     },
     NcclId(Vec<u8>),
     /// The heartbeat `seq` renewed the lease.
@@ -332,7 +366,10 @@ impl TryFrom<pb::CoordinatorMessage> for (Fence, Command) {
             Body::RunStage(r) => Command::RunStage(Box::new(r.try_into()?)),
             Body::Checkpoint(c) => Command::Checkpoint { step: c.step },
             Body::Abort(a) => Command::Abort { reason: a.reason },
-            Body::Shutdown(s) => Command::Shutdown { reason: s.reason },
+            Body::Shutdown(s) => Command::Shutdown {
+                end: s.end.try_into()?,
+                reason: s.reason,
+            },
             Body::NcclId(n) => Command::NcclId(nccl_id(n.id)?),
             Body::HeartbeatAck(a) => Command::HeartbeatAck { seq: a.seq },
         };
@@ -347,7 +384,10 @@ impl Command {
             Command::RunStage(r) => Body::RunStage((*r).into()),
             Command::Checkpoint { step } => Body::Checkpoint(pb::CheckpointNow { step }),
             Command::Abort { reason } => Body::Abort(pb::Abort { reason }),
-            Command::Shutdown { reason } => Body::Shutdown(pb::Shutdown { reason }),
+            Command::Shutdown { reason, end } => Body::Shutdown(pb::Shutdown {
+                reason,
+                end: pb::JobEnd::from(end).into(),
+            }),
             Command::NcclId(id) => Body::NcclId(pb::NcclId { id }),
             Command::HeartbeatAck { seq } => Body::HeartbeatAck(pb::HeartbeatAck { seq }),
         };

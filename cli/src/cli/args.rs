@@ -82,11 +82,12 @@ impl ModelArgs {
 /// A coordinator to connect to.
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorTarget {
-    /// The coordinator, e.g. http://10.0.0.1:50051 (https:// with TLS).
-    #[arg(long)]
-    pub coordinator: String,
+    /// The coordinator, e.g. http://10.0.0.1:50051 (https:// with TLS). Without it: from
+    /// STACKWISE_COORDINATOR, else torchrun's MASTER_ADDR and MASTER_PORT (default 50051).
+    #[arg(long, env = "STACKWISE_COORDINATOR")]
+    pub coordinator: Option<String>,
     /// File holding the shared token (else STACKWISE_TOKEN).
-    #[arg(long)]
+    #[arg(long, env = "STACKWISE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) for an https coordinator with a private CA.
     #[arg(long)]
@@ -95,10 +96,90 @@ pub struct CoordinatorTarget {
 
 impl CoordinatorTarget {
     pub fn target(&self) -> Result<Target> {
+        let url = match &self.coordinator {
+            Some(url) => url.clone(),
+            None => coordinator_from_env(|k| std::env::var(k).ok()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no coordinator: pass --coordinator URL, or set STACKWISE_COORDINATOR, \
+                     or MASTER_ADDR (and MASTER_PORT) as torchrun does"
+                )
+            })?,
+        };
         Ok(Target {
-            url: self.coordinator.clone(),
+            url,
             token: Target::token_from(self.token_file.as_deref())?,
             tls_ca: self.tls_ca.clone(),
         })
+    }
+}
+
+/// The coordinator's URL from torchrun's conventions: `MASTER_ADDR` and `MASTER_PORT`
+/// (default 50051), over plain http (TLS needs --coordinator https://...).
+fn coordinator_from_env(var: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let host = var("MASTER_ADDR").filter(|h| !h.is_empty())?;
+    let port = var("MASTER_PORT").unwrap_or_else(|| "50051".into());
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Some(format!("http://{host}:{port}"))
+}
+
+/// A worker's default name: `worker-INDEX` where the platform numbers the workers
+/// (Kubernetes Indexed Jobs: JOB_COMPLETION_INDEX; torchrun: RANK), else `HOST-PID`.
+pub fn default_worker_name(var: impl Fn(&str) -> Option<String>) -> String {
+    if let Some(i) = var("JOB_COMPLETION_INDEX").or_else(|| var("RANK")) {
+        return format!("worker-{i}");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars<'a>(pairs: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn the_coordinator_comes_from_torchruns_master_addr_and_port() {
+        assert_eq!(
+            coordinator_from_env(vars(&[
+                ("MASTER_ADDR", "coord.ns.svc"),
+                ("MASTER_PORT", "6000")
+            ])),
+            Some("http://coord.ns.svc:6000".into())
+        );
+        assert_eq!(
+            coordinator_from_env(vars(&[("MASTER_ADDR", "10.0.0.7")])),
+            Some("http://10.0.0.7:50051".into())
+        );
+        assert_eq!(
+            coordinator_from_env(vars(&[("MASTER_ADDR", "fd00::7")])),
+            Some("http://[fd00::7]:50051".into())
+        );
+        assert_eq!(coordinator_from_env(vars(&[("MASTER_PORT", "1")])), None);
+    }
+
+    #[test]
+    fn a_worker_is_named_after_its_completion_index_or_rank() {
+        assert_eq!(
+            default_worker_name(vars(&[("JOB_COMPLETION_INDEX", "3")])),
+            "worker-3"
+        );
+        assert_eq!(default_worker_name(vars(&[("RANK", "5")])), "worker-5");
+        let plain = default_worker_name(vars(&[]));
+        assert!(
+            plain.ends_with(&format!("-{}", std::process::id())),
+            "{plain}"
+        );
     }
 }

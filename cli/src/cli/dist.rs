@@ -93,6 +93,7 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
         },
     )?;
     let run_id = spec.run_id.clone();
+    let run_uri = spec.run_uri.clone();
     runtime()?.block_on(async move {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let coord = Coordinator::start(spec, &a.bind, token, tls).await?;
@@ -102,7 +103,7 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
         );
         if let Some(bind) = &a.http_bind {
             let (addr, _) = stackwise_coordinator::http::serve(coord.shared.clone(), bind).await?;
-            eprintln!("coordinator metrics on http://{addr}/metrics");
+            eprintln!("coordinator dashboard on http://{addr}/ (metrics: /metrics)");
         }
         // SIGINT or SIGTERM: checkpoint at a step all workers agree on, then stop; a second
         // SIGINT stops at once.
@@ -131,6 +132,7 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
         };
         let status = coord.status();
         coord.shutdown(Duration::from_secs(10)).await;
+        crate::plot::write_into_run(&run_uri);
         match phase {
             Phase::Finished => {
                 eprintln!(
@@ -149,11 +151,12 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub target: CoordinatorTarget,
-    /// Name shown in logs and `stackwise status` (default: host name and pid).
-    #[arg(long)]
+    /// Name shown in logs and `stackwise status` (default: worker-N from JOB_COMPLETION_INDEX
+    /// or RANK, else host name and pid).
+    #[arg(long, env = "STACKWISE_WORKER_NAME")]
     pub name: Option<String>,
     /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", env = "STACKWISE_DEVICE")]
     pub device: DeviceSpec,
     /// Where to accept ring connections from the previous rank.
     #[arg(long, default_value = "0.0.0.0:0")]
@@ -168,10 +171,9 @@ pub struct WorkerArgs {
 
 pub fn run_worker_cmd(a: WorkerArgs) -> Result<()> {
     let target = a.target.target()?;
-    let name = a.name.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
+    let name = a
+        .name
+        .unwrap_or_else(|| super::args::default_worker_name(|k| std::env::var(k).ok()));
     runtime()?.block_on(run_worker(WorkerOptions {
         target,
         name,
@@ -281,26 +283,15 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
                 .into_inner(),
         )
     })?;
+    let since_ckpt = s
+        .seconds_since_checkpoint
+        .map_or("-".to_string(), |t| format!("{t:.0} s ago"));
     if a.json {
-        let workers: Vec<_> = s
-            .workers
-            .iter()
-            .map(|w| {
-                serde_json::json!({"worker_id": w.worker_id, "name": w.name, "rank": w.rank, "host": w.host,
-                "device": w.device, "state": w.state, "step": w.step, "loss": w.loss,
-                "tokens_per_s": w.tokens_per_s, "last_seen_ms_ago": w.last_seen_ms_ago})
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({"run_id": s.run_id, "state": s.state, "generation": s.generation,
-                "stage": s.stage_name, "step": s.step, "total_steps": s.total_steps, "loss": s.loss,
-                "val_loss": s.val_loss, "tokens_per_s": s.tokens_per_s, "message": s.message, "workers": workers})
-        );
+        println!("{}", stackwise_coordinator::job::status_json(&s));
         return Ok(());
     }
     println!(
-        "run {} | {} | generation {} | stage {} | step {}/{} | loss {:.4} | {:.0} tok/s{}",
+        "run {} | {} | generation {} | stage {} | step {}/{} | loss {:.4}{} | lr {:.2e} | {:.0} tok/s{}",
         s.run_id,
         s.state,
         s.generation,
@@ -308,12 +299,28 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
         s.step,
         s.total_steps,
         s.loss,
+        s.val_loss
+            .map_or(String::new(), |v| format!(" | val {v:.4}")),
+        s.lr,
         s.tokens_per_s,
         if s.message.is_empty() {
             String::new()
         } else {
             format!(" | {}", s.message)
         }
+    );
+    println!(
+        "workers {} alive (min {}, max {}) | all-reduce {:.3} s/step | checkpoints {} committed, last {} ({since_ckpt})",
+        s.workers.len(),
+        s.min_workers,
+        s.max_workers,
+        s.allreduce_seconds,
+        s.checkpoints_committed,
+        if s.last_checkpoint.is_empty() {
+            "-"
+        } else {
+            &s.last_checkpoint
+        },
     );
     println!(
         "{:<8} {:<16} {:>4} {:<16} {:<8} {:<9} {:>7} {:>8} {:>9} {:>8}",

@@ -41,6 +41,10 @@ pub struct QuickstartArgs {
     /// Prompt for the sample at the end.
     #[arg(long, default_value = "MACBETH.\n")]
     pub prompt: String,
+    /// Write the corpus, dataset and config, then stop: train the config elsewhere (a
+    /// coordinator and workers, as deploy/compose does).
+    #[arg(long)]
+    pub prepare_only: bool,
 }
 
 fn config_yaml(data: &str, output: &str, steps: u64) -> String {
@@ -106,6 +110,13 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         &config,
         config_yaml(&data.to_string_lossy(), &a.out.to_string_lossy(), a.steps),
     )?;
+    if a.prepare_only {
+        eprintln!(
+            "prepared: train it with `stackwise train {0}` or `stackwise coordinator --config {0}`",
+            config.display()
+        );
+        return Ok(());
+    }
     let run_dir = a.out.join("runs").join("quickstart");
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)

@@ -76,6 +76,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut trainer = Trainer::new(cfg, &opts)?;
     let signal = stop_on_signals(&mut trainer)?;
     let summary = trainer.run(&opts)?;
+    crate::plot::write_into_run(&summary.run_dir);
     if summary.stopped_on_request {
         eprintln!(
             "stopped: signal {} at step {}; checkpoint {}; continue with --resume",

@@ -146,3 +146,37 @@ pub fn start_until(
     }
     (child, rx)
 }
+
+/// `GET path` over plain HTTP/1.1; asserts a 200 and returns the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// `dir/NAME.yaml`: a tiny model (d_model 32, 2 layers, 2 heads, 32 tokens) on `data`, its
+/// run in `dir/out`, with `training` as the training section's fields (e.g. "steps: 6,
+/// batch_size: 4").
+pub fn tiny_job(dir: &Path, name: &str, data: &Path, training: &str) -> PathBuf {
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "run: {{name: {name}, output: {}}}\nmodel: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}\n\
+             data: {{path: {}}}\ntraining: {{{training}}}\n",
+            dir.join("out").display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}

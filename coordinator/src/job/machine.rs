@@ -6,12 +6,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use stackwise_proto::model::{
-    Backend, Command, DeviceKind, Fence, ProtoError, Registration, Report, RunStage, StageDone,
-    WorkerReport,
+    Backend, Command, DeviceKind, Fence, JobEnd, ProtoError, Registration, Report, RunStage,
+    StageDone, WorkerReport,
 };
 use stackwise_proto::pb;
 use tokio::time::{Duration, Instant};
 
+use super::history::{History, Point};
 use super::spec::{JobSpec, OnWorkerLoss};
 use crate::membership::Membership;
 
@@ -55,6 +56,16 @@ impl Phase {
 
     pub fn is_over(&self) -> bool {
         matches!(self, Phase::Finished | Phase::Failed(_) | Phase::Stopped(_))
+    }
+
+    /// How an ended job reads in a Shutdown (None while it runs).
+    fn end(&self) -> Option<JobEnd> {
+        match self {
+            Phase::Finished => Some(JobEnd::Finished),
+            Phase::Stopped(_) => Some(JobEnd::Stopped),
+            Phase::Failed(_) => Some(JobEnd::Failed),
+            _ => None,
+        }
     }
 }
 
@@ -128,6 +139,8 @@ pub struct Job {
     /// Tokens processed by all ranks, and when the first and last step reports arrived.
     pub tokens_total: u64,
     pub steps_window: Option<(Instant, Instant)>,
+    /// Rank 0's curves, for the dashboard.
+    pub history: History,
     /// Random per coordinator instance: ring handshakes of a restarted coordinator's
     /// generations never match connections left over from before the restart.
     instance: u64,
@@ -170,6 +183,7 @@ impl Job {
             generations_formed: 0,
             tokens_total: 0,
             steps_window: None,
+            history: History::default(),
             instance: instance_nonce(),
             stop_requested: None,
             discovery: Discovery::Idle,
@@ -193,7 +207,7 @@ impl Job {
     }
 
     /// The step the job ends at: `until_step`, or the end of the plan.
-    fn target_step(&self) -> u64 {
+    pub(super) fn target_step(&self) -> u64 {
         self.spec.target_step()
     }
 
@@ -298,9 +312,9 @@ impl Job {
         self.members.touch(id, now)?;
         self.session_counter += 1;
         self.sessions.insert(id.to_string(), self.session_counter);
-        if self.phase.is_over() {
+        if let Some(end) = self.phase.end() {
             let reason = self.phase.name().to_string();
-            self.send(id, Command::Shutdown { reason });
+            self.send(id, Command::Shutdown { reason, end });
         }
         Ok((self.session_counter, self.take_actions()))
     }
@@ -366,6 +380,15 @@ impl Job {
                     if s.val_loss.is_some() {
                         self.val_loss = s.val_loss;
                     }
+                    let (step, loss, lr, tokens_per_s) =
+                        (s.step, s.loss, s.lr, self.tokens_per_s());
+                    let point = Point {
+                        step,
+                        loss,
+                        tokens_per_s,
+                        lr,
+                    };
+                    self.history.record(point, s.val_loss);
                 }
             }
             Report::Checkpoint { name, .. } => {
@@ -478,8 +501,9 @@ impl Job {
             _ => "the job is finished".into(),
         };
         self.event(format!("job {}: {reason}", phase.name()));
+        let end = phase.end().expect("an ending phase");
         self.phase = phase;
-        self.broadcast(Command::Shutdown { reason });
+        self.broadcast(Command::Shutdown { reason, end });
     }
 
     /// Move toward the intent: expire leases, form a generation, notice completion.
@@ -715,67 +739,6 @@ impl Job {
             ranks,
             done: BTreeMap::new(),
         };
-    }
-
-    /// Mean training throughput of the job so far (all ranks), from the step reports.
-    pub fn mean_tokens_per_s(&self) -> Option<f64> {
-        let (first, last) = self.steps_window?;
-        let secs = last.duration_since(first).as_secs_f64();
-        (secs > 0.0).then(|| self.tokens_total as f64 / secs)
-    }
-
-    /// Training tokens per second now: the sum of the current ranks' last rates.
-    pub fn tokens_per_s(&self) -> f64 {
-        self.members
-            .members()
-            .filter(|m| m.rank.is_some())
-            .map(|m| m.tokens_per_s)
-            .sum()
-    }
-
-    /// The status RPC's answer.
-    pub fn status(&self, now: Instant) -> pb::JobStatus {
-        let workers = self
-            .members
-            .members()
-            .map(|m| pb::WorkerStatus {
-                worker_id: m.id.clone(),
-                name: m.name.clone(),
-                rank: m.rank.map_or(-1, |r| r as i32),
-                host: m.caps.host.clone(),
-                device: m.caps.device.clone(),
-                state: match (&self.phase, m.rank) {
-                    (Phase::Running { done, .. }, Some(_)) if done.contains_key(&m.id) => "done",
-                    (Phase::Running { .. }, Some(_)) => "training",
-                    _ => "idle",
-                }
-                .into(),
-                step: m.step,
-                loss: m.loss,
-                tokens_per_s: m.tokens_per_s,
-                last_seen_ms_ago: now.duration_since(m.last_seen).as_millis() as u64,
-            })
-            .collect::<Vec<_>>();
-        let tokens_per_s = self.tokens_per_s();
-        pb::JobStatus {
-            run_id: self.spec.run_id.clone(),
-            generation: self.generation,
-            state: self.phase.name().into(),
-            stage: self.stage,
-            stage_name: self.stage_name(),
-            step: self.step,
-            total_steps: self.target_step(),
-            loss: self.loss,
-            tokens_per_s,
-            val_loss: self.val_loss,
-            workers,
-            message: match &self.phase {
-                Phase::Failed(m) | Phase::Stopped(m) => m.clone(),
-                _ => String::new(),
-            },
-            min_workers: self.spec.group.min_workers as u32,
-            max_workers: self.spec.group.max_workers as u32,
-        }
     }
 }
 

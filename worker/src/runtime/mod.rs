@@ -13,4 +13,4 @@ pub use backoff::{Backoff, spread};
 pub use client::Target;
 pub use options::WorkerOptions;
 pub use stage::run_tag;
-pub use worker::run_worker;
+pub use worker::{JobStopped, run_worker};

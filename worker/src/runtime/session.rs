@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use stackwise_proto::model::{Command, Fence, Report, WorkerReport};
+use stackwise_proto::model::{Command, Fence, JobEnd, Report, WorkerReport};
 use stackwise_proto::{PROTOCOL_VERSION, pb};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,14 +17,15 @@ use super::stage::{RingSide, Work, start, stop};
 /// Messages queued for the coordinator at most.
 const UPLINK_CAPACITY: usize = 1024;
 
-/// One registration and session. Returns the Shutdown reason, or the error that ended it.
+/// One registration and session. Returns the Shutdown (reason, how the job ended), or the
+/// error that ended it.
 pub(super) async fn session(
     opts: &WorkerOptions,
     ring_side: &Arc<RingSide>,
     ring_address: &str,
     registered: &mut bool,
     term: &Terminate,
-) -> Result<String> {
+) -> Result<(String, JobEnd)> {
     let mut client = opts.target.connect().await?;
     let reg = match client
         .register(pb::RegisterRequest {
@@ -37,7 +38,13 @@ pub(super) async fn session(
     {
         Ok(r) => r.into_inner(),
         Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("job is over") => {
-            return Ok(s.message().to_string());
+            // "the job is over: finished|stopped|failed" (ProtoError::JobOver).
+            let end = match s.message().rsplit(": ").next() {
+                Some("finished") => JobEnd::Finished,
+                Some("stopped") => JobEnd::Stopped,
+                _ => JobEnd::Failed,
+            };
+            return Ok((s.message().to_string(), end));
         }
         Err(s) => return Err(anyhow::Error::new(s).context("register with the coordinator")),
     };
@@ -129,7 +136,7 @@ pub(super) async fn session(
                 // The ranks agree on a step in the next all-reduce, checkpoint it, and
                 // report their stage done; the coordinator then stops the job.
                 Some(w) => w.stop_request.store(true, Ordering::SeqCst),
-                None => break Ok("SIGTERM".to_string()),
+                None => break Ok(("SIGTERM while no stage ran".to_string(), JobEnd::Stopped)),
             }
             continue;
         };
@@ -177,7 +184,7 @@ pub(super) async fn session(
                 );
                 stop(work.take()).await;
             }
-            Command::Shutdown { reason } => break Ok(reason),
+            Command::Shutdown { reason, end } => break Ok((reason, end)),
             Command::Checkpoint { step } => {
                 tracing::info!(
                     step,

@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+use stackwise_proto::model::JobEnd;
+
 use super::backoff::Backoff;
 use super::options::{Terminate, WorkerOptions, local_host_towards};
 use super::session::session;
@@ -30,7 +32,24 @@ fn is_fatal(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Run until the coordinator says Shutdown (Ok) or cannot be reached for `rejoin_timeout`.
+/// The job stopped at a checkpoint before its end (a coordinator or worker got SIGTERM):
+/// `stackwise worker` exits with [`JobStopped::EXIT_CODE`], not 0, so that a restart policy
+/// (Docker's `on-failure`, a Kubernetes Job's `OnFailure`) brings the worker back for the
+/// resumed job, while a finished job's workers exit 0 and stay down.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the job stopped before its end ({0}); exiting {code} so that a restart policy brings this worker back for the resumed job",
+    code = JobStopped::EXIT_CODE
+)]
+pub struct JobStopped(pub String);
+
+impl JobStopped {
+    /// EX_TEMPFAIL: try again later.
+    pub const EXIT_CODE: u8 = 75;
+}
+
+/// Run until the coordinator says Shutdown or cannot be reached for `rejoin_timeout`: Ok
+/// when the job finished, [`JobStopped`] when it stopped to be resumed, an error otherwise.
 pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
     let ring_side = Arc::new(RingSide {
         listener: RingListener::bind(&opts.ring_bind)
@@ -38,12 +57,6 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
         token: opts.target.token.clone(),
     });
     let port = ring_side.listener.local_addr()?.port();
-    let host = opts
-        .advertise_host
-        .clone()
-        .or_else(|| local_host_towards(&opts.target.url))
-        .unwrap_or_else(|| "127.0.0.1".into());
-    let ring_address = format!("{host}:{port}");
     let term = Arc::new(Terminate::default());
     if opts.graceful_sigterm {
         let mut sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -69,11 +82,21 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<()> {
         if term.asked.load(Ordering::SeqCst) && !registered {
             bail!("SIGTERM while not connected to the coordinator: exiting");
         }
+        // Found again for every session: a container or pod that rejoins may have a new
+        // address.
+        let host = opts
+            .advertise_host
+            .clone()
+            .or_else(|| local_host_towards(&opts.target.url))
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let ring_address = format!("{host}:{port}");
         match session(&opts, &ring_side, &ring_address, &mut registered, &term).await {
-            Ok(reason) => {
+            Ok((reason, JobEnd::Finished)) => {
                 tracing::info!("shutting down: {reason}");
                 return Ok(());
             }
+            Ok((reason, JobEnd::Stopped)) => return Err(JobStopped(reason).into()),
+            Ok((reason, JobEnd::Failed)) => bail!("the job failed: {reason}"),
             Err(e) if is_fatal(&e) => {
                 let unauthenticated = e.chain().any(|c| {
                     c.downcast_ref::<tonic::Status>()

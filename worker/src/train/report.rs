@@ -45,7 +45,19 @@ impl Reporter {
             .local_path()
             .filter(|_| write_metrics)
             .map(|p| p.join("metrics.jsonl"));
-        let remote = (write_metrics && metrics_path.is_none()).then(|| (run.clone(), Vec::new()));
+        // An object store cannot append: the whole file is uploaded each flush, starting
+        // from what a resumed run had recorded up to its checkpoint.
+        let remote = (write_metrics && metrics_path.is_none()).then(|| {
+            let before = match run.get("metrics.jsonl") {
+                Ok(Some(b)) if start_step > 0 => records_up_to(&b, start_step),
+                Ok(_) => Vec::new(),
+                Err(e) => {
+                    tracing::warn!("read the run's metrics.jsonl: {e}");
+                    Vec::new()
+                }
+            };
+            (run.clone(), before)
+        });
         Self {
             bar,
             metrics_path,
@@ -105,6 +117,22 @@ impl Reporter {
         }
         self.flush();
     }
+}
+
+/// The lines of a `metrics.jsonl` whose step is at most `step` (the checkpoint a run resumes
+/// from); lines without a step are kept, a torn last line is not.
+fn records_up_to(jsonl: &[u8], step: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in jsonl.split(|b| *b == b'\n') {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            continue;
+        };
+        if v["step"].as_u64().is_none_or(|s| s <= step) {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+    }
+    out
 }
 
 /// One optimizer step as the log and `metrics.jsonl` show it.
@@ -206,4 +234,19 @@ pub fn stage_end_line(
         fractions[0],
         fractions[fractions.len() - 1],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_run_keeps_its_metrics_up_to_the_checkpoint() {
+        let before = b"{\"step\":1,\"loss\":3}\n{\"event\":\"x\"}\n{\"step\":2,\"loss\":2}\n{\"step\":3,\"loss\":1}\n{\"step\":4,";
+        let kept = String::from_utf8(records_up_to(before, 2)).unwrap();
+        assert_eq!(
+            kept,
+            "{\"step\":1,\"loss\":3}\n{\"event\":\"x\"}\n{\"step\":2,\"loss\":2}\n"
+        );
+    }
 }
