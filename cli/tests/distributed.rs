@@ -460,6 +460,12 @@ fn a_worker_with_a_wrong_token_is_refused_and_status_lists_workers() {
             && listed.contains("good-one"),
         "{listed}"
     );
+    assert!(
+        listed.contains(
+            "workers 1 alive (min 2, max 2) | all-reduce 0.000 s/step | checkpoints 0 committed, last - (-)"
+        ),
+        "{listed}"
+    );
     let o = run(bin().args(["status", "--coordinator", &url]));
     assert!(!o.status.success(), "status without the token must fail");
 }

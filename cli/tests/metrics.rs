@@ -1,5 +1,5 @@
 //! The coordinator's `/metrics` during a real 2-worker run: OpenMetrics text whose numbers
-//! move as the job trains.
+//! move as the job trains; then the run's loss plot.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -109,4 +109,24 @@ fn the_coordinator_serves_openmetrics_that_follow_a_real_two_worker_run() {
     );
     assert!(last["stackwise_seconds_since_checkpoint"] >= 0.0);
     assert!(launch.0.wait().unwrap().success());
+
+    // The run's plot: written into the run at its end, and `stackwise plot` as PNG.
+    let run = dir.path().join("out/runs/m");
+    let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("m: step 300, loss "),
+        "{}",
+        &svg[..200]
+    );
+    let png = dir.path().join("loss.png");
+    let o = common::ok(bin().arg("plot").arg(&run).arg("--out").arg(&png));
+    assert!(common::stderr(&o).contains("validation points"));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let o = common::run(bin().arg("plot").arg(dir.path()).arg("--out").arg(&png));
+    assert!(
+        !o.status.success() && common::stderr(&o).contains("has no metrics.jsonl"),
+        "{}",
+        common::stderr(&o)
+    );
 }
