@@ -103,6 +103,17 @@ struct LocalWorker {
     restarts: usize,
 }
 
+/// "worker local-1 (rank 1, pid 4242) was killed by signal 9 (SIGKILL)".
+fn died(w: &LocalWorker, rank: Option<u32>, status: std::process::ExitStatus) -> String {
+    let rank = rank.map_or(String::new(), |r| format!("rank {r}, "));
+    format!(
+        "worker {} ({rank}pid {}) {}",
+        w.name,
+        w.pid.unwrap_or(0),
+        exit_text(status)
+    )
+}
+
 fn exit_text(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -283,13 +294,7 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
             let Ok(Some(st)) = child.try_wait() else {
                 continue;
             };
-            let rank = rank_of(&coord, &w.name).map_or(String::new(), |r| format!("rank {r}, "));
-            let what = format!(
-                "worker {} ({rank}pid {}) {}",
-                w.name,
-                w.pid.unwrap_or(0),
-                exit_text(st)
-            );
+            let what = died(w, rank_of(&coord, &w.name), st);
             w.child = None;
             if o.on_worker_loss == OnWorkerLoss::Recover && w.restarts < o.max_restarts {
                 w.restarts += 1;
@@ -338,15 +343,8 @@ pub async fn launch(o: LaunchOptions) -> Result<LaunchSummary> {
                 .or(dead.first())
             {
                 let w = &mut locals[i];
-                let rank = rank_of(&coord, &w.name)
-                    .or_else(|| rank_in_message(why))
-                    .map_or(String::new(), |r| format!("rank {r}, "));
-                let what = format!(
-                    "worker {} ({rank}pid {}) {}",
-                    w.name,
-                    w.pid.unwrap_or(0),
-                    exit_text(st)
-                );
+                let rank = rank_of(&coord, &w.name).or_else(|| rank_in_message(why));
+                let what = died(w, rank, st);
                 w.child = None;
                 phase = Phase::Failed(format!("{what}; stopping the job"));
                 break 'reap;

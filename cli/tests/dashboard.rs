@@ -4,12 +4,11 @@
 //! chromium and runs this test (`--ignored`); the screenshot stays in
 //! target/tmp/dashboard.png.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{KillOnDrop, bin, http_get};
+use common::http_get;
 
 fn chromium() -> String {
     std::env::var("STACKWISE_CHROMIUM").unwrap_or_else(|_| "chromium".into())
@@ -51,30 +50,7 @@ fn headless_chromium_shows_the_curves_and_workers_of_a_running_job() {
         &data,
         "steps: 100000, batch_size: 4, warmup_steps: 2, eval_every: 20, checkpoint_every: 1000",
     );
-    let mut child = bin()
-        .arg("launch")
-        .arg(&cfg)
-        .args([
-            "--workers",
-            "2",
-            "--no-progress",
-            "--http-bind",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let _launch = KillOnDrop(child);
-    let addr = loop {
-        let l = lines.next().expect("launch printed no dashboard").unwrap();
-        if let Some((_, rest)) = l.split_once("dashboard http://") {
-            break rest.split('/').next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let (_launch, addr) = common::launch_with_http(&cfg);
 
     // Enough of the run for curves: 40 logged steps and 2 validations on 2 ranks.
     let t = Instant::now();

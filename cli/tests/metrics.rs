@@ -2,12 +2,10 @@
 //! move as the job trains; then the run's loss plot.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{KillOnDrop, bin, http_get};
+use common::{bin, http_get};
 
 /// Parse OpenMetrics text strictly enough to catch a malformed exposition: every sample
 /// belongs to a family declared with `# TYPE`, every value is a number, `# EOF` ends it.
@@ -48,33 +46,7 @@ fn the_coordinator_serves_openmetrics_that_follow_a_real_two_worker_run() {
         &data,
         "steps: 300, batch_size: 4, warmup_steps: 2, eval_every: 50, checkpoint_every: 20",
     );
-    let mut child = bin()
-        .arg("launch")
-        .arg(&cfg)
-        .args([
-            "--workers",
-            "2",
-            "--no-progress",
-            "--http-bind",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut launch = KillOnDrop(child);
-    let addr = loop {
-        let l = lines
-            .next()
-            .expect("launch printed no metrics address")
-            .unwrap();
-        if let Some(rest) = l.split_once("metrics http://") {
-            break rest.1.split('/').next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop)); // keep stderr drained
+    let (mut launch, addr) = common::launch_with_http(&cfg);
     assert_eq!(http_get(&addr, "/healthz"), "ok\n");
 
     let t = Instant::now();

@@ -180,3 +180,27 @@ pub fn tiny_job(dir: &Path, name: &str, data: &Path, training: &str) -> PathBuf 
     .unwrap();
     cfg
 }
+
+/// `stackwise launch CFG --workers 2 --no-progress --http-bind 127.0.0.1:0`, and the address
+/// of its HTTP endpoint (dashboard, /metrics) from the line it prints. stderr keeps draining.
+pub fn launch_with_http(cfg: &Path) -> (KillOnDrop, String) {
+    let mut child = launch(cfg, 2, &["--http-bind", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let child = KillOnDrop(child);
+    let addr = loop {
+        let l = lines
+            .next()
+            .expect("launch printed no dashboard address")
+            .unwrap();
+        if let Some((_, rest)) = l.split_once("dashboard http://") {
+            break rest.split('/').next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
