@@ -12,17 +12,12 @@ mod common;
 fn the_slurm_script_runs_a_coordinator_and_one_worker_per_task_to_the_end_of_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::dataset(dir.path(), 30_000);
-    let cfg = dir.path().join("job.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "run: {{name: slurm, output: {}}}\nmodel: {{d_model: 32, n_layers: 1, n_heads: 2, seq_len: 16}}\n\
-             data: {{path: {}}}\ntraining: {{steps: 6, batch_size: 4, warmup_steps: 1, checkpoint_every: 3}}\n",
-            dir.path().join("out").display(),
-            data.display()
-        ),
-    )
-    .unwrap();
+    let cfg = common::tiny_job(
+        dir.path(),
+        "slurm",
+        &data,
+        "steps: 6, batch_size: 4, warmup_steps: 1, checkpoint_every: 3",
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let standins = root.join("tests/slurm-standins");
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -35,17 +35,12 @@ fn wait_line(rx: &std::sync::mpsc::Receiver<String>, marker: &str, limit: Durati
 fn a_worker_whose_heartbeats_go_unanswered_for_a_lease_ends_its_session_and_rejoins() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::dataset(dir.path(), 20_000);
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "run: {{name: hang, output: {}}}\nmodel: {{d_model: 32, n_layers: 1, n_heads: 2, seq_len: 16}}\n\
-             data: {{path: {}}}\ntraining: {{steps: 5, batch_size: 2, warmup_steps: 1}}\n",
-            dir.path().join("out").display(),
-            data.display()
-        ),
-    )
-    .unwrap();
+    let cfg = common::tiny_job(
+        dir.path(),
+        "hang",
+        &data,
+        "steps: 5, batch_size: 2, warmup_steps: 1",
+    );
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
