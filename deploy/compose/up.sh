@@ -7,7 +7,7 @@
 #
 # Environment: WORKERS (2), STEPS (400), PROJECT (stackwise), METRICS_PORT (9090), and the
 # settings in docker-compose.yml. The store's volume stays when the job ends; remove it with
-#   docker-compose -f deploy/compose/docker-compose.yml -p stackwise down -v
+#   STACKWISE_TOKEN=x docker-compose -f deploy/compose/docker-compose.yml -p stackwise down -v
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export WORKERS=${WORKERS:-2}
