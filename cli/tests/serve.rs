@@ -586,3 +586,125 @@ fn a_disconnect_frees_its_pages_the_limit_answers_429_and_sigterm_lets_streams_f
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn sequences_batched_over_pages_each_equal_generate_and_generate_paged_equals_contiguous() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = fixture(dir.path());
+    // Pages of 4 positions: every sequence spans several, and the prompts differ in length.
+    let s = serve(&base, &["--page-size", "4", "--debug-step-delay-ms", "5"]);
+    let prompts: Vec<Vec<u32>> = [1usize, 3, 7, 12, 20, 2, 9, 5]
+        .iter()
+        .map(|&n| (0..n as u32).map(|i| (i * 37 + n as u32) % 256).collect())
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (a, prompt) = (s.addr.clone(), spell(p));
+            std::thread::spawn(move || {
+                // Half greedy, half sampled with a seed of their own.
+                let body = if i % 2 == 0 {
+                    json!({"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0})
+                } else {
+                    json!({"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 1.0, "seed": i})
+                };
+                let r = post(&a, "/v1/completions", &body);
+                assert_eq!(r.status, 200, "{}", r.body);
+                r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    let served: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (p, got)) in prompts.iter().zip(&served).enumerate() {
+        let seed = i.to_string();
+        let flags: Vec<&str> = if i % 2 == 0 {
+            vec!["--greedy"]
+        } else {
+            vec!["--temperature", "1", "--top-k", "0", "--seed", &seed]
+        };
+        let (_, want) = generate_with(&base, None, &spell(p), 16, &flags);
+        assert_eq!(got, &want, "sequence {i} (prompt of {} tokens)", p.len());
+    }
+    // They ran packed: more than one sequence per forward pass on average.
+    let m = request(&s.addr, "GET", "/metrics", b"").body;
+    let batches = gauge(&m, "stackwise_engine_batches_total");
+    let seqs = gauge(&m, "stackwise_engine_batched_sequences_total");
+    assert!(
+        seqs / batches > 1.5,
+        "{seqs} sequences in {batches} batches"
+    );
+    assert_eq!(gauge(&m, "stackwise_kv_pages_used"), 0.0);
+
+    // `generate --paged` (the original's demo flags, and pages of 4) equals the contiguous
+    // cache token for token, and says what it used.
+    let prompt = spell(&prompts[3]);
+    let (want, _) = generate(&base, None, &prompt, 12);
+    for flags in [
+        &["--paged", "--page-size", "64", "--max-pages", "6"][..],
+        &["--paged", "--page-size", "4", "--max-pages", "6"],
+    ] {
+        let mut all = vec!["--greedy"];
+        all.extend_from_slice(flags);
+        assert_eq!(
+            generate_with(&base, None, &prompt, 12, &all).0,
+            want,
+            "{flags:?}"
+        );
+    }
+    let out = ok(bin()
+        .args(["generate", "--model"])
+        .arg(&base)
+        .args(["--prompt", &prompt, "--max-new-tokens", "4", "--greedy"])
+        .args(["--paged", "--page-size", "4", "--max-pages", "6"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tok/s (paged KV cache, 6 pages of 4)"),
+        "{err}"
+    );
+    // Too few pages for prompt + new tokens: a clear error, before any work.
+    let small = bin()
+        .args(["generate", "--model"])
+        .arg(&base)
+        .args(["--prompt", &prompt, "--max-new-tokens", "12", "--greedy"])
+        .args(["--paged", "--page-size", "4", "--max-pages", "5"])
+        .output()
+        .unwrap();
+    assert!(!small.status.success());
+    let err = String::from_utf8_lossy(&small.stderr);
+    assert!(
+        err.contains("24 positions need 6 pages of 4 tokens") && err.contains("--max-pages"),
+        "{err}"
+    );
+}
+
+#[test]
+fn chat_uses_the_model_folders_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = fixture(dir.path());
+    // Literal parts in the identity tokenizer's characters: Ā (id 0) ends a message, ā (id 1)
+    // opens the reply; a system message is refused by the template itself.
+    let template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}{{ m['content'] }}\u{100}{% endfor %}{% if add_generation_prompt %}\u{101}{% endif %}";
+    std::fs::write(
+        base.join("tokenizer_config.json"),
+        json!({ "chat_template": template }).to_string(),
+    )
+    .unwrap();
+    let s = serve(&base, &[]);
+    let (a, b) = (spell(&[10, 20, 30]), spell(&[40, 50]));
+    let (_, want) = generate(&base, None, &format!("{a}\u{100}{b}\u{100}\u{101}"), 8);
+    let chat = |messages: Value| {
+        post(
+            &s.addr,
+            "/v1/chat/completions",
+            &json!({"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0}),
+        )
+    };
+    let r = chat(json!([{"role": "user", "content": a}, {"role": "assistant", "content": b}]));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 8);
+    let refused = chat(json!([{"role": "system", "content": a}]));
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json()["error"]["message"], "no system messages");
+}

@@ -77,6 +77,14 @@ impl ModelArgs {
         let device = candle_core::Device::Cpu;
         super::model_source::load(&self.model, self.ema, self.adapter.as_deref(), &device)
     }
+
+    /// `load`, laid out for generation as `stackwise serve` lays it out (so both decode the
+    /// same numbers).
+    pub fn load_for_decoding(&self) -> Result<super::model_source::LoadedModel> {
+        let mut m = self.load()?;
+        m.model.prepare_for_decoding()?;
+        Ok(m)
+    }
 }
 
 /// A coordinator to connect to.

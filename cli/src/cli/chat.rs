@@ -33,7 +33,7 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let mut m = a.source.load()?;
+    let mut m = a.source.load_for_decoding()?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(
@@ -70,7 +70,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
                         model: run_dir,
                         ..a.source.clone()
                     }
-                    .load()?;
+                    .load_for_decoding()?;
                     eprintln!("now chatting with {}", m.source);
                 }
             },

@@ -4,7 +4,10 @@ use std::io::Write;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use stackwise_worker::generate::{Generation, SamplingConfig, generate, generate_fused};
+use stackwise_worker::generate::{
+    Generation, SamplingConfig, generate, generate_fused, generate_paged,
+};
+use stackwise_worker::models::PagedKvCache;
 
 use super::args::ModelArgs;
 use super::model_source::LoadedModel;
@@ -30,6 +33,24 @@ pub struct GenerateArgs {
     /// Print {"text", "tokens", "tokens_per_s", "sampler"} as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub paged: PagedArgs,
+}
+
+/// The paged KV cache `stackwise serve` uses, for one sequence (the original's
+/// paged-attention demo: `--paged --page-size 64 --max-pages 6`).
+#[derive(Args, Debug, Clone)]
+pub struct PagedArgs {
+    /// Decode over a paged KV cache of --max-pages pages of --page-size positions, allocated
+    /// at start, instead of a cache that grows.
+    #[arg(long)]
+    pub paged: bool,
+    /// Positions per page (with --paged).
+    #[arg(long, default_value_t = 64, requires = "paged")]
+    pub page_size: usize,
+    /// Pages in the cache (with --paged): prompt + --max-new-tokens must fit.
+    #[arg(long, default_value_t = 6, requires = "paged")]
+    pub max_pages: usize,
 }
 
 /// How tokens are chosen (`generate` and `chat`).
@@ -142,6 +163,34 @@ pub fn autoregressive(
     Ok(generate_fused(&m.model, prompt, cfg, Some(&ctx))?)
 }
 
+/// `--paged`: decode over a paged KV cache of the flags' size.
+fn paged(
+    m: &LoadedModel,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    a: &GenerateArgs,
+) -> Result<Generation> {
+    if m.model.fusion.is_some() {
+        bail!("--paged: a scaffold model decodes with its contiguous cache; drop --paged");
+    }
+    if a.sampling.no_cache {
+        bail!("--paged is a KV cache; it cannot go with --no-cache");
+    }
+    let p = &a.paged;
+    if p.page_size == 0 || p.max_pages == 0 {
+        bail!("--page-size and --max-pages must be at least 1");
+    }
+    let mut kv = PagedKvCache::new(
+        &m.model.cfg,
+        p.page_size,
+        p.max_pages,
+        m.model.dtype(),
+        &m.model.device(),
+    )
+    .context("--paged")?;
+    Ok(generate_paged(&m.model, prompt, cfg, &mut kv)?)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Sampler {
     Auto,
@@ -161,7 +210,7 @@ pub enum Remasking {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let m = a.source.load()?;
+    let m = a.source.load_for_decoding()?;
     let prompt = encode_prompt(&m, &a.prompt)?;
     let cfg = a.sampling.config(&m)?;
     let bidirectional =
@@ -171,6 +220,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Sampler::Diffusion => true,
         Sampler::Auto => bidirectional && m.model.cfg.mask_token_id.is_some(),
     };
+    if diffusion && a.paged.paged {
+        bail!(
+            "--paged decodes left to right; the diffusion sampler has no KV cache (use --sampler ar)"
+        );
+    }
     let out = if diffusion {
         let Some(mask_id) = m.model.cfg.mask_token_id else {
             bail!(
@@ -194,7 +248,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 "this model uses bidirectional attention; left-to-right sampling is not what it was trained for"
             );
         }
-        autoregressive(&m, &prompt, &cfg, a.sampling.scaffold_weight)?
+        if a.paged.paged {
+            paged(&m, &prompt, &cfg, &a)?
+        } else {
+            autoregressive(&m, &prompt, &cfg, a.sampling.scaffold_weight)?
+        }
     };
     let text = m.tok.decode(&out.tokens)?;
     if a.json {
@@ -222,6 +280,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 )
             } else if a.sampling.no_cache {
                 "no cache".into()
+            } else if a.paged.paged {
+                format!(
+                    "paged KV cache, {} pages of {}",
+                    a.paged.max_pages, a.paged.page_size
+                )
             } else {
                 "KV cache".into()
             }

@@ -158,6 +158,11 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         sampler: super::generate::Sampler::Auto,
         diffusion_steps: 16,
         remasking: super::generate::Remasking::Confidence,
+        paged: super::generate::PagedArgs {
+            paged: false,
+            page_size: 64,
+            max_pages: 6,
+        },
         json: false,
     })
 }

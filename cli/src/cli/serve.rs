@@ -10,10 +10,12 @@ use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 use clap::Args;
 use stackwise_worker::adapters::PeftAdapter;
+use stackwise_worker::models::PagedKvCache;
 use stackwise_worker::models::{ModelConfig, hf};
 use stackwise_worker::serve::{Engine, PagePool, ServedModel};
 
 use crate::serve::api::Limits;
+use crate::serve::chat::ChatTemplate;
 use crate::serve::metrics::Metrics;
 use crate::serve::{App, ModelInfo, router};
 
@@ -38,11 +40,12 @@ pub struct ServeArgs {
     /// Token positions per KV page.
     #[arg(long, default_value_t = 64)]
     pub page_size: usize,
-    /// KV pages in all (default: enough for --max-concurrent-requests sequences of
-    /// --max-total-tokens). A request waits until its pages are free.
+    /// KV pages in all, allocated at start (default: enough for --max-concurrent-requests
+    /// sequences of --max-total-tokens). A request waits until its pages are free.
     #[arg(long)]
     pub max_pages: Option<usize>,
-    /// Size the KV pages by memory instead of --max-pages (f32 keys and values).
+    /// Size the KV pages by memory instead of --max-pages (keys and values in the model's
+    /// dtype).
     #[arg(long, value_name = "MIB", conflicts_with = "max_pages")]
     pub kv_memory_mib: Option<usize>,
     /// Longest prompt in tokens (default: the model's context - 1).
@@ -83,6 +86,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let (mut model, _) = hf::model_from_tensors(cfg, w, &device)
             .with_context(|| format!("load {name} from {}", base.source))?;
         model.fusion = base.fusion.clone();
+        model.prepare_for_decoding()?;
         let info = ModelInfo {
             name,
             tok: base.tok.clone(),
@@ -114,7 +118,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         bail!("--page-size and --max-concurrent-requests must be at least 1");
     }
     let cfg = &base.cfg;
-    let page_bytes = 2 * cfg.n_layers * cfg.kv_dim() * a.page_size * 4;
+    let page_bytes = PagedKvCache::page_bytes(cfg, a.page_size, served[0].1.dtype());
     let max_pages = match (a.max_pages, a.kv_memory_mib) {
         (Some(p), _) => p,
         (None, Some(mib)) => (mib << 20) / page_bytes.max(1),
@@ -144,11 +148,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .unzip();
     let names: Vec<String> = infos.iter().map(|i| i.name.clone()).collect();
     let delay = a.debug_step_delay_ms.map(Duration::from_millis);
+    let chat = chat_template(&a.model)?;
+    if !chat.is_plain() {
+        eprintln!("chat prompts use the model's chat template");
+    }
     let engine = Arc::new(Engine::start(models, pool, delay)?);
+    let paged = engine.paged;
     let app = Arc::new(App {
         engine,
         models: infos,
         limits,
+        chat,
         metrics: Metrics::new(),
         permits: Arc::new(tokio::sync::Semaphore::new(a.max_concurrent_requests)),
         max_concurrent: a.max_concurrent_requests,
@@ -164,9 +174,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("bind {}", a.bind))?;
         let addr = listener.local_addr()?;
         eprintln!(
-            "serving {} on http://{addr} | models {} | KV {} pages of {} tokens ({:.1} MiB) | limits: input {}, total {}, concurrent {}",
+            "serving {} on http://{addr} | models {} | KV {} {} pages of {} tokens ({:.1} MiB) | limits: input {}, total {}, concurrent {}",
             base.source,
             names.join(", "),
+            if paged { "cache in" } else { "budget of" },
             pool.max_pages,
             pool.page_size,
             (pool.max_pages * page_bytes) as f64 / (1 << 20) as f64,
@@ -192,6 +203,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
         eprintln!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// The chat template of the model folder (for a run folder, of its latest checkpoint).
+fn chat_template(model: &std::path::Path) -> Result<ChatTemplate> {
+    let mut t = ChatTemplate::load(model)?;
+    if t.is_plain() && model.join("checkpoints").is_dir() {
+        let latest = std::fs::read_dir(model.join("checkpoints"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("MANIFEST.json").exists())
+            .max();
+        if let Some(dir) = latest {
+            t = ChatTemplate::load(&dir)?;
+        }
+    }
+    Ok(t)
 }
 
 async fn shutdown_signal() {

@@ -72,6 +72,9 @@ pub struct GenerateBody {
     pub prompt: String,
     #[serde(default = "default_new_tokens")]
     pub max_new_tokens: usize,
+    /// End of text is held back until this many tokens (as `stackwise generate`'s flag).
+    #[serde(default)]
+    pub min_new_tokens: usize,
     #[serde(default = "default_temperature")]
     pub temperature: f64,
     pub top_p: Option<f64>,
@@ -139,6 +142,9 @@ pub struct OpenAiCommon {
     #[serde(default = "one")]
     pub temperature: f64,
     pub top_p: Option<f64>,
+    /// vLLM's: end of text is held back until this many tokens.
+    #[serde(default)]
+    pub min_tokens: usize,
     pub stop: Option<OneOrMany>,
     pub seed: Option<u64>,
     #[serde(default = "one_n")]
@@ -193,6 +199,7 @@ pub struct Sampling {
     pub top_k: Option<usize>,
     pub repetition_penalty: f64,
     pub max_tokens: usize,
+    pub min_tokens: usize,
     pub seed: u64,
     pub use_cache: bool,
 }
@@ -222,6 +229,15 @@ impl Sampling {
         if self.max_tokens == 0 {
             return Err(ApiError::bad("max_tokens", "max_tokens must be at least 1"));
         }
+        if self.min_tokens > self.max_tokens {
+            return Err(ApiError::bad(
+                "min_tokens",
+                format!(
+                    "min_tokens ({}) must be <= max_tokens ({})",
+                    self.min_tokens, self.max_tokens
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -233,7 +249,7 @@ impl Sampling {
             repetition_penalty: self.repetition_penalty,
             no_repeat_ngram: None,
             stop_on_repeat_ngram: stop_on_repeat,
-            min_new_tokens: 0,
+            min_new_tokens: self.min_tokens,
             max_new_tokens: self.max_tokens,
             seed: self.seed,
             use_cache: self.use_cache,

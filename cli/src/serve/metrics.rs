@@ -1,6 +1,6 @@
 //! `GET /metrics`: Prometheus text (prometheus-client) — requests by route and status, prompt
 //! and generated tokens, time to first token and inter-token latency, running and waiting
-//! sequences, KV pages used and free.
+//! sequences, KV pages used and free, packed batches and the sequences in them.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,6 +26,8 @@ pub struct Metrics {
     waiting: Gauge,
     pages_used: Gauge,
     pages_free: Gauge,
+    batches: Counter,
+    batched_sequences: Counter,
 }
 
 impl Metrics {
@@ -83,6 +85,17 @@ impl Metrics {
             pages_used.clone(),
         );
         registry.register("kv_pages_free", "KV cache pages free", pages_free.clone());
+        let (batches, batched_sequences) = (Counter::default(), Counter::default());
+        registry.register(
+            "engine_batches",
+            "Packed forward passes over the paged KV cache (one a model a step)",
+            batches.clone(),
+        );
+        registry.register(
+            "engine_batched_sequences",
+            "Sequences in those passes (divided by engine_batches: the mean batch)",
+            batched_sequences.clone(),
+        );
         Self {
             registry,
             requests,
@@ -94,6 +107,8 @@ impl Metrics {
             waiting,
             pages_used,
             pages_free,
+            batches,
+            batched_sequences,
         }
     }
 
@@ -115,6 +130,12 @@ impl Metrics {
         self.pages_used.set(used as i64);
         self.pages_free
             .set(engine.pool.max_pages.saturating_sub(used) as i64);
+        let catch_up = |c: &Counter, total: usize| c.inc_by((total as u64).saturating_sub(c.get()));
+        catch_up(&self.batches, s.batches.load(Ordering::SeqCst));
+        catch_up(
+            &self.batched_sequences,
+            s.batched_sequences.load(Ordering::SeqCst),
+        );
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String");
         out

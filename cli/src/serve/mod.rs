@@ -4,6 +4,7 @@
 //! (plain or `stream: true`), `GET /v1/models`, `/health` and `/metrics` (Prometheus).
 
 pub mod api;
+pub mod chat;
 pub mod metrics;
 
 use std::convert::Infallible;
@@ -40,6 +41,8 @@ pub struct App {
     pub engine: Arc<Engine>,
     pub models: Vec<ModelInfo>,
     pub limits: Limits,
+    /// How chat messages become a prompt (the model's template, or the plain one).
+    pub chat: chat::ChatTemplate,
     pub metrics: Metrics,
     pub permits: Arc<Semaphore>,
     pub max_concurrent: usize,
@@ -321,6 +324,7 @@ fn original_job(app: &App, body: &[u8]) -> Result<Job, ApiError> {
         top_k: (b.top_k > 0).then_some(b.top_k),
         repetition_penalty: b.repetition_penalty,
         max_tokens: b.max_new_tokens,
+        min_tokens: b.min_new_tokens,
         seed: b.seed,
         use_cache: b.use_cache,
     };
@@ -422,6 +426,7 @@ fn openai_sampling(c: &api::OpenAiCommon) -> Sampling {
         top_k: None,
         repetition_penalty: 1.0,
         max_tokens: c.max_completion_tokens.or(c.max_tokens).unwrap_or(16),
+        min_tokens: c.min_tokens,
         seed: c.seed.unwrap_or(0),
         use_cache: true,
     }
@@ -439,7 +444,11 @@ async fn openai(app: Arc<App>, body: Bytes, chat: bool) -> Response {
             if b.messages.is_empty() {
                 return Err(ApiError::bad("messages", "messages must not be empty"));
             }
-            Ok((vec![api::plain_chat_prompt(&b.messages)], b.common))
+            let prompt = app
+                .chat
+                .render(&b.messages)
+                .map_err(|e| ApiError::bad("messages", e))?;
+            Ok((vec![prompt], b.common))
         })
     } else {
         api::parse::<api::CompletionBody>(&body).map(|b| (b.prompt.into_vec(), b.common))

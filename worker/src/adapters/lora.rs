@@ -14,7 +14,8 @@ pub struct Lora {
 impl Lora {
     /// `scale * (x A^T) B^T` for `x (N, in)`: what the adapter adds to the base output `(N, out)`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
+        let h = crate::ops::matmul_rows(x, &self.a.t()?)?;
+        crate::ops::matmul_rows(&h, &self.b.t()?)? * self.scale
     }
 
     /// The adapter of output features `start..start + len` (a slice of a fused projection).

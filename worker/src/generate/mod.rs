@@ -1,9 +1,9 @@
-//! Generation, shared by `stackwise generate` and (next) the serving endpoint: autoregressive
-//! sampling with a KV cache (`sampling.rs`) and mask-diffusion sampling for bidirectional
-//! models (`diffusion.rs`).
+//! Generation, shared by `stackwise generate` and the serving engine: autoregressive
+//! sampling with a contiguous or paged KV cache (`sampling.rs`) and mask-diffusion sampling
+//! for bidirectional models (`diffusion.rs`).
 
 pub mod diffusion;
 pub mod sampling;
 
 pub use diffusion::{Remasking, diffusion_generate};
-pub use sampling::{Generation, SamplingConfig, generate, generate_fused, pick};
+pub use sampling::{Generation, SamplingConfig, generate, generate_fused, generate_paged, pick};

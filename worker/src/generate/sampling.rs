@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use stackwise_common::rng::Rng;
 
-use crate::models::{KvCache, ScaffoldContext, Transformer};
+use crate::models::{KvCache, PagedKvCache, ScaffoldContext, Transformer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SamplingConfig {
@@ -172,31 +172,70 @@ pub fn generate_fused(
     cfg: &SamplingConfig,
     ctx: Option<&ScaffoldContext>,
 ) -> Result<Generation> {
+    let device = model.device();
+    let mut cache = KvCache::new(model.cfg.n_layers);
+    sample(model, prompt, cfg, |ctx_ids| {
+        let logits = if cfg.use_cache {
+            let start = cache.len();
+            let input = Tensor::new(&ctx_ids[start..], &device)?.unsqueeze(0)?;
+            model.forward_fused(&input, start, Some(&mut cache), ctx)?
+        } else {
+            let input = Tensor::new(ctx_ids, &device)?.unsqueeze(0)?;
+            model.forward_fused(&input, 0, None, ctx)?
+        };
+        logits.squeeze(0)?.get(logits.dim(1)? - 1) // (V)
+    })
+}
+
+/// `generate` over the paged KV cache `kv` (the serving engine's): the sequence takes the
+/// pages `prompt + max_new_tokens` positions need, and gives them back at the end.
+pub fn generate_paged(
+    model: &Transformer,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    kv: &mut PagedKvCache,
+) -> Result<Generation> {
+    let positions = (prompt.len() + cfg.max_new_tokens).min(model.cfg.seq_len);
+    let need = kv.pages_for(positions);
+    let Some(mut table) = kv.allocate(need) else {
+        candle_core::bail!(
+            "{positions} positions need {need} pages of {} tokens; the cache has {} free of {} \
+             (raise --max-pages or lower --max-new-tokens)",
+            kv.page_size(),
+            kv.free_pages(),
+            kv.max_pages()
+        )
+    };
+    let out = sample(model, prompt, cfg, |ctx_ids| {
+        let done = table.len();
+        model
+            .forward_paged(&mut [(&ctx_ids[done..], &mut table)], kv)?
+            .get(0)
+    });
+    kv.release(table);
+    out
+}
+
+/// The sampling loop: `logits(context)` gives the next token's logits (V).
+fn sample(
+    model: &Transformer,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    mut logits: impl FnMut(&[u32]) -> Result<Tensor>,
+) -> Result<Generation> {
     if prompt.is_empty() {
         candle_core::bail!("the prompt is empty; give at least one token")
     }
-    let scaffold = ctx;
-    let device = model.device();
     let mut rng = Rng::derive(cfg.seed, "sampling");
     let mut ctx = prompt.to_vec();
     let limit = model.cfg.seq_len;
-    let mut cache = KvCache::new(model.cfg.n_layers);
     let started = Instant::now();
     let mut new = Vec::new();
     for n in 0..cfg.max_new_tokens {
         if ctx.len() >= limit {
             break;
         }
-        let logits = if cfg.use_cache {
-            let start = cache.len();
-            let input = Tensor::new(&ctx[start..], &device)?.unsqueeze(0)?;
-            model.forward_fused(&input, start, Some(&mut cache), scaffold)?
-        } else {
-            let input = Tensor::new(ctx.as_slice(), &device)?.unsqueeze(0)?;
-            model.forward_fused(&input, 0, None, scaffold)?
-        };
-        let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?; // (V)
-        let last: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
+        let last: Vec<f32> = logits(&ctx)?.to_dtype(DType::F32)?.to_vec1()?;
         let next = pick(&last, &ctx, cfg, n, &mut rng);
         ctx.push(next);
         new.push(next);

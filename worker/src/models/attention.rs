@@ -8,6 +8,7 @@ use stackwise_common::config::{AttentionKind, AttentionMode, Family, ModelConfig
 use super::kernel_attention::kernel_attention;
 use super::linear::{INIT_STD, Linear};
 use super::mla::MlaProj;
+use super::paged::{PageTable, PagedLayer};
 use super::params::ParamBuilder;
 use super::rope::Rope;
 use crate::ops;
@@ -131,29 +132,9 @@ impl Attention {
             return self.out.forward(&y);
         }
         let (b, t, _) = x.dims3()?;
-        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
-        let (q, k, v) = match &self.qkv {
-            Qkv::Mla(_) => unreachable!("handled above"),
-            // Split the fused [q | k | v] projection on its weight, not on its output: the
-            // gradient of a narrow is padded to the full tensor, which is far smaller for the
-            // (d, q + 2kv) weight than for the (B, T, q + 2kv) activation.
-            Qkv::Fused(l) => {
-                let l = l.materialized()?;
-                (
-                    l.columns(0, nh * hd)?.forward(x)?,
-                    l.columns(nh * hd, nkv * hd)?.forward(x)?,
-                    l.columns((nh + nkv) * hd, nkv * hd)?.forward(x)?,
-                )
-            }
-            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
-        };
-        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, nh, T, hd)
-        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (B, nkv, T, hd)
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (q, k) = match rope {
-            Some(r) => (r.apply(&q, start)?, r.apply(&k, start)?),
-            None => (q, k),
-        };
+        // With a KV cache it decodes: no gradients.
+        let (q, k, v) = self.project(x, cache.is_some())?;
+        let (q, k, v) = self.heads(&q, &k, &v, (b, t), rope, start)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let kv = match slot.take() {
@@ -165,6 +146,98 @@ impl Attention {
             }
             None => (k, v),
         };
+        let y = self.attend(&q, k, v)?;
+        self.out.forward(&y)
+    }
+
+    /// Attention over a paged KV cache for the packed tokens `x (1, N, D)` of several
+    /// sequences (`seqs`, in order: each its first position and its page table): each
+    /// sequence's new keys and values are written to its pages, then its queries attend to
+    /// all its positions. The same arithmetic as `forward` with a contiguous cache, so a
+    /// sequence's output does not depend on the others packed with it.
+    pub(super) fn forward_paged(
+        &self,
+        x: &Tensor,
+        rope: Option<&Rope>,
+        seqs: &[(usize, &PageTable)],
+        layer: &PagedLayer,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, true)?;
+        let (hd, nkv) = (self.head_dim, self.n_kv_heads);
+        let mut outputs = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for &(start, table) in seqs {
+            let t = table.len() - start;
+            let part = |x: &Tensor| x.narrow(1, off, t);
+            let (q, k, v) = self.heads(&part(&q)?, &part(&k)?, &part(&v)?, (1, t), rope, start)?;
+            // Stored as (T, nkv * hd) rows, one a position.
+            let rows = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.reshape((t, nkv * hd));
+            layer.write(table, start, &rows(&k)?, &rows(&v)?)?;
+            let (k, v) = layer.read(table)?;
+            let s = table.len();
+            let heads = |x: Tensor| x.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous(); // (1, nkv, S, hd)
+            outputs.push(self.attend(&q, heads(k)?, heads(v)?)?);
+            off += t;
+        }
+        self.out.forward(&Tensor::cat(&outputs, 1)?)
+    }
+
+    /// The query, key and value projections of `x (B, T, D)`: (B, T, heads * hd) each.
+    /// `decoding` (no gradients): GPT-2's fused projection as one product, then split.
+    fn project(&self, x: &Tensor, decoding: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        Ok(match &self.qkv {
+            Qkv::Mla(_) => candle_core::bail!("MLA projects to a latent; see mla.rs"),
+            // The same numbers either way: each output column is its own sum over the input.
+            Qkv::Fused(l) if decoding => {
+                let y = l.forward(x)?;
+                (
+                    y.narrow(2, 0, nh * hd)?,
+                    y.narrow(2, nh * hd, nkv * hd)?,
+                    y.narrow(2, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+            // Training splits the fused [q | k | v] projection on its weight, not on its
+            // output: the gradient of a narrow is padded to the full tensor, which is far
+            // smaller for the (d, q + 2kv) weight than for the (B, T, q + 2kv) activation.
+            Qkv::Fused(l) => {
+                let l = l.materialized()?;
+                (
+                    l.columns(0, nh * hd)?.forward(x)?,
+                    l.columns(nh * hd, nkv * hd)?.forward(x)?,
+                    l.columns((nh + nkv) * hd, nkv * hd)?.forward(x)?,
+                )
+            }
+            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+        })
+    }
+
+    /// Projections (B, T, heads * hd) as heads (B, heads, T, hd), rotated for positions
+    /// `start..start + T` when the model is rotary.
+    fn heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (b, t): (usize, usize),
+        rope: Option<&Rope>,
+        start: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, nh, T, hd)
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (B, nkv, T, hd)
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        Ok(match rope {
+            Some(r) => (r.apply(&q, start)?, r.apply(&k, start)?, v),
+            None => (q, k, v),
+        })
+    }
+
+    /// Queries `q (B, nh, T, hd)` over keys and values `(B, nkv, S, hd)` (the last T of the
+    /// S positions are the queries' own): the heads' outputs as (B, T, nh * hd).
+    fn attend(&self, q: &Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let nkv = self.n_kv_heads;
         let s = k.dim(2)?;
         // GQA: query head h reads kv head h / (nh / nkv), as HF's repeat_kv (repeat_interleave).
         let (k, v) = if nkv != nh {
@@ -178,17 +251,15 @@ impl Attention {
         } else {
             (k, v)
         };
-        if self.kernel {
-            let y = kernel_attention(&q, &k, &v, !self.bidirectional)?; // (B, nh, T, hd)
-            let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            return self.out.forward(&y);
-        }
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?; // (B, nh, T, S)
-        let att = ops::attention_softmax(&scores, scale, !self.bidirectional && t > 1)?;
-        let y = att.matmul(&v)?; // (B, nh, T, hd)
-        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.out.forward(&y)
+        let y = if self.kernel {
+            kernel_attention(q, &k, &v, !self.bidirectional)? // (B, nh, T, hd)
+        } else {
+            let scale = 1.0 / (hd as f64).sqrt();
+            let scores = q.matmul(&k.t()?)?; // (B, nh, T, S)
+            let att = ops::attention_softmax(&scores, scale, !self.bidirectional && t > 1)?;
+            att.matmul(&v)? // (B, nh, T, hd)
+        };
+        y.transpose(1, 2)?.reshape((b, t, nh * hd))
     }
 }
 

@@ -6,6 +6,7 @@ use stackwise_common::config::{Activation, Family, ModelConfig};
 
 use super::attention::Attention;
 use super::linear::{INIT_STD, Linear, Norm};
+use super::paged::{PageTable, PagedLayer};
 use super::params::ParamBuilder;
 use super::rope::Rope;
 use crate::ops;
@@ -111,9 +112,23 @@ impl Block {
         start: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let a = self
-            .attn
-            .forward(&self.norm1.forward(x)?, rope, start, cache)?;
+        self.residual(x, |h| self.attn.forward(h, rope, start, cache))
+    }
+
+    /// `forward` for the packed new tokens of several sequences over a paged KV cache.
+    pub(super) fn forward_paged(
+        &self,
+        x: &Tensor,
+        rope: Option<&Rope>,
+        seqs: &[(usize, &PageTable)],
+        layer: &PagedLayer,
+    ) -> Result<Tensor> {
+        self.residual(x, |h| self.attn.forward_paged(h, rope, seqs, layer))
+    }
+
+    /// The block around its attention `attn` (applied to the normed input).
+    fn residual(&self, x: &Tensor, attn: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let a = attn(&self.norm1.forward(x)?)?;
         if self.parallel_residual {
             // GPT-J / NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             (x + a)? + self.mlp.forward(&self.norm2.forward(x)?)?

@@ -15,6 +15,7 @@ use super::block::Block;
 use super::fuser::{Fusers, ScaffoldContext, ScaffoldInput};
 use super::kv_cache::KvCache;
 use super::linear::{INIT_STD, Norm};
+use super::paged::{PageTable, PagedKvCache};
 use super::params::{Init, ParamBuilder, Params};
 use super::recompute::{self, GradSink};
 use super::rope::Rope;
@@ -29,6 +30,8 @@ pub struct Transformer {
     blocks: Vec<Block>,
     norm_f: Norm,
     lm_head: Option<Tensor>, // (V, D) when untied
+    /// The head as a contiguous (D, V) matrix, for decoding (`prepare_for_decoding`).
+    head_t: Option<Tensor>,
     rope: Option<Rope>,
     /// Gradient checkpointing: blocks recompute their activations in the backward, and
     /// their parameters' gradients land here (`training.gradient_checkpointing`).
@@ -168,6 +171,7 @@ impl Transformer {
             blocks,
             norm_f,
             lm_head,
+            head_t: None,
             rope,
             recompute: None,
             fusion: None,
@@ -281,12 +285,25 @@ impl Transformer {
         self.norm_f.forward(&x)
     }
 
+    /// Keep a (D, V) copy of the LM head for generation and serving: gemm streams a
+    /// row-major right-hand side several times faster than the transposed (V, D) table when
+    /// a few rows decode (measured: 0.23 vs 2.1 ms for 2 rows of d 384, vocab 3,395). Every
+    /// decoder of the same model must call it or none, as the two layouts round differently.
+    pub fn prepare_for_decoding(&mut self) -> Result<()> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.tok_emb);
+        self.head_t = Some(head.t()?.contiguous()?.detach());
+        Ok(())
+    }
+
     /// Project hidden states `(.., D)` to vocabulary logits `(.., V)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.tok_emb);
         let dims = hidden.dims().to_vec();
         let d = dims[dims.len() - 1];
-        let y = hidden.reshape(((), d))?.matmul(&head.t()?)?;
+        let y = match &self.head_t {
+            Some(h) => ops::matmul_rows(&hidden.reshape(((), d))?, h)?,
+            None => ops::matmul_rows(&hidden.reshape(((), d))?, &head.t()?)?,
+        };
         let mut out = dims;
         let last = out.len() - 1;
         out[last] = self.cfg.vocab_size;
@@ -303,6 +320,11 @@ impl Transformer {
         self.tok_emb.device().clone()
     }
 
+    /// The dtype it computes in (its embeddings').
+    pub fn dtype(&self) -> candle_core::DType {
+        self.tok_emb.dtype()
+    }
+
     pub fn forward(
         &self,
         ids: &Tensor,
@@ -310,6 +332,57 @@ impl Transformer {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         self.logits(&self.hidden(ids, start, cache)?)
+    }
+
+    /// Logits `(B, V)` of the last new token of each of B sequences, run packed into one
+    /// batch over the paged cache `kv`. Each entry: the sequence's new tokens (its whole
+    /// prompt first, then one at a time) and its page table, which gains their positions.
+    pub fn forward_paged(
+        &self,
+        seqs: &mut [(&[u32], &mut PageTable)],
+        kv: &PagedKvCache,
+    ) -> Result<Tensor> {
+        if self.fusion.is_some() {
+            candle_core::bail!("a scaffold model decodes with its contiguous cache, not pages");
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut last = Vec::with_capacity(seqs.len());
+        for (tokens, table) in seqs.iter_mut() {
+            let start = kv.extend(table, tokens.len())?;
+            if start + tokens.len() > self.cfg.seq_len {
+                candle_core::bail!(
+                    "sequence of {} tokens exceeds the model's seq_len {}",
+                    start + tokens.len(),
+                    self.cfg.seq_len
+                )
+            }
+            ids.extend_from_slice(tokens);
+            positions.extend((start..start + tokens.len()).map(|p| p as u32));
+            last.push(ids.len() as u32 - 1);
+        }
+        let device = self.device();
+        let n = ids.len();
+        let mut x = self
+            .tok_emb
+            .embedding(&Tensor::new(ids.as_slice(), &device)?)?
+            .reshape((1, n, self.cfg.d_model))?;
+        if let Some(pe) = &self.pos_emb {
+            let pos = Tensor::new(positions.as_slice(), &device)?;
+            x = ops::add_bias(&x, &pe.index_select(&pos, 0)?)?;
+        }
+        let tables: Vec<(usize, &PageTable)> = seqs
+            .iter()
+            .map(|(tokens, table)| (table.len() - tokens.len(), &**table))
+            .collect();
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward_paged(&x, self.rope.as_ref(), &tables, kv.layer(i))?;
+        }
+        let x = self.norm_f.forward(&x)?;
+        let x = x
+            .squeeze(0)?
+            .index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
+        self.logits(&x)
     }
 
     /// `forward` with the scaffold's context (see `hidden_fused`).

@@ -114,10 +114,11 @@ impl Module for Linear {
         let d_in = dims[dims.len() - 1];
         let x2 = x.reshape(((), d_in))?; // (B*T, in)
         let w = self.effective_weight()?;
+        // Row-invariant products: a row's output does not depend on the rows batched with it.
         let mut y = if self.conv1d {
-            x2.matmul(&w)?
+            ops::matmul_rows(&x2, &w)?
         } else {
-            x2.matmul(&w.t()?)?
+            ops::matmul_rows(&x2, &w.t()?)?
         };
         if let Some(l) = &self.lora {
             y = (y + l.delta(&x2)?)?;

@@ -10,6 +10,7 @@ mod fastmath;
 mod fused;
 pub(crate) mod inverse;
 mod log_softmax;
+mod matmul;
 
 pub use attention::attention_softmax;
 pub use bias::add_bias;
@@ -17,3 +18,4 @@ pub use cross_entropy::token_nll;
 pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
 pub use inverse::batch_inverse;
 pub use log_softmax::log_softmax_last_dim;
+pub use matmul::matmul_rows;

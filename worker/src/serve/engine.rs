@@ -1,78 +1,32 @@
 //! The serving engine: one thread that owns the models and steps every running sequence
-//! between new arrivals (iteration-level scheduling, "continuous batching"). A request waits
-//! until the KV memory it can need, `ceil((prompt + max_tokens) / page_size)` pages, is free,
-//! so memory never runs out mid-sequence; its pages are returned the step it finishes or its
-//! client goes away (its event channel closes). Each sequence keeps its own KV cache and is
-//! computed on its own, so its tokens do not depend on what else runs; sampling is seeded per
-//! request exactly as `stackwise generate` seeds it.
+//! between new arrivals (iteration-level scheduling, "continuous batching", Yu et al. 2022).
+//!
+//! - Memory: a paged KV cache (`models::paged`) of `--max-pages` pages, allocated at start. A
+//!   request waits until the pages it can need, `ceil((prompt + max_tokens) / page_size)`,
+//!   are free, so memory never runs out mid-sequence; its pages go back the step it finishes
+//!   or its client goes away (its event channel closes).
+//! - Batching: every step, the new tokens of all paged sequences of one model (a new
+//!   request's whole prompt, the others' last token) run packed as one batch: each
+//!   projection is one matmul for all of them. Requests for different adapters are grouped
+//!   per step, one batch per adapter. Scaffold and MLA models keep a contiguous cache per
+//!   sequence and step each alone; so do `use_cache: false` requests.
+//! - A sequence's attention reads only its own pages, and every product is row-invariant
+//!   (`ops::matmul_rows`: a row's arithmetic does not depend on the rows beside it), so a
+//!   sequence's tokens do not depend on the batch and equal `stackwise generate`'s; sampling
+//!   is seeded per request exactly as `stackwise generate` seeds it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::Duration;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
-use stackwise_common::rng::Rng;
-use stackwise_common::tokenizer::Tok;
+use candle_core::DType;
 
-use crate::generate::SamplingConfig;
-use crate::generate::sampling::{ends_with_repeat, pick};
-use crate::models::{KvCache, ScaffoldContext, Transformer};
-
-/// A model the engine serves (the base, or the base with an adapter).
-pub struct ServedModel {
-    pub model: Transformer,
-    pub tok: Tok,
-}
-
-/// Why a sequence ended (OpenAI's `finish_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    /// End of text, or a stop string.
-    Stop,
-    /// `max_tokens` reached, or the model's context.
-    Length,
-}
-
-impl Finish {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-        }
-    }
-}
-
-/// What a request's channel receives.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// The first token of a sequence (its prefill) and every later one, with the text it
-    /// adds (decoded as part of the whole output, so multi-byte characters come whole).
-    Token {
-        id: u32,
-        text: String,
-    },
-    Done {
-        finish: Finish,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-    },
-    Error(String),
-}
-
-pub struct GenerationRequest {
-    /// Index into the engine's models.
-    pub model: usize,
-    pub prompt: Vec<u32>,
-    pub sampling: SamplingConfig,
-    /// A scaffold model's influence (default: its trained one).
-    pub scaffold_weight: Option<f64>,
-    /// Stop strings: the output ends before the first one it contains.
-    pub stop: Vec<String>,
-    pub events: tokio::sync::mpsc::UnboundedSender<Event>,
-}
+use super::request::{Event, Finish, GenerationRequest, ServedModel};
+use super::sequence::{Kv, Sequence};
+use crate::models::{KvCache, PagedKvCache, Transformer};
 
 /// KV memory in pages of `page_size` token positions.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +48,9 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub pages_used: AtomicUsize,
+    /// Packed forward passes over the pages, and the sequences they held in all.
+    pub batches: AtomicUsize,
+    pub batched_sequences: AtomicUsize,
 }
 
 /// Handle to the engine thread.
@@ -102,17 +59,8 @@ pub struct Engine {
     tx: Sender<GenerationRequest>,
     pub stats: Arc<EngineStats>,
     pub pool: PagePool,
-}
-
-struct Sequence {
-    req: GenerationRequest,
-    pages: usize,
-    ctx: Vec<u32>,
-    out: Vec<u32>,
-    sent_text: String,
-    cache: KvCache,
-    rng: Rng,
-    scaffold: Option<ScaffoldContext>,
+    /// Whether the pages hold the KV cache (false: they budget contiguous caches).
+    pub paged: bool,
 }
 
 impl Engine {
@@ -125,11 +73,30 @@ impl Engine {
     ) -> Result<Self> {
         let (tx, rx) = channel();
         let stats = Arc::new(EngineStats::default());
+        let kv = match models.first() {
+            Some(first) if models.iter().all(|m| pageable(&m.model)) => {
+                let m = &first.model;
+                Some(PagedKvCache::new(
+                    &m.cfg,
+                    pool.page_size,
+                    pool.max_pages,
+                    m.dtype(),
+                    &m.device(),
+                )?)
+            }
+            _ => None,
+        };
+        let paged = kv.is_some();
         let s = stats.clone();
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || run(models, pool, rx, s, step_delay))?;
-        Ok(Self { tx, stats, pool })
+            .spawn(move || run(models, pool, kv, rx, s, step_delay))?;
+        Ok(Self {
+            tx,
+            stats,
+            pool,
+            paged,
+        })
     }
 
     /// Queue a request; its events arrive on its channel.
@@ -141,9 +108,15 @@ impl Engine {
     }
 }
 
+/// Whether `m` decodes over pages: softmax or kernel attention, no scaffold.
+fn pageable(m: &Transformer) -> bool {
+    m.fusion.is_none() && PagedKvCache::supports(&m.cfg)
+}
+
 fn run(
     models: Vec<ServedModel>,
     pool: PagePool,
+    mut kv: Option<PagedKvCache>,
     rx: Receiver<GenerationRequest>,
     stats: Arc<EngineStats>,
     step_delay: Option<Duration>,
@@ -181,52 +154,36 @@ fn run(
             }
             let req = waiting.pop_front().expect("front");
             stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            used += need;
-            let served = &models[req.model];
-            let m = &served.model;
-            let scaffold = match &m.fusion {
-                Some(f) => match f.prompt_context(&served.tok, &req.prompt, req.scaffold_weight) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        let _ = req.events.send(Event::Error(e.to_string()));
-                        used -= need;
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            running.push(Sequence {
-                rng: Rng::derive(req.sampling.seed, "sampling"),
-                ctx: req.prompt.clone(),
-                out: Vec::new(),
-                sent_text: String::new(),
-                cache: KvCache::new(m.cfg.n_layers),
-                pages: need,
-                scaffold,
-                req,
-            });
+            if let Some(seq) = admit(&models, kv.as_mut(), req, need) {
+                used += need;
+                running.push(seq);
+            }
         }
         stats.running.store(running.len(), Ordering::SeqCst);
         stats.pages_used.store(used, Ordering::SeqCst);
-        // One step of every running sequence; finished and abandoned ones free their pages.
+        // One token of every running sequence; finished and abandoned ones free their pages.
+        let finished = step_all(&models, kv.as_ref(), &mut running, &stats);
+        let mut i = 0;
         running.retain_mut(|seq| {
-            let keep = match step(&models[seq.req.model], seq) {
+            let keep = match &finished[i] {
                 Ok(None) => !seq.req.events.is_closed(),
                 Ok(Some(finish)) => {
-                    let _ = seq.req.events.send(Event::Done {
-                        finish,
-                        prompt_tokens: seq.req.prompt.len(),
-                        completion_tokens: seq.out.len(),
-                    });
+                    seq.done(*finish);
                     false
                 }
                 Err(e) => {
-                    let _ = seq.req.events.send(Event::Error(format!("{e:#}")));
+                    let _ = seq.req.events.send(Event::Error(e.clone()));
                     false
                 }
             };
+            i += 1;
             if !keep {
                 used -= seq.pages;
+                if let (Kv::Paged(t), Some(kv)) =
+                    (std::mem::replace(&mut seq.kv, Kv::Recompute), kv.as_mut())
+                {
+                    kv.release(t);
+                }
             }
             keep
         });
@@ -240,70 +197,108 @@ fn run(
     }
 }
 
-/// One token of `seq` (its whole prompt first); `Some` once it ends.
-fn step(m: &ServedModel, seq: &mut Sequence) -> Result<Option<Finish>> {
-    let model = &m.model;
-    let cfg = &seq.req.sampling;
-    if seq.ctx.len() >= model.cfg.seq_len {
-        return Ok(Some(Finish::Length));
-    }
-    let device = model.device();
-    let logits = if cfg.use_cache {
-        let start = seq.cache.len();
-        let input = Tensor::new(&seq.ctx[start..], &device)?.unsqueeze(0)?;
-        model.forward_fused(&input, start, Some(&mut seq.cache), seq.scaffold.as_ref())?
-    } else {
-        let input = Tensor::new(seq.ctx.as_slice(), &device)?.unsqueeze(0)?;
-        model.forward_fused(&input, 0, None, seq.scaffold.as_ref())?
+/// A running sequence for `req`, with `need` pages reserved (taken from the pool when paged);
+/// `None` when it cannot run, and the request is told why.
+fn admit(
+    models: &[ServedModel],
+    kv: Option<&mut PagedKvCache>,
+    req: GenerationRequest,
+    need: usize,
+) -> Option<Sequence> {
+    let refuse = |req: GenerationRequest, e: String| {
+        let _ = req.events.send(Event::Error(e));
+        None
     };
-    let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
-    let last: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
-    let next = pick(&last, &seq.ctx, cfg, seq.out.len(), &mut seq.rng);
-    seq.ctx.push(next);
-    seq.out.push(next);
-    if Some(next) == cfg.eos_token_id {
-        // Counted, as `stackwise generate` counts it; a special token decodes to nothing.
-        let _ = seq.req.events.send(Event::Token {
-            id: next,
-            text: String::new(),
-        });
-        return Ok(Some(Finish::Stop));
-    }
-    if let Some(n) = cfg.stop_on_repeat_ngram
-        && ends_with_repeat(&seq.out, n)
-    {
-        seq.out.truncate(seq.out.len() - n);
-        return Ok(Some(Finish::Stop));
-    }
-    let text = m.tok.decode(&seq.out)?;
-    if let Some(cut) = seq
-        .req
-        .stop
-        .iter()
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-    {
-        let tail = text[..cut].get(seq.sent_text.len()..).unwrap_or("");
-        if !tail.is_empty() {
-            let _ = seq.req.events.send(Event::Token {
-                id: next,
-                text: tail.to_string(),
-            });
+    let served = &models[req.model];
+    let m = &served.model;
+    let scaffold = match &m.fusion {
+        Some(f) => match f.prompt_context(&served.tok, &req.prompt, req.scaffold_weight) {
+            Ok(c) => Some(c),
+            Err(e) => return refuse(req, e.to_string()),
+        },
+        None => None,
+    };
+    let cache = match kv {
+        _ if !req.sampling.use_cache => Kv::Recompute,
+        Some(kv) => match kv.allocate(need) {
+            Some(t) => Kv::Paged(t),
+            None => return refuse(req, "the KV pool has fewer free pages than admitted".into()),
+        },
+        None => Kv::Contiguous(KvCache::new(m.cfg.n_layers)),
+    };
+    Some(Sequence::new(req, need, cache, scaffold))
+}
+
+/// One step of every running sequence, in order: `Some` for those that end.
+fn step_all(
+    models: &[ServedModel],
+    kv: Option<&PagedKvCache>,
+    running: &mut [Sequence],
+    stats: &EngineStats,
+) -> Vec<std::result::Result<Option<Finish>, String>> {
+    let mut logits: Vec<Option<Result<Vec<f32>>>> = running.iter().map(|_| None).collect();
+    // Paged sequences, one packed batch per model.
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, seq) in running.iter().enumerate() {
+        if matches!(seq.kv, Kv::Paged(_)) && !seq.full(&models[seq.req.model]) {
+            groups.entry(seq.req.model).or_default().push(i);
         }
-        return Ok(Some(Finish::Stop));
     }
-    // Send the text this token completes (a partial UTF-8 character waits for the next).
-    let new = match text.get(seq.sent_text.len()..) {
-        Some(t) if !t.ends_with('\u{FFFD}') => t.to_string(),
-        _ => String::new(),
-    };
-    seq.sent_text.push_str(&new);
-    let _ = seq.req.events.send(Event::Token {
-        id: next,
-        text: new,
-    });
-    if seq.out.len() >= cfg.max_new_tokens {
-        return Ok(Some(Finish::Length));
+    if let Some(kv) = kv {
+        for (model, members) in &groups {
+            let rows = forward_group(&models[*model].model, kv, running, members);
+            stats.batches.fetch_add(1, Ordering::SeqCst);
+            stats
+                .batched_sequences
+                .fetch_add(members.len(), Ordering::SeqCst);
+            match rows {
+                Ok(rows) => {
+                    for (&i, row) in members.iter().zip(rows) {
+                        logits[i] = Some(Ok(row));
+                    }
+                }
+                Err(e) => {
+                    for &i in members {
+                        logits[i] = Some(Err(anyhow::anyhow!("{e:#}")));
+                    }
+                }
+            }
+        }
     }
-    Ok(None)
+    running
+        .iter_mut()
+        .zip(logits)
+        .map(|(seq, l)| {
+            let m = &models[seq.req.model];
+            if seq.full(m) {
+                return Ok(Some(Finish::Length));
+            }
+            let l = match l {
+                Some(l) => l,
+                None => seq.forward_alone(m),
+            };
+            l.and_then(|l| seq.accept(&m.tok, &l))
+                .map_err(|e| format!("{e:#}"))
+        })
+        .collect()
+}
+
+/// The next-token logits of the sequences `members` of `running`, run as one batch.
+fn forward_group(
+    model: &Transformer,
+    kv: &PagedKvCache,
+    running: &mut [Sequence],
+    members: &[usize],
+) -> Result<Vec<Vec<f32>>> {
+    let mut batch = Vec::with_capacity(members.len());
+    for (i, seq) in running.iter_mut().enumerate() {
+        if members.contains(&i)
+            && let Kv::Paged(table) = &mut seq.kv
+        {
+            let done = table.len();
+            batch.push((&seq.ctx[done..], table));
+        }
+    }
+    let logits = model.forward_paged(&mut batch, kv)?;
+    Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
 }
