@@ -1,8 +1,9 @@
 # Sourced by the benchmarks that measure a PyTorch peer: sets $venv to bench/.venv, creating
-# it with torch + transformers + peft on first use (about 3 GB, once).
+# it with torch + transformers + peft (and httpx, the serve benchmark's client) on first use
+# (about 3 GB, once).
 venv=bench/.venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers, peft" 2>/dev/null; then
-  echo "creating $venv with torch + transformers + peft (about 3 GB, once)..." >&2
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers, peft, httpx" 2>/dev/null; then
+  echo "creating $venv with torch + transformers + peft + httpx (about 3 GB, once)..." >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers peft
+  "$venv/bin/pip" install --quiet torch transformers peft httpx
 fi
