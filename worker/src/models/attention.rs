@@ -119,6 +119,21 @@ impl Attention {
         })
     }
 
+    /// Lay the projections out for decoding (`Linear::prepare_for_decoding`); MLA keeps its
+    /// own.
+    pub(super) fn prepare_for_decoding(&mut self) -> Result<()> {
+        match &mut self.qkv {
+            Qkv::Fused(l) => l.prepare_for_decoding()?,
+            Qkv::Split { q, k, v } => {
+                q.prepare_for_decoding()?;
+                k.prepare_for_decoding()?;
+                v.prepare_for_decoding()?;
+            }
+            Qkv::Mla(_) => return Ok(()),
+        }
+        self.out.prepare_for_decoding()
+    }
+
     pub(super) fn forward(
         &self,
         x: &Tensor,
@@ -189,7 +204,7 @@ impl Attention {
         Ok(match &self.qkv {
             Qkv::Mla(_) => candle_core::bail!("MLA projects to a latent; see mla.rs"),
             // The same numbers either way: each output column is its own sum over the input.
-            Qkv::Fused(l) if decoding => {
+            Qkv::Fused(l) if decoding || l.strips.is_some() => {
                 let y = l.forward(x)?;
                 (
                     y.narrow(2, 0, nh * hd)?,

@@ -105,6 +105,17 @@ impl Block {
         })
     }
 
+    /// Lay the projections out for decoding (`Linear::prepare_for_decoding`).
+    pub(super) fn prepare_for_decoding(&mut self) -> Result<()> {
+        self.attn.prepare_for_decoding()?;
+        let m = &mut self.mlp;
+        m.up.prepare_for_decoding()?;
+        if let Some(g) = &mut m.gate {
+            g.prepare_for_decoding()?;
+        }
+        m.down.prepare_for_decoding()
+    }
+
     pub(crate) fn forward(
         &self,
         x: &Tensor,

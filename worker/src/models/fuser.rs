@@ -60,6 +60,7 @@ fn projection(p: &mut ParamBuilder, name: &str, d_in: usize, d_out: usize) -> Re
         conv1d: false,
         lora: None,
         boft: None,
+        strips: None,
     })
 }
 

@@ -23,6 +23,8 @@ pub struct Linear {
     pub lora: Option<Lora>,
     /// A butterfly orthogonal adapter: the weight becomes `diag(s) W Q^T`.
     pub boft: Option<Box<Boft>>,
+    /// For decoding: the weight as column strips (`prepare_for_decoding`).
+    pub strips: Option<ops::Strips>,
 }
 
 impl Linear {
@@ -55,7 +57,21 @@ impl Linear {
             conv1d,
             lora,
             boft,
+            strips: None,
         })
+    }
+
+    /// Lay a dense weight out as column strips for decoding (`ops::Strips`); a quantized or
+    /// BOFT-rotated weight keeps its own path.
+    pub(super) fn prepare_for_decoding(&mut self) -> Result<()> {
+        if self.boft.is_some() {
+            return Ok(());
+        }
+        if let Weight::Dense(w) = &self.weight {
+            let w = if self.conv1d { w.clone() } else { w.t()? };
+            self.strips = Some(ops::Strips::new(&w.detach())?);
+        }
+        Ok(())
     }
 
     /// The weight the projection computes with: dense f32, with a BOFT adapter applied.
@@ -76,6 +92,7 @@ impl Linear {
         Ok(Self {
             weight: Weight::Dense(self.effective_weight()?),
             boft: None,
+            strips: None,
             ..self.clone()
         })
     }
@@ -104,6 +121,7 @@ impl Linear {
             conv1d: self.conv1d,
             lora,
             boft: None,
+            strips: None,
         })
     }
 }
@@ -113,12 +131,17 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
         let x2 = x.reshape(((), d_in))?; // (B*T, in)
-        let w = self.effective_weight()?;
         // Row-invariant products: a row's output does not depend on the rows batched with it.
-        let mut y = if self.conv1d {
-            ops::matmul_rows(&x2, &w)?
-        } else {
-            ops::matmul_rows(&x2, &w.t()?)?
+        let mut y = match &self.strips {
+            Some(s) => s.matmul(&x2)?,
+            None => {
+                let w = self.effective_weight()?;
+                if self.conv1d {
+                    ops::matmul_rows(&x2, &w)?
+                } else {
+                    ops::matmul_rows(&x2, &w.t()?)?
+                }
+            }
         };
         if let Some(l) = &self.lora {
             y = (y + l.delta(&x2)?)?;

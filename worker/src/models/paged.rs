@@ -234,12 +234,17 @@ mod tests {
             &[&[8], &[6], &[1], &[3]],
             &[&[2, 4, 6, 8, 10, 12, 14], &[16], &[18], &[20]],
         ];
-        for (family, kind) in [Family::Gpt2, Family::Llama]
+        for (family, kind, decoding) in [Family::Gpt2, Family::Llama]
             .into_iter()
             .flat_map(|f| [None, Some("kernel")].map(|k| (f, k)))
+            .flat_map(|(f, k)| [false, true].map(|d| (f, k, d)))
         {
             let cfg = tiny(family, AttentionMode::Causal, kind);
-            let (m, _) = Transformer::init(&cfg, 3, &Device::Cpu).unwrap();
+            let (mut m, _) = Transformer::init(&cfg, 3, &Device::Cpu).unwrap();
+            if decoding {
+                // The strip layout generation and serving use.
+                m.prepare_for_decoding().unwrap();
+            }
             let want: Vec<_> = seqs.iter().map(|s| contiguous(&m, s)).collect();
             let mut kv = PagedKvCache::new(&cfg, 3, 12, DType::F32, &Device::Cpu).unwrap();
             // A page used and given back first: stale contents must never be read.

@@ -26,6 +26,60 @@ pub fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[x, &pad], 0)?.matmul(w)?.narrow(0, 0, m)
 }
 
+/// Columns per strip: gemm's small-matrix path (m, n <= 64) for every strip.
+const STRIP: usize = 64;
+
+/// A weight `(K, N)` laid out for decoding a few rows at a time: `N / 64` strips of
+/// `(K, 64)`, each contiguous, so a product streams the weight front to back. (Multiplying
+/// the `(K, N)` matrix itself, gemm walks it 16 columns at a time, a row apart: a new page
+/// every few loads, which bounds decoding by memory latency rather than bandwidth.) Rows are
+/// multiplied 64 at a time, at least 2, so every strip's product takes gemm's main kernel with
+/// K-blocks that depend on K alone: a row's result does not depend on the other rows.
+#[derive(Clone)]
+pub struct Strips {
+    /// `(S, K, 64)`, the last strip padded with zero columns.
+    strips: Tensor,
+    n: usize,
+}
+
+impl Strips {
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let (k, n) = w.dims2()?;
+        let s = n.div_ceil(STRIP);
+        let w = if s * STRIP > n {
+            let pad = Tensor::zeros((k, s * STRIP - n), w.dtype(), w.device())?;
+            Tensor::cat(&[w, &pad], 1)?
+        } else {
+            w.clone()
+        };
+        let strips = w.reshape((k, s, STRIP))?.transpose(0, 1)?.contiguous()?;
+        Ok(Self { strips, n })
+    }
+
+    /// `x (M, K) @ w`.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        let s = self.strips.dim(0)?;
+        let mut parts = Vec::with_capacity(m.div_ceil(STRIP));
+        for start in (0..m).step_by(STRIP) {
+            let rows = STRIP.min(m - start);
+            let mut chunk = x.narrow(0, start, rows)?;
+            if rows < 2 {
+                let pad = Tensor::zeros((2 - rows, k), x.dtype(), x.device())?;
+                chunk = Tensor::cat(&[&chunk, &pad], 0)?;
+            }
+            let padded = chunk.dim(0)?;
+            let y = chunk
+                .unsqueeze(0)?
+                .broadcast_as((s, padded, k))?
+                .matmul(&self.strips)?; // (S, rows, 64)
+            let y = y.transpose(0, 1)?.reshape((padded, s * STRIP))?;
+            parts.push(y.narrow(0, 0, rows)?.narrow(1, 0, self.n)?);
+        }
+        Tensor::cat(&parts, 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,6 +118,27 @@ mod tests {
                         assert_eq!(row, want, "k {k} n {n} m {m} row {i}");
                     }
                 }
+                // The strip layout: row-invariant too (up to 150 rows, past a 64-row chunk),
+                // and the same product.
+                let strips = Strips::new(&w.contiguous().unwrap()).unwrap();
+                let x = rand(&[150, k], 5);
+                let alone: Vec<Vec<f32>> = (0..150)
+                    .map(|i| {
+                        let r = strips.matmul(&x.narrow(0, i, 1).unwrap()).unwrap();
+                        r.get(0).unwrap().to_vec1().unwrap()
+                    })
+                    .collect();
+                for m in [2, 5, 64, 65, 150] {
+                    let got = strips.matmul(&x.narrow(0, 0, m).unwrap()).unwrap();
+                    for (i, a) in alone.iter().enumerate().take(m) {
+                        let row: Vec<f32> = got.get(i).unwrap().to_vec1().unwrap();
+                        assert_eq!(&row, a, "strips k {k} n {n} m {m} row {i}");
+                    }
+                }
+                let plain = x.matmul(w).unwrap();
+                let got = strips.matmul(&x).unwrap();
+                let diff = crate::models::testing::max_diff(&plain, &got);
+                assert!(diff < 1e-3, "k {k} n {n}: {diff}");
             }
         }
     }
