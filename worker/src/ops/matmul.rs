@@ -9,6 +9,7 @@
 //! so that every product takes the main kernel.
 
 use candle_core::{Result, Tensor};
+use rayon::prelude::*;
 
 /// The output size at or below which gemm takes its horizontal kernel (gemm-common 0.19).
 const GEMM_HORIZONTAL_MAX: usize = 16 * 16;
@@ -69,11 +70,26 @@ impl Strips {
                 chunk = Tensor::cat(&[&chunk, &pad], 0)?;
             }
             let padded = chunk.dim(0)?;
-            let y = chunk
-                .unsqueeze(0)?
-                .broadcast_as((s, padded, k))?
-                .matmul(&self.strips)?; // (S, rows, 64)
-            let y = y.transpose(0, 1)?.reshape((padded, s * STRIP))?;
+            // Each strip's product is too small for gemm to share out, so the strips are
+            // shared out instead: a group of consecutive strips per thread.
+            let groups = rayon::current_num_threads().clamp(1, s);
+            let per = s.div_ceil(groups);
+            let chunk = &chunk;
+            let ys = (0..s)
+                .step_by(per)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|g| {
+                    let n = per.min(s - g);
+                    chunk
+                        .unsqueeze(0)?
+                        .broadcast_as((n, padded, k))?
+                        .matmul(&self.strips.narrow(0, g, n)?) // (n, rows, 64)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let y = Tensor::cat(&ys, 0)?
+                .transpose(0, 1)?
+                .reshape((padded, s * STRIP))?;
             parts.push(y.narrow(0, 0, rows)?.narrow(1, 0, self.n)?);
         }
         Tensor::cat(&parts, 0)
