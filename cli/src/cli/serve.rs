@@ -148,7 +148,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .unzip();
     let names: Vec<String> = infos.iter().map(|i| i.name.clone()).collect();
     let delay = a.debug_step_delay_ms.map(Duration::from_millis);
-    let chat = chat_template(&a.model)?;
+    // The folder the weights came from (a run's latest valid checkpoint), else the one given.
+    let mut chat = ChatTemplate::load(std::path::Path::new(&base.source))?;
+    if chat.is_plain() {
+        chat = ChatTemplate::load(&a.model)?;
+    }
     if !chat.is_plain() {
         eprintln!("chat prompts use the model's chat template");
     }
@@ -203,21 +207,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
         eprintln!("stopped");
         anyhow::Ok(())
     })
-}
-
-/// The chat template of the model folder (for a run folder, of its latest checkpoint).
-fn chat_template(model: &std::path::Path) -> Result<ChatTemplate> {
-    let mut t = ChatTemplate::load(model)?;
-    if t.is_plain() && model.join("checkpoints").is_dir() {
-        let latest = std::fs::read_dir(model.join("checkpoints"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join("MANIFEST.json").exists())
-            .max();
-        if let Some(dir) = latest {
-            t = ChatTemplate::load(&dir)?;
-        }
-    }
-    Ok(t)
 }
 
 async fn shutdown_signal() {
