@@ -147,6 +147,19 @@ impl Tok {
         texts: &[String],
         vocab_size: usize,
     ) -> Result<Self, TokenizerError> {
+        Self::train_from_iter(kind, texts.iter(), vocab_size)
+    }
+
+    /// [`Self::train`] on texts that stream by (one at a time in memory).
+    pub fn train_from_iter<I, S>(
+        kind: TokenizerKind,
+        texts: I,
+        vocab_size: usize,
+    ) -> Result<Self, TokenizerError>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
         let special = vec![AddedToken::from(EOS, true)];
         let inner = match kind {
             TokenizerKind::Bpe | TokenizerKind::Byte => {
@@ -171,14 +184,15 @@ impl Tok {
                 let mut t = Tokenizer::new(BPE::default());
                 t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
                 t.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
-                t.train(&mut trainer, texts.iter())
+                t.train(&mut trainer, texts)
                     .map_err(|e| TokenizerError::Train(e.to_string()))?;
                 t
             }
             TokenizerKind::Char => {
-                let mut chars: Vec<char> = texts.iter().flat_map(|t| t.chars()).collect();
-                chars.sort_unstable();
-                chars.dedup();
+                let mut chars = std::collections::BTreeSet::new();
+                for t in texts {
+                    chars.extend(t.as_ref().chars());
+                }
                 let mut vocab: HashMap<String, u32> = HashMap::new();
                 vocab.insert("<unk>".into(), 0);
                 for c in chars {
