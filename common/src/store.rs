@@ -7,7 +7,7 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -387,6 +387,33 @@ impl Store {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Self::io("get", &p, e)),
         }
+    }
+
+    /// The object's size in bytes, or `None` when it does not exist.
+    pub fn size(&self, rel: &str) -> Result<Option<u64>, StoreError> {
+        let p = self.full(rel);
+        match block_on(self.inner.head(&p)) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::io("head", &p, e)),
+        }
+    }
+
+    /// Byte ranges of objects, fetched concurrently (a few in flight), in request order.
+    pub fn get_ranges(
+        &self,
+        requests: &[(String, std::ops::Range<u64>)],
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let fetches = requests.iter().map(|(rel, range)| {
+            let p = self.full(rel);
+            async move {
+                self.inner
+                    .get_range(&p, range.clone())
+                    .await
+                    .map_err(|e| Self::io("get", &p, e))
+            }
+        });
+        block_on(futures::stream::iter(fetches).buffered(8).try_collect())
     }
 
     pub fn delete(&self, rel: &str) -> Result<(), StoreError> {

@@ -29,8 +29,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(index) = prepare(&[input], byte_tokenizer(), &store, &opts) {
         let (back, _) = TokenIndex::open(&store).expect("a prepared dataset opens");
         for split in [&back.train, &back.validation] {
-            back.load_split(&store, split)
+            let d = back
+                .load_split(&store, split)
                 .expect("a prepared split loads");
+            let (ids, mask) = d.read_all().expect("its tokens read back");
+            assert_eq!((ids.len() as u64, mask.len() as u64), (split.tokens, split.tokens));
         }
         assert_eq!(back.train.tokens, index.train.tokens);
     }

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use stackwise_common::data::prepare::{PrepareOptions, collect_inputs, prepare, read_utf8};
+use stackwise_common::data::prepare::{PrepareOptions, prepare_scanned};
+use stackwise_common::data::source::{self, Scan};
 use stackwise_common::store::Store;
 use stackwise_common::tokenizer::{Tok, TokenizerKind};
 
@@ -40,7 +41,17 @@ pub struct PrepareArgs {
     /// Do not look for a response marker.
     #[arg(long)]
     pub no_response_marker: bool,
+    /// Train the tokenizer on about this many MB of the inputs, taken evenly through every
+    /// file (0: all of them).
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_MB)]
+    pub tokenizer_sample_mb: u64,
+    /// Tokens per shard file (a shard closes at the first document end past this).
+    #[arg(long, default_value_t = PrepareOptions::default().shard_tokens)]
+    pub shard_tokens: usize,
 }
+
+/// Enough text for a 4k-50k BPE vocabulary to settle, and a bound on the trainer's memory.
+pub const DEFAULT_SAMPLE_MB: u64 = 64;
 
 #[derive(Subcommand)]
 pub enum TokenizerCommand {
@@ -59,21 +70,40 @@ pub struct TokenizerTrainArgs {
     /// Where to write tokenizer.json.
     #[arg(long, default_value = "tokenizer.json")]
     pub out: PathBuf,
+    /// Train on about this many MB of the inputs, taken evenly through every file (0: all).
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_MB)]
+    pub sample_mb: u64,
 }
 
-/// Read every input (UTF-8 checked) for tokenizer training.
-fn read_texts(inputs: &[PathBuf]) -> Result<Vec<String>> {
-    collect_inputs(inputs)?
-        .iter()
-        .map(|f| Ok(read_utf8(f)?))
-        .collect()
-}
-
-pub fn train_tokenizer(inputs: &[PathBuf], kind: TokenizerKind, vocab_size: usize) -> Result<Tok> {
-    let texts = read_texts(inputs)?;
+/// Train a tokenizer on about `sample_mb` MB of the scanned inputs (all with 0), streamed.
+fn train_tokenizer(
+    scan: &Scan,
+    marker: Option<&str>,
+    kind: TokenizerKind,
+    vocab_size: usize,
+    sample_mb: u64,
+) -> Result<Tok> {
+    let budget = if sample_mb == 0 {
+        u64::MAX
+    } else {
+        sample_mb << 20
+    };
     let started = std::time::Instant::now();
-    let tok = Tok::train(kind, &texts, vocab_size)?;
-    tracing::info!(kind = ?kind, vocab = tok.vocab_size(), secs = started.elapsed().as_secs_f64(), "trained tokenizer");
+    let mut failed = None;
+    let texts =
+        source::sample(scan, budget, marker).map_while(|t| t.map_err(|e| failed = Some(e)).ok());
+    let tok = Tok::train_from_iter(kind, texts, vocab_size);
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    let tok = tok?;
+    tracing::info!(
+        kind = ?kind,
+        vocab = tok.vocab_size(),
+        sample_mb = (budget.min(scan.bytes) as f64 / 1e6),
+        secs = started.elapsed().as_secs_f64(),
+        "trained tokenizer"
+    );
     Ok(tok)
 }
 
@@ -81,17 +111,27 @@ pub fn prepare_dataset(a: &PrepareArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.val_fraction) {
         anyhow::bail!("--val-fraction must be in [0, 1), got {}", a.val_fraction);
     }
+    let marker = (!a.no_response_marker).then(|| a.response_marker.clone());
+    // One pass checks every file before anything is trained or written.
+    let scan = source::scan(&a.inputs, marker.as_deref())?;
     let tok = match &a.tokenizer {
         Some(p) => Tok::load(p)?,
-        None => train_tokenizer(&a.inputs, a.train_tokenizer, a.vocab_size)?,
+        None => train_tokenizer(
+            &scan,
+            marker.as_deref(),
+            a.train_tokenizer,
+            a.vocab_size,
+            a.tokenizer_sample_mb,
+        )?,
     };
     let out = Store::open(&a.out)?;
     let opts = PrepareOptions {
         val_fraction: a.val_fraction,
-        response_marker: (!a.no_response_marker).then(|| a.response_marker.clone()),
+        response_marker: marker,
+        shard_tokens: a.shard_tokens,
         ..Default::default()
     };
-    let index = prepare(&a.inputs, &tok, &out, &opts)
+    let index = prepare_scanned(&scan, &tok, &out, &opts)
         .with_context(|| format!("prepare dataset at {}", a.out))?;
     eprintln!(
         "dataset {}: {} files | vocab {} | train {} tokens ({} docs) | validation {} tokens ({} docs) | unigram entropy {:.4} nats/token",
@@ -116,7 +156,9 @@ pub fn run_data(c: DataCommand) -> Result<()> {
 pub fn run_tokenizer(c: TokenizerCommand) -> Result<()> {
     match c {
         TokenizerCommand::Train(a) => {
-            let tok = train_tokenizer(&a.inputs, a.kind, a.vocab_size)?;
+            // Text fields of JSONL records, whole (no response marker split needed).
+            let scan = source::scan(&a.inputs, None)?;
+            let tok = train_tokenizer(&scan, None, a.kind, a.vocab_size, a.sample_mb)?;
             std::fs::write(&a.out, tok.to_json()?)
                 .with_context(|| format!("write {}", a.out.display()))?;
             eprintln!("wrote {} ({} tokens)", a.out.display(), tok.vocab_size());

@@ -119,7 +119,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             m.model.cfg.seq_len
         );
     }
-    let text = stackwise_common::data::prepare::read_utf8(&a.data)?;
+    let text = stackwise_common::data::source::read_utf8(&a.data)?;
     let ids = m
         .tok
         .encode(&text, !a.no_special_tokens)

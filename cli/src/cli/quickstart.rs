@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use stackwise_common::data::PrepareOptions;
 use stackwise_common::tokenizer::TokenizerKind;
 
 use super::data::{PrepareArgs, prepare_dataset};
@@ -104,6 +105,8 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         val_fraction: 0.05,
         response_marker: String::new(),
         no_response_marker: true,
+        tokenizer_sample_mb: super::data::DEFAULT_SAMPLE_MB,
+        shard_tokens: PrepareOptions::default().shard_tokens,
     })?;
     let config = a.out.join("quickstart.yaml");
     std::fs::write(

@@ -76,16 +76,17 @@ impl Trainer {
             self.spec.cfg.run.seed,
         );
         let spec = &self.spec;
-        let sample = |i: usize| {
+        let all_tokens = self.all_tokens;
+        let rows_of = |idx: &[usize]| {
             spec.train
-                .sample(i, spec.seq_len, spec.packed, spec.pad_id, self.all_tokens)
+                .samples(idx, spec.seq_len, spec.packed, spec.pad_id, all_tokens)
         };
         let Some(budget) = t.tokens_per_step else {
             let idx = self
                 .state
                 .cursor
                 .take(batch_size * t.grad_accum, n, seed, &mut self.order);
-            let rows = idx.iter().map(|&i| sample(i)).collect();
+            let rows = rows_of(&idx)?;
             return Ok((idx, rows));
         };
         let (mut idx, mut rows, mut tokens) = (Vec::new(), Vec::new(), 0usize);
@@ -96,12 +97,12 @@ impl Trainer {
                     idx.len()
                 );
             }
-            for i in self.state.cursor.take(batch_size, n, seed, &mut self.order) {
-                let row = sample(i);
+            let more = self.state.cursor.take(batch_size, n, seed, &mut self.order);
+            for row in rows_of(&more)? {
                 tokens += loss_tokens(&row);
-                idx.push(i);
                 rows.push(row);
             }
+            idx.extend(more);
         }
         Ok((idx, rows))
     }

@@ -51,7 +51,7 @@ impl Trainer {
         for i in 0..n {
             let row = spec
                 .val
-                .sample(i, spec.seq_len, spec.packed, spec.pad_id, false);
+                .sample(i, spec.seq_len, spec.packed, spec.pad_id, false)?;
             let prompt = &row.0[..prompt_len(&row)];
             let input = self.scaffold_input(std::slice::from_ref(&row), 0..1)?;
             let Some(input) = input else { return Ok(()) };
@@ -91,13 +91,13 @@ impl Trainer {
         let all: Vec<usize> = (0..count).collect();
         let spec = &self.spec;
         for chunk in all.chunks(batch_size).skip(rank).step_by(world) {
-            let rows: Vec<_> = chunk
-                .iter()
-                .map(|&i| {
-                    spec.val
-                        .sample(i, spec.seq_len, spec.packed, spec.pad_id, self.all_tokens)
-                })
-                .collect();
+            let rows = spec.val.samples(
+                chunk,
+                spec.seq_len,
+                spec.packed,
+                spec.pad_id,
+                self.all_tokens,
+            )?;
             let mut b = match &masking {
                 Some(m) => {
                     let keys: Vec<u64> = chunk.iter().map(|&k| k as u64).collect();

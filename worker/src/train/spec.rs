@@ -73,7 +73,11 @@ impl RunSpec {
         let (index, mut tok) = TokenIndex::open(&data_store)?;
         let train = index.load_split(&data_store, &index.train)?;
         let val = index.load_split(&data_store, &index.validation)?;
-        let data_fingerprint = fingerprint(index.vocab_size, &[&train, &val]);
+        // prepare records the fingerprint; older prepared folders hash their tokens here.
+        let data_fingerprint = match &index.fingerprint {
+            Some(f) => f.clone(),
+            None => fingerprint(index.vocab_size, &[&train, &val])?,
+        };
 
         // The full model's config, and its weights when it starts from an HF folder (a
         // scaffold run's base).
@@ -179,7 +183,7 @@ impl RunSpec {
             bail!(
                 "{}: the training split has {} tokens, fewer than one sequence of {seq_len}; lower training.seq_len or add data",
                 cfg.data.path,
-                train.tokens.len()
+                train.num_tokens()
             );
         }
         let run = Store::open(&cfg.run.output)?.child(&format!("runs/{}", cfg.run.name));
