@@ -170,6 +170,15 @@ impl<'a> SplitWriter<'a> {
     }
 }
 
+/// Adds `ids` to the per-id train counts.
+fn count<'t>(counts: &mut [u64], ids: impl IntoIterator<Item = &'t u32>) {
+    for &t in ids {
+        if let Some(c) = counts.get_mut(t as usize) {
+            *c += 1;
+        }
+    }
+}
+
 /// Tokenized pieces go to the split writers, in input order.
 struct Sink<'a> {
     tok: &'a Tok,
@@ -245,11 +254,7 @@ impl Sink<'_> {
             return Ok(());
         }
         let w = if p.part == Part::Train {
-            for &t in ids.iter().chain(&eos) {
-                if let Some(c) = self.counts.get_mut(t as usize) {
-                    *c += 1;
-                }
-            }
+            count(&mut self.counts, ids.iter().chain(&eos));
             &mut self.train
         } else {
             &mut self.val
@@ -270,11 +275,7 @@ impl Sink<'_> {
             return Ok(());
         }
         let w = if part == Part::Train {
-            for &t in ids {
-                if let Some(c) = self.counts.get_mut(t as usize) {
-                    *c += 1;
-                }
-            }
+            count(&mut self.counts, ids);
             &mut self.train
         } else {
             &mut self.val
