@@ -141,7 +141,12 @@ impl TokenIndex {
                     .size(&format!("{}.{ext}", s.stem))?
                     .ok_or_else(|| err(format!("shard {}.{ext} is missing", s.stem)))
             };
-            let sizes = (size("bin")?, size("mask")?, size("docs")?);
+            let (bin, mask) = (size("bin")?, size("mask")?);
+            // The offsets are read whole anyway: their length needs no request of its own.
+            let docs = store
+                .get(&format!("{}.docs", s.stem))?
+                .ok_or_else(|| err(format!("shard {}.docs is missing", s.stem)))?;
+            let sizes = (bin, mask, docs.len() as u64);
             let want = s
                 .tokens
                 .checked_mul(4)
@@ -152,9 +157,6 @@ impl TokenIndex {
                     s.stem
                 )));
             }
-            let docs = store
-                .get(&format!("{}.docs", s.stem))?
-                .ok_or_else(|| err(format!("shard {}.docs is missing", s.stem)))?;
             let offsets: Vec<u64> = docs
                 .chunks_exact(8)
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
