@@ -31,8 +31,22 @@ fn err(e: impl std::fmt::Debug) -> CommError {
 
 /// A fresh NCCL unique id (128 bytes), made by rank 0.
 pub fn new_id() -> Result<Vec<u8>, CommError> {
+    check_library()?;
     let id = Id::new().map_err(err)?;
     Ok(id.internal().iter().map(|&c| c as u8).collect())
+}
+
+/// cudarc opens libnccl on first use and panics when it is missing: say so first.
+fn check_library() -> Result<(), CommError> {
+    // SAFETY: dlopen of the library by name, and dlclose; no symbol of it is called.
+    if unsafe { sys::is_culib_present() } {
+        return Ok(());
+    }
+    Err(CommError::Nccl(
+        "libnccl is not on the loader's path (PyTorch's nvidia-nccl wheel has it as libnccl.so.2, \
+         which cudarc does not look for: link it as libnccl.so in a folder on LD_LIBRARY_PATH)"
+            .into(),
+    ))
 }
 
 /// The raw communicator, aborted exactly once: by a collective that failed or timed out,
@@ -115,6 +129,7 @@ impl Nccl {
         connect_timeout: Duration,
         collective_timeout: Duration,
     ) -> Result<Self, CommError> {
+        check_library()?;
         let internal: [std::ffi::c_char; 128] = id
             .iter()
             .map(|&b| b as std::ffi::c_char)
