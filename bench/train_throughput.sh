@@ -10,21 +10,30 @@ rounds="${1:-3}"
 shift || true
 threads="${THREADS:-2}"
 source bench/venv.sh
-cargo build --release --quiet -p stackwise-bench --bin train_throughput
+cargo build --release --quiet -p stackwise --bin stackwise
+cargo build --release --quiet -p stackwise-bench --bin fma_peak
+peak=$(target/release/fma_peak --threads "$threads")
 out=$(mktemp)
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  RAYON_NUM_THREADS=$threads target/release/train_throughput --steps 3 "$@" >> "$out"
+  RAYON_NUM_THREADS=$threads target/release/stackwise bench train --steps 3 "$@" >> "$out"
   OMP_NUM_THREADS=$threads "$venv/bin/python" bench/train_throughput_torch.py --steps 3 --threads "$threads" "$@" 2>/dev/null >> "$out"
 done
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) | $threads threads | ${*:-full training}"
-"$venv/bin/python" - "$out" <<'PY'
+flags=$(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'avx2|fma|avx512f' | sort -u | xargs)
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($flags) | $threads threads | ${*:-full training}"
+"$venv/bin/python" - "$out" "$peak" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+peak = json.loads(sys.argv[2])
 med = {k: statistics.median(r["tokens_per_s"] for r in rows if r["impl"] == k) for k in ("stackwise", "pytorch")}
 for k in ("stackwise", "pytorch"):
     s = [round(r["s_per_step"], 3) for r in rows if r["impl"] == k]
     print(f"{k:9}: {med[k]:8.0f} tokens/s  (s/step per round: {s})")
 print(f"ratio stackwise/pytorch: {med['stackwise'] / med['pytorch']:.2f}x")
+sw = [r for r in rows if r["impl"] == "stackwise" and r.get("gflops")]
+if sw:
+    g = statistics.median(r["gflops"] for r in sw)
+    print(f"FMA peak ({peak['isa']}, {peak['threads']} threads, measured by fma_peak): {peak['gflops']:.0f} GFLOP/s; "
+          f"StackWise's step: {g:.0f} GFLOP/s of matrix products = {100 * g / peak['gflops']:.0f}% of peak")
 PY
 rm -f "$out"

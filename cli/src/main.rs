@@ -61,6 +61,12 @@ enum Command {
     Serve(cli::serve::ServeArgs),
     /// Train a small model on an embedded corpus and sample from it: the first thing to run.
     Quickstart(cli::quickstart::QuickstartArgs),
+    /// Measure training and generation tokens/s on a device (one JSON line each).
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCommand),
+    /// Check this build on a device against PyTorch reference fixtures (logits, gradients,
+    /// AdamW steps) and, on CUDA, NCCL; prints a JSON report, exits 1 on a mismatch.
+    Selfcheck(cli::selfcheck::SelfcheckArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -89,6 +95,8 @@ fn main() -> std::process::ExitCode {
         Command::Chat(a) => cli::chat::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Quickstart(a) => cli::quickstart::run(a),
+        Command::Bench(c) => cli::bench::run(c),
+        Command::Selfcheck(a) => cli::selfcheck::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -255,6 +255,9 @@ fn every_subcommand_has_help() {
         &["coordinator"],
         &["worker"],
         &["status"],
+        &["selfcheck"],
+        &["bench", "train"],
+        &["bench", "generate"],
     ] {
         let out = run_ok(bin().args(sub).arg("--help"));
         assert!(
@@ -465,4 +468,154 @@ fn a_sentencepiece_model_prepares_data_trains_and_generates() {
         "{v}"
     );
     assert!(!v["text"].as_str().unwrap().trim().is_empty(), "{v}");
+}
+
+#[test]
+fn selfcheck_passes_on_the_fixtures_and_fails_on_a_perturbed_model() {
+    // f32: the CPU tolerances; bf16 autocast: bf16 products, visibly not f32, within bf16's.
+    let out = run_ok(bin().args(["selfcheck", "--fixtures"]).arg(fixtures()));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["device"], "cpu");
+    assert!(r["fixtures"].as_array().unwrap().len() >= 3, "{r}");
+    let out = run_ok(
+        bin()
+            .args(["selfcheck", "--autocast", "bf16", "--fixtures"])
+            .arg(fixtures()),
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    let gpt2 = r["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "gpt2-tiny")
+        .unwrap();
+    let d = gpt2["logits_max_abs"].as_f64().unwrap();
+    assert!(
+        d > 1e-4 && d < 5e-2,
+        "bf16 logits differ from PyTorch f32 by {d}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("gpt2-tiny");
+    std::fs::create_dir(&bad).unwrap();
+    for e in std::fs::read_dir(fixtures().join("gpt2-tiny")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), bad.join(e.file_name())).unwrap();
+    }
+    let mut w =
+        candle_core::safetensors::load(bad.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let key = "transformer.h.1.attn.c_proj.weight";
+    let t = (w[key].clone() * 1.02).unwrap();
+    w.insert(key.into(), t);
+    candle_core::safetensors::save(&w, bad.join("model.safetensors")).unwrap();
+    let err = run_err(bin().args(["selfcheck", "--fixtures"]).arg(dir.path()));
+    assert!(
+        err.contains("selfcheck failed") && err.contains("gpt2-tiny: logits"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_train_and_generate_print_one_json_line() {
+    let out = run_ok(bin().args([
+        "bench",
+        "train",
+        "--layers",
+        "1",
+        "--d-model",
+        "32",
+        "--heads",
+        "2",
+        "--vocab",
+        "64",
+        "--seq",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+    ]));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["impl"], "stackwise");
+    assert_eq!(r["all_s_per_step"].as_array().unwrap().len(), 2);
+    assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    // Random tokens over 64 ids: the loss starts near ln 64 = 4.16.
+    let loss = r["last_loss"].as_f64().unwrap();
+    assert!((3.0..5.5).contains(&loss), "{r}");
+
+    let out = run_ok(
+        bin()
+            .args([
+                "bench",
+                "generate",
+                "--new-tokens",
+                "5",
+                "--prompt-tokens",
+                "3",
+                "--rounds",
+                "1",
+                "--model",
+            ])
+            .arg(fixtures().join("gpt2-tiny")),
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["new_tokens"], 5, "{r}");
+    assert!(
+        r["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t.as_u64().unwrap() < 256),
+        "{r}"
+    );
+    let err = run_err(
+        bin()
+            .args(["bench", "generate", "--new-tokens", "300", "--model"])
+            .arg(fixtures().join("gpt2-tiny")),
+    );
+    assert!(err.contains("exceed the model's 64 positions"), "{err}");
+}
+
+#[test]
+fn training_with_bf16_autocast_follows_the_f32_run_closely_but_not_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = byte_dataset_and_config(dir.path());
+    let losses = |name: &str, autocast: &str| -> Vec<f64> {
+        let out = run_ok(bin().arg("train").arg(&cfg).args([
+            "--set",
+            &format!("run.name={name}"),
+            "--set",
+            &format!("training.autocast={autocast}"),
+            "--set",
+            "training.log_every=1",
+            "--json",
+            "--no-progress",
+        ]));
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["step"], 5, "{summary}");
+        let metrics =
+            std::fs::read_to_string(dir.path().join(format!("runs/{name}/metrics.jsonl"))).unwrap();
+        metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+            .collect()
+    };
+    let f32_run = losses("f32", "off");
+    let bf16_run = losses("bf16", "bf16");
+    assert_eq!(f32_run.len(), bf16_run.len());
+    assert!(f32_run.len() >= 5, "{f32_run:?}");
+    let worst = f32_run
+        .iter()
+        .zip(&bf16_run)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst > 1e-6 && worst < 2e-2,
+        "bf16 losses {bf16_run:?} vs f32 {f32_run:?}"
+    );
+    let saved = std::fs::read_to_string(dir.path().join("runs/bf16/config.yaml")).unwrap();
+    assert!(saved.contains("autocast: bf16"), "{saved}");
 }

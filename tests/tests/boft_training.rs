@@ -14,10 +14,11 @@ use candle_core::{DType, Device, Tensor};
 use stackwise_common::config::{ModelConfig, Precision};
 use stackwise_common::plan::BoftSpec;
 use stackwise_worker::adapters::{Boft, PeftAdapter};
+use stackwise_worker::golden;
 use stackwise_worker::models::params::StagePolicy;
 use stackwise_worker::models::{ParamBuilder, Transformer, hf};
 use stackwise_worker::objectives::{Batch, mean_loss};
-use stackwise_worker::optim::{AdamW, AdamWConfig};
+use stackwise_worker::optim::AdamW;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-tiny-boft")
@@ -88,22 +89,10 @@ fn trainable_boft_gives_peft_logits_gradients_and_three_adamw_steps() -> Result<
         assert!(d <= 1e-5, "grad {name}: max |diff| {d}");
     }
 
-    let mut opt = AdamW::new(
-        &params.vars,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )?;
+    let mut opt = AdamW::new(&params.vars, golden::FIXTURE_ADAMW)?;
     for _ in 0..3 {
         let g = mean_loss(&model, &batch)?.backward()?;
-        let named: HashMap<String, Tensor> = params
-            .vars
-            .iter()
-            .filter_map(|(n, v)| g.get(v.as_tensor()).map(|t| (n.clone(), t.clone())))
-            .collect();
+        let named = params.grads(&g);
         opt.step(&named, 1e-3)?;
     }
     let want = st(&dir.join("adapter_after_3_steps/adapter_model.safetensors"));

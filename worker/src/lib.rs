@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod device;
 pub mod generate;
+pub mod golden;
 pub mod models;
 pub mod objectives;
 pub mod ops;

@@ -70,11 +70,14 @@ pub struct ModelArgs {
     /// the model: LoRA unmerged, BOFT merged on load.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Where the model runs: cpu, or cuda:N with a `--features cuda` build.
+    #[arg(long, default_value = "cpu")]
+    pub device: stackwise_common::config::DeviceSpec,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<super::model_source::LoadedModel> {
-        let device = candle_core::Device::Cpu;
+        let device = stackwise_worker::device::open(self.device)?;
         super::model_source::load(&self.model, self.ema, self.adapter.as_deref(), &device)
     }
 

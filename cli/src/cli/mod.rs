@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub mod args;
+pub mod bench;
 pub mod chat;
 pub mod ckpt;
 pub mod data;
@@ -12,5 +13,6 @@ pub mod generate;
 pub mod logging;
 pub mod model_source;
 pub mod quickstart;
+pub mod selfcheck;
 pub mod serve;
 pub mod train;

@@ -142,6 +142,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
             model: run_dir,
             ema: false,
             adapter: None,
+            device: Default::default(),
         },
         prompt: a.prompt.clone(),
         sampling: super::generate::SamplingArgs {

@@ -32,3 +32,27 @@ impl Precision {
         self != Precision::Fp32
     }
 }
+
+/// Mixed precision of a step's matrix products (`training.autocast`), as `torch.autocast`:
+/// f32 weights and activations, bf16 (or f16) products; meant for GPUs (on the CPU it is slower).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Autocast {
+    #[default]
+    #[serde(alias = "none", alias = "fp32")]
+    Off,
+    Bf16,
+    Fp16,
+}
+
+impl std::str::FromStr for Autocast {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" | "none" | "fp32" => Ok(Autocast::Off),
+            "bf16" => Ok(Autocast::Bf16),
+            "fp16" => Ok(Autocast::Fp16),
+            _ => Err(format!("autocast {s:?}: expected off, bf16 or fp16")),
+        }
+    }
+}

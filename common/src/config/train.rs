@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::error::TrainConfigError;
 use super::model::RawModelConfig;
-pub use super::precision::Precision;
+pub use super::precision::{Autocast, Precision};
 use crate::schedule::ScheduleKind;
 
 /// What a stage optimizes (DESIGN §3, "Objectives").
@@ -223,6 +223,9 @@ pub struct TrainingSection {
     pub tokens_per_step: Option<usize>,
     /// Recompute each block's activations in the backward instead of keeping them.
     pub gradient_checkpointing: bool,
+    /// Mixed precision: `bf16` (or `fp16`) matrix products with f32 master weights, as
+    /// `torch.autocast`; `off` (default) computes in f32. Meant for GPUs.
+    pub autocast: Autocast,
     /// Tokens per sequence (default: the model's seq_len).
     pub seq_len: Option<usize>,
     #[serde(alias = "learning_rate")]
@@ -279,6 +282,7 @@ impl Default for TrainingSection {
             grad_accum: 1,
             tokens_per_step: None,
             gradient_checkpointing: false,
+            autocast: Autocast::Off,
             seq_len: None,
             lr: 3e-4,
             schedule: ScheduleKind::Cosine,

@@ -270,9 +270,9 @@ impl Attention {
             kernel_attention(q, &k, &v, !self.bidirectional)? // (B, nh, T, hd)
         } else {
             let scale = 1.0 / (hd as f64).sqrt();
-            let scores = q.matmul(&k.t()?)?; // (B, nh, T, S)
+            let scores = ops::autocast::matmul(q, &k.t()?)?; // (B, nh, T, S)
             let att = ops::attention_softmax(&scores, scale, !self.bidirectional && t > 1)?;
-            att.matmul(&v)? // (B, nh, T, hd)
+            ops::autocast::matmul(&att, &v)? // (B, nh, T, hd)
         };
         y.transpose(1, 2)?.reshape((b, t, nh * hd))
     }

@@ -289,8 +289,12 @@ impl Transformer {
     /// Lay the weights out for generation and serving: every dense projection and the LM
     /// head as column strips (`ops::Strips`), which gemm streams front to back when a few rows
     /// decode (the tied head otherwise multiplies as a transposed (V, D) table). Every decoder
-    /// of the same model must call it or none: the layouts round differently.
+    /// of the same model must call it or none: the layouts round differently. Off the CPU the
+    /// weights stay as they are (cuBLAS reads them at full bandwidth as they lie).
     pub fn prepare_for_decoding(&mut self) -> Result<()> {
+        if !self.device().is_cpu() {
+            return Ok(());
+        }
         for b in &mut self.blocks {
             b.prepare_for_decoding()?;
         }

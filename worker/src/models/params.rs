@@ -442,6 +442,14 @@ impl Params {
         self.vars.get(name)
     }
 
+    /// The gradients `store` holds for these parameters, by name (what `AdamW::step` takes).
+    pub fn grads(&self, store: &candle_core::backprop::GradStore) -> HashMap<String, Tensor> {
+        self.vars
+            .iter()
+            .filter_map(|(n, v)| store.get(v.as_tensor()).map(|t| (n.clone(), t.clone())))
+            .collect()
+    }
+
     /// Every parameter's current value without a copy: each tensor shares its storage with
     /// the parameter, so the next (in-place) optimizer step changes it too. Serialize it
     /// right away; use `tensors` for values that must outlive the step.

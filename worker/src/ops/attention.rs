@@ -100,18 +100,17 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Te
     let x = (scores * scale)?;
     let x = if causal {
         let (t, s) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..s).map(move |j| {
-                    if j <= i + s - t {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        x.broadcast_add(&Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?)?
+        // Made where x is, from two index vectors (t + s ids uploaded, not a t x s mask): key j
+        // is hidden from query i when j > i + s - t.
+        let dev = x.device();
+        let last_visible = Tensor::arange((s - t) as u32, s as u32, dev)?.reshape((t, 1))?;
+        let keys = Tensor::arange(0u32, s as u32, dev)?.reshape((1, s))?;
+        let hidden = keys.broadcast_gt(&last_visible)?; // (t, s) u8
+        let neg = Tensor::new(f32::NEG_INFINITY, dev)?
+            .to_dtype(x.dtype())?
+            .broadcast_as((t, s))?;
+        let zero = Tensor::zeros((), x.dtype(), dev)?.broadcast_as((t, s))?;
+        x.broadcast_add(&hidden.where_cond(&neg, &zero)?)?
     } else {
         x
     };

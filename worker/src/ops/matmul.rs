@@ -15,16 +15,16 @@ use rayon::prelude::*;
 const GEMM_HORIZONTAL_MAX: usize = 16 * 16;
 
 /// `x (M, K) @ w (K, N)`, each row of the result computed by the same arithmetic whatever M
-/// is (on the CPU; other devices multiply as they do).
+/// is (on the CPU; other devices multiply as they do, at the `autocast` dtype when one is set).
 pub fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let n = w.dim(1)?;
     let rows = (GEMM_HORIZONTAL_MAX / n.max(1) + 1).max(2);
     if m >= rows || !x.device().is_cpu() {
-        return x.matmul(w);
+        return super::autocast::matmul(x, w);
     }
     let pad = Tensor::zeros((rows - m, k), x.dtype(), x.device())?;
-    Tensor::cat(&[x, &pad], 0)?.matmul(w)?.narrow(0, 0, m)
+    super::autocast::matmul(&Tensor::cat(&[x, &pad], 0)?, w)?.narrow(0, 0, m)
 }
 
 /// Columns per strip: gemm's small-matrix path (m, n <= 64) for every strip.

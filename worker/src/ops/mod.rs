@@ -3,6 +3,7 @@
 //! of candle ops (every one with a backward) and fused CPU kernels with hand-written backward.
 
 mod attention;
+pub mod autocast;
 mod bias;
 pub(crate) mod cpu;
 mod cross_entropy;

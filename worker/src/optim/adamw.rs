@@ -177,15 +177,20 @@ fn cpu_update(
 
 /// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: Option<f64>) -> Result<f64> {
-    let mut sq = 0f64;
+    // Summed on the device, in f64, in the same order as one host loop would: one read of the
+    // result, not one per parameter (each is a wait for the GPU).
+    let mut sq: Option<Tensor> = None;
     for g in grads.values() {
-        sq += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+        sq = Some(match sq {
+            None => s,
+            Some(acc) => (acc + s)?,
+        });
     }
-    let norm = sq.sqrt();
+    let norm = match sq {
+        Some(t) => t.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    };
     if let Some(max) = max_norm
         && norm.is_finite()
         && norm > max

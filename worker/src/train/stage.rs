@@ -71,6 +71,7 @@ impl Trainer {
         );
         pb.set_lora_scale(mcfg.lora_scale);
         self.model = Transformer::build_layers(&mcfg, &mut pb, &device, stage.active_layers)?;
+        crate::ops::autocast::set(self.spec.cfg.training.autocast);
         if self.spec.cfg.training.gradient_checkpointing {
             let sink = crate::models::recompute::GradSink::new(!stage.train_embeddings);
             self.model.recompute = Some(std::sync::Arc::new(sink));
