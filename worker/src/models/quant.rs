@@ -106,6 +106,51 @@ impl Nf4 {
     }
 }
 
+/// NF4 codes held on a device, dequantized there with tensor ops: no host loop and no copy of
+/// the f32 weight to the device each forward. (candle has no bitwise ops, so a byte's two codes
+/// come out as `hi = floor(b / 16)` and `lo = b - 16 hi`, exact in f32.)
+#[derive(Debug, Clone)]
+pub struct Nf4OnDevice {
+    /// `(len / 2)` u8, two codes per byte, low nibble first (as [`Nf4::codes`]).
+    codes: Tensor,
+    /// `(blocks, 1)` f32.
+    absmax: Tensor,
+    /// The 16 levels, f32.
+    levels: Tensor,
+}
+
+impl Nf4OnDevice {
+    pub fn new(q: &Nf4, device: &Device) -> Result<Self> {
+        Ok(Self {
+            codes: Tensor::from_slice(&q.codes, q.codes.len(), device)?,
+            absmax: Tensor::from_slice(&q.absmax, (q.absmax.len(), 1), device)?,
+            levels: Tensor::from_slice(&NF4_LEVELS, 16, device)?,
+        })
+    }
+
+    /// The `len` weights, equal bit for bit to [`Nf4::dequantize`].
+    pub fn dequantize(&self, len: usize) -> Result<Tensor> {
+        let bytes = self.codes.to_dtype(DType::F32)?;
+        let hi = (&bytes / 16.0)?.floor()?;
+        let lo = (&bytes - (&hi * 16.0)?)?;
+        let codes = Tensor::stack(&[lo, hi], 1)?
+            .flatten_all()?
+            .to_dtype(DType::U32)?;
+        let mut w = self.levels.index_select(&codes, 0)?;
+        let blocks = self.absmax.dim(0)?;
+        let padded = blocks * NF4_BLOCK;
+        if w.dim(0)? < padded {
+            let pad = Tensor::zeros(padded - w.dim(0)?, DType::F32, w.device())?;
+            w = Tensor::cat(&[&w, &pad], 0)?;
+        }
+        w.narrow(0, 0, padded)?
+            .reshape((blocks, NF4_BLOCK))?
+            .broadcast_mul(&self.absmax)?
+            .flatten_all()?
+            .narrow(0, 0, len)
+    }
+}
+
 /// A frozen linear weight at its storage precision.
 #[derive(Debug, Clone)]
 pub enum Frozen {
@@ -115,6 +160,8 @@ pub enum Frozen {
         q: Nf4,
         shape: Vec<usize>,
         device: Device,
+        /// Off the CPU: the codes on the device (on the CPU the host loop is the faster path).
+        on_device: Option<Nf4OnDevice>,
     },
 }
 
@@ -126,11 +173,19 @@ impl Frozen {
             Precision::Bf16 => Frozen::Cast(w.to_dtype(DType::BF16)?),
             Precision::Fp16 => Frozen::Cast(w.to_dtype(DType::F16)?),
             Precision::Fp8 => Frozen::Cast(w.to_dtype(DType::F8E4M3)?),
-            Precision::Nf4 => Frozen::Nf4 {
-                q: Nf4::quantize(&w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                shape: w.dims().to_vec(),
-                device: w.device().clone(),
-            },
+            Precision::Nf4 => {
+                let q = Nf4::quantize(&w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                let on_device = match w.device() {
+                    Device::Cpu => None,
+                    d => Some(Nf4OnDevice::new(&q, d)?),
+                };
+                Frozen::Nf4 {
+                    q,
+                    shape: w.dims().to_vec(),
+                    device: w.device().clone(),
+                    on_device,
+                }
+            }
         })
     }
 
@@ -139,9 +194,15 @@ impl Frozen {
         match self {
             Frozen::Cast(t) if t.dtype() == DType::F32 => Ok(t.clone()),
             Frozen::Cast(t) => t.to_dtype(DType::F32),
-            Frozen::Nf4 { q, shape, device } => {
-                Tensor::from_vec(q.dequantize(), shape.as_slice(), device)
-            }
+            Frozen::Nf4 {
+                on_device: Some(d),
+                q,
+                shape,
+                ..
+            } => d.dequantize(q.len)?.reshape(shape.as_slice()),
+            Frozen::Nf4 {
+                q, shape, device, ..
+            } => Tensor::from_vec(q.dequantize(), shape.as_slice(), device),
         }
     }
 
@@ -200,6 +261,24 @@ mod tests {
             .sqrt();
         assert!(rms < 0.004, "rms error {rms}");
         assert_eq!(q.bytes(), w.len().div_ceil(2) + 4 * w.len().div_ceil(64));
+    }
+
+    #[test]
+    fn dequantizing_on_the_device_equals_the_host_loop_bit_for_bit() {
+        // Odd lengths: a byte with one code, and a short last block.
+        for n in [64 * 3, 64 * 5 + 17, 1, 129] {
+            let q = Nf4::quantize(&weights(n));
+            let on = Nf4OnDevice::new(&q, &Device::Cpu).unwrap();
+            let got = on.dequantize(n).unwrap().to_vec1::<f32>().unwrap();
+            let want = q.dequantize();
+            assert_eq!(got.len(), want.len());
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "n = {n}"
+            );
+        }
     }
 
     #[test]
