@@ -116,11 +116,11 @@ impl Fuser {
             .reshape((b, t, self.heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let mut scores = (q.matmul(&kv.0.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let mut scores = (ops::autocast::matmul(&q, &kv.0.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         if let Some(pad) = pad {
             scores = scores.broadcast_add(pad)?;
         }
-        let a = ops::softmax_last_dim(&scores)?.matmul(&kv.1)?; // (B, H, T, hd)
+        let a = ops::autocast::matmul(&ops::softmax_last_dim(&scores)?, &kv.1)?; // (B, H, T, hd)
         let a = a.transpose(1, 2)?.reshape((b, t, d))?;
         let c = self.norm.forward(&self.o.forward(&a)?)?;
         let g = self.gate.forward(&Tensor::cat(&[h, &c], D::Minus1)?)?;

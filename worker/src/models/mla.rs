@@ -134,8 +134,10 @@ impl MlaProj {
         )?;
         let v = kv.narrow(3, hd, hd)?.contiguous()?;
         let scale = 1.0 / ((hd + dr) as f64).sqrt();
-        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // (B, H, T, S)
+        let scores = ops::autocast::matmul(&q.contiguous()?, &k.t()?.contiguous()?)?; // (B, H, T, S)
         let att = ops::attention_softmax(&scores, scale, causal && t > 1)?;
-        att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))
+        ops::autocast::matmul(&att, &v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))
     }
 }
