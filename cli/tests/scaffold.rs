@@ -350,6 +350,33 @@ fn scaffold_runs_resume_bitwise_two_workers_match_one_and_chat_trains_from_a_pip
     assert!(!greedy(&run, "a1 =>", &[]).is_empty());
     assert_eq!(sha(&toy.base.join("model.safetensors")), before);
 
+    // training.autocast: bf16, on the CPU too (as the original): bf16 products give losses
+    // close to the f32 run's but not equal, and the base stays as it was.
+    let losses = |name: &str, extra: &[&str]| -> Vec<f64> {
+        ok(bin()
+            .arg("train")
+            .arg(config(dir.path(), &toy, name, 10, 10))
+            .arg("--no-progress")
+            .args(extra));
+        metrics(&dir.path().join(format!("out/runs/{name}")))
+            .iter()
+            .filter_map(|r| r["loss"].as_f64())
+            .collect()
+    };
+    let f32_losses = losses("f32", &[]);
+    let bf16_losses = losses("bf16", &["--set", "training.autocast=bf16"]);
+    assert_eq!(f32_losses.len(), bf16_losses.len());
+    let worst = f32_losses
+        .iter()
+        .zip(&bf16_losses)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst > 1e-6 && worst < 5e-2,
+        "bf16 {bf16_losses:?} vs f32 {f32_losses:?}"
+    );
+    assert_eq!(sha(&toy.base.join("model.safetensors")), before);
+
     // chat from a pipe: one response line per prompt, no prompt marks; `train` runs one more
     // cycle of the config and continues from its checkpoint; `quit` ends the loop.
     let run = dir.path().join("out/runs/a");
