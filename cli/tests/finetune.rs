@@ -373,3 +373,75 @@ fn epochs_become_steps_from_the_training_split() {
             .exists()
     );
 }
+
+#[test]
+fn lora_dropout_trains_another_adapter_resumes_bitwise_and_recomputes_the_same_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, text) = base_and_text(dir.path());
+    let data = dir.path().join("data");
+    prepare(&text, &base, &data);
+    let adapter = |o: &Path| {
+        std::fs::read(
+            o.join("runs/finetune/checkpoints/step-00000012/adapter/adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    let drop = ["--lora-dropout", "0.1"];
+    let (plain, dropped) = (dir.path().join("plain"), dir.path().join("dropped"));
+    ok(&mut finetune(&base, &data, &plain, &[]));
+    ok(&mut finetune(&base, &data, &dropped, &drop));
+    assert!(
+        adapter(&plain) != adapter(&dropped),
+        "dropout changed nothing"
+    );
+    let cfg = std::fs::read_to_string(
+        dropped.join("runs/finetune/checkpoints/step-00000012/adapter/adapter_config.json"),
+    )
+    .unwrap();
+    let cfg: Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(cfg["lora_dropout"], 0.1);
+
+    // Stopped at step 6 and resumed: the masks are drawn again, the adapter is the same.
+    let resumed = dir.path().join("resumed");
+    ok(&mut finetune(
+        &base,
+        &data,
+        &resumed,
+        &[&drop[..], &["--until-step", "6"]].concat(),
+    ));
+    ok(&mut finetune(
+        &base,
+        &data,
+        &resumed,
+        &[&drop[..], &["--resume"]].concat(),
+    ));
+    assert!(
+        adapter(&dropped) == adapter(&resumed),
+        "resumed adapter differs"
+    );
+
+    // Blocks recomputed in the backward draw the forward's masks: the same gradients.
+    let ckpt = dir.path().join("ckpt");
+    ok(&mut finetune(
+        &base,
+        &data,
+        &ckpt,
+        &[&drop[..], &["--gradient-checkpointing"]].concat(),
+    ));
+    let (a, b) = (
+        candle_core::safetensors::load_buffer(&adapter(&dropped), &candle_core::Device::Cpu)
+            .unwrap(),
+        candle_core::safetensors::load_buffer(&adapter(&ckpt), &candle_core::Device::Cpu).unwrap(),
+    );
+    for (k, x) in &a {
+        let d: f32 = (x - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-5, "{k}: {d}");
+    }
+}

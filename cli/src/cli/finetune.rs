@@ -85,7 +85,7 @@ pub struct FinetuneArgs {
     pub lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
-    /// Adapter input dropout while training (only 0 is implemented).
+    /// Dropout on the adapters' input while training (PEFT's lora_dropout), e.g. 0.05.
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f64,
     /// Scale alpha / sqrt(r) instead of alpha / r.

@@ -25,7 +25,7 @@ pub struct AdapterSection {
     /// LoRA rank.
     pub r: usize,
     pub lora_alpha: f64,
-    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`); only 0 today.
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`), in [0, 1).
     pub lora_dropout: f64,
     /// Scale `lora_alpha / sqrt(r)` instead of `lora_alpha / r`.
     pub use_rslora: bool,
@@ -91,10 +91,13 @@ impl AdapterSection {
                 "must be a positive number, e.g. 16".into(),
             );
         }
-        if self.lora_dropout != 0.0 {
+        if !(0.0..1.0).contains(&self.lora_dropout) {
             return err(
                 "adapter.lora_dropout",
-                "training with adapter dropout is not implemented yet: set 0 (PEFT folders that name a dropout still load for eval, generate and merge)".into(),
+                format!(
+                    "{} is not a probability below 1; e.g. 0.05",
+                    self.lora_dropout
+                ),
             );
         }
         if self.method == AdapterMethod::Boft {

@@ -37,7 +37,7 @@ pub enum ScaffoldPool {
 pub struct ScaffoldLora {
     pub r: usize,
     pub alpha: f64,
-    /// Only 0 today (adapter dropout in training is not implemented).
+    /// Dropout on the scaffold adapter's input while training, in [0, 1) (the original: 0.1).
     pub dropout: f64,
     /// PEFT's suffix match; empty: the scaffold family's attention and MLP projections.
     pub target_modules: Vec<String>,
@@ -121,11 +121,11 @@ impl ScaffoldSection {
                 "must be a positive number, e.g. 16".into(),
             );
         }
-        if self.lora.dropout != 0.0 {
+        if !(0.0..1.0).contains(&self.lora.dropout) {
             return err(
                 "scaffold.lora.dropout",
                 format!(
-                    "{}: training with adapter dropout is not implemented yet; set 0",
+                    "{} is not a probability below 1; e.g. 0.1",
                     self.lora.dropout
                 ),
             );
@@ -173,7 +173,7 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(e.field, "scaffold.cross_attn_layers");
-        let e = section("{base: b, scaffold: s, cross_attn_layers: [1], lora: {dropout: 0.1}}")
+        let e = section("{base: b, scaffold: s, cross_attn_layers: [1], lora: {dropout: 1.0}}")
             .validate()
             .unwrap_err();
         assert_eq!(e.field, "scaffold.lora.dropout");

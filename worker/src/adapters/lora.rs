@@ -9,12 +9,17 @@ pub struct Lora {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    /// PEFT's `lora_dropout` on the adapter's input, while training (`ops::dropout`).
+    pub dropout: f64,
+    /// The adapted module's name: its dropout masks are its own.
+    pub module: String,
 }
 
 impl Lora {
     /// `scale * (x A^T) B^T` for `x (N, in)`: what the adapter adds to the base output `(N, out)`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let h = crate::ops::matmul_rows(x, &self.a.t()?)?;
+        let x = crate::ops::dropout::apply(x, self.dropout, &self.module)?;
+        let h = crate::ops::matmul_rows(&x, &self.a.t()?)?;
         crate::ops::matmul_rows(&h, &self.b.t()?)? * self.scale
     }
 
@@ -24,6 +29,10 @@ impl Lora {
             a: self.a.clone(),
             b: self.b.narrow(0, start, len)?,
             scale: self.scale,
+            // Slices of one projection share its input, so they share its dropout mask too
+            // (PEFT applies one dropout to c_attn's input).
+            dropout: self.dropout,
+            module: self.module.clone(),
         })
     }
 }

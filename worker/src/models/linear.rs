@@ -46,7 +46,13 @@ impl Linear {
         };
         let lora = p
             .lora(name, d_in, d_out)?
-            .map(|(a, b, scale)| Lora { a, b, scale });
+            .map(|(a, b, scale, dropout)| Lora {
+                a,
+                b,
+                scale,
+                dropout,
+                module: name.to_string(),
+            });
         let boft = p
             .boft(name, d_in, d_out)?
             .map(|(r, s)| Boft::new(r, s).map(Box::new))

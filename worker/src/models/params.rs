@@ -273,7 +273,7 @@ impl ParamBuilder {
         name: &str,
         d_in: usize,
         d_out: usize,
-    ) -> Result<Option<(Tensor, Tensor, f64)>> {
+    ) -> Result<Option<(Tensor, Tensor, f64, f64)>> {
         let (a_name, b_name) = (
             format!("{name}.lora_A.weight"),
             format!("{name}.lora_B.weight"),
@@ -304,7 +304,12 @@ impl ParamBuilder {
             Init::Uniform(1.0 / (d_in as f64).sqrt()),
         )?;
         let b = self.get(&b_name, &[d_out, rank], Init::Zeros)?;
-        Ok(Some((a, b, scale)))
+        // Dropout is a training setting of the stage's adapters; loaded ones only evaluate.
+        let dropout = match &self.policy {
+            Some(p) if wanted => p.lora.as_ref().map_or(0.0, |l| l.dropout),
+            _ => 0.0,
+        };
+        Ok(Some((a, b, scale, dropout)))
     }
 
     /// BOFT parameters `boft_R (N, blocks, b, b)` (zeros: the identity rotation) and `boft_s

@@ -7,6 +7,7 @@ pub mod autocast;
 mod bias;
 pub(crate) mod cpu;
 mod cross_entropy;
+pub mod dropout;
 mod fastmath;
 mod fused;
 pub(crate) mod inverse;

@@ -45,19 +45,21 @@ pub fn gradients(
     batches: &[Batch],
     comm: &mut dyn Comm,
 ) -> Result<(f64, f64, HashMap<String, Tensor>)> {
-    let (loss, weight, grads, _) = gradients_voting(model, params, batches, comm, false)?;
+    let (loss, weight, grads, _) = gradients_voting(model, params, batches, comm, false, 0)?;
     Ok((loss, weight, grads))
 }
 
 /// `gradients`, plus a vote carried in the gradients' last bucket: the returned flag is set
 /// on every rank when any rank voted `stop` (a checkpoint-and-stop request reaches the ranks
-/// at different steps; the vote makes them stop at the same one).
+/// at different steps; the vote makes them stop at the same one). `step` seeds the adapters'
+/// dropout masks (`ops::dropout`), with the micro-batch and the rank.
 pub fn gradients_voting(
     model: &Transformer,
     params: &Params,
     batches: &[Batch],
     comm: &mut dyn Comm,
     stop: bool,
+    step: u64,
 ) -> Result<(f64, f64, HashMap<String, Tensor>, bool)> {
     let local_weight: f64 = batches
         .iter()
@@ -80,7 +82,9 @@ pub fn gradients_voting(
         }
         return Ok((0.0, 0.0, grads, v[0] > 0.0));
     }
-    for b in batches {
+    for (i, b) in batches.iter().enumerate() {
+        // Forward and backward (which may recompute blocks) draw the same dropout masks.
+        let _dropout = crate::ops::dropout::TrainingScope::enter(step, i, comm.rank());
         let l = (nll_sum(model, b)? / total_weight)?;
         loss += l.to_scalar::<f32>()? as f64;
         let g = l.backward()?;
@@ -183,10 +187,14 @@ pub fn train_step(
     lr: f64,
     comm: &mut dyn Comm,
 ) -> Result<StepStats> {
-    train_step_voting(model, params, opt, batches, grad_clip, lr, comm, false)
+    let step = opt.step;
+    train_step_voting(
+        model, params, opt, batches, grad_clip, lr, comm, false, step,
+    )
 }
 
-/// `train_step` with a stop vote (see `gradients_voting`).
+/// `train_step` with a stop vote (see `gradients_voting`); `step` (the run's step count, the
+/// same at this step of a resumed run) seeds the adapters' dropout masks.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step_voting(
     model: &Transformer,
@@ -197,9 +205,11 @@ pub fn train_step_voting(
     lr: f64,
     comm: &mut dyn Comm,
     stop: bool,
+    step: u64,
 ) -> Result<StepStats> {
     let tokens = batches.iter().map(Batch::tokens).sum();
-    let (loss, weight, mut grads, stop) = gradients_voting(model, params, batches, comm, stop)?;
+    let (loss, weight, mut grads, stop) =
+        gradients_voting(model, params, batches, comm, stop, step)?;
     let grad_norm = clip_grad_norm(&mut grads, grad_clip)?;
     let skipped = weight == 0.0 || !loss.is_finite() || !grad_norm.is_finite();
     if !skipped {

@@ -430,6 +430,7 @@ impl Trainer {
             lr,
             self.comm.as_mut(),
             vote,
+            self.state.step,
         )?;
         if stats.skipped {
             self.state.skipped_steps += 1;
