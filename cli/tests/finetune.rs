@@ -97,6 +97,14 @@ fn eval_loss(model: &Path, adapter: Option<&Path>, text: &Path) -> f64 {
     v["loss"].as_f64().unwrap()
 }
 
+/// The adapter weights a 12-step `finetune` into `out` ended with.
+fn adapter(out: &Path) -> Vec<u8> {
+    std::fs::read(
+        out.join("runs/finetune/checkpoints/step-00000012/adapter/adapter_model.safetensors"),
+    )
+    .unwrap()
+}
+
 fn sha256(path: &Path) -> String {
     sha256_hex(&std::fs::read(path).unwrap())
 }
@@ -183,12 +191,6 @@ fn a_lora_finetune_writes_peft_folders_over_a_referenced_base_and_resumes_exactl
     let out2 = dir.path().join("out2");
     ok(&mut finetune(&base, &data, &out2, &["--until-step", "6"]));
     ok(&mut finetune(&base, &data, &out2, &["--resume"]));
-    let adapter = |o: &Path| {
-        std::fs::read(
-            o.join("runs/finetune/checkpoints/step-00000012/adapter/adapter_model.safetensors"),
-        )
-        .unwrap()
-    };
     assert!(adapter(&out) == adapter(&out2), "resumed adapter differs");
 
     // A changed base is refused by name, not silently used.
@@ -380,12 +382,6 @@ fn lora_dropout_trains_another_adapter_resumes_bitwise_and_recomputes_the_same_m
     let (base, text) = base_and_text(dir.path());
     let data = dir.path().join("data");
     prepare(&text, &base, &data);
-    let adapter = |o: &Path| {
-        std::fs::read(
-            o.join("runs/finetune/checkpoints/step-00000012/adapter/adapter_model.safetensors"),
-        )
-        .unwrap()
-    };
     let drop = ["--lora-dropout", "0.1"];
     let (plain, dropped) = (dir.path().join("plain"), dir.path().join("dropped"));
     ok(&mut finetune(&base, &data, &plain, &[]));
@@ -444,4 +440,53 @@ fn lora_dropout_trains_another_adapter_resumes_bitwise_and_recomputes_the_same_m
             .unwrap();
         assert!(d < 1e-5, "{k}: {d}");
     }
+}
+
+#[test]
+fn boft_dropout_trains_another_adapter_and_resumes_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, text) = base_and_text(dir.path());
+    let data = dir.path().join("data");
+    prepare(&text, &base, &data);
+    let boft = |out: &Path, extra: &[&str]| {
+        let mut c = with_mode(finetune(&base, &data, out, extra), "butterfly_block");
+        ok(c.args(["--butterfly-block-size", "8", "--butterfly-stages", "2"]));
+    };
+    let drop = ["--boft-dropout", "0.5"];
+    let (plain, dropped, resumed) = (
+        dir.path().join("plain"),
+        dir.path().join("dropped"),
+        dir.path().join("resumed"),
+    );
+    boft(&plain, &[]);
+    boft(&dropped, &drop);
+    assert!(
+        adapter(&plain) != adapter(&dropped),
+        "dropout changed nothing"
+    );
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            dropped.join("runs/finetune/checkpoints/step-00000012/adapter/adapter_config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["boft_dropout"], 0.5);
+    boft(&resumed, &[&drop[..], &["--until-step", "6"]].concat());
+    boft(&resumed, &[&drop[..], &["--resume"]].concat());
+    assert!(
+        adapter(&dropped) == adapter(&resumed),
+        "resumed adapter differs"
+    );
+    // Evaluation has no dropout: the run evaluates as its merged adapter does.
+    let run = dropped.join("runs/finetune");
+    let adapter_dir = run.join("checkpoints/step-00000012/adapter");
+    let (on_run, merged) = (
+        eval_loss(&run, None, &text),
+        eval_loss(&base, Some(&adapter_dir), &text),
+    );
+    assert!(
+        (on_run - merged).abs() < 1e-5,
+        "run {on_run}, merged {merged}"
+    );
 }

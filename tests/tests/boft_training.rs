@@ -35,6 +35,7 @@ fn policy(factors: usize, block_size: usize, targets: &[&str]) -> StagePolicy {
             block_size,
             block_num: 0,
             factors,
+            dropout: 0.0,
             targets: targets.iter().map(|t| t.to_string()).collect(),
         }),
     }

@@ -103,6 +103,10 @@ pub struct FinetuneArgs {
     /// butterfly_block, 1.
     #[arg(long)]
     pub butterfly_stages: Option<usize>,
+    /// Butterfly modes: BOFT's multiplicative dropout while training (PEFT's boft_dropout):
+    /// this share of one random factor's blocks becomes the identity, e.g. 0.1.
+    #[arg(long, default_value_t = 0.0)]
+    pub boft_dropout: f64,
     /// Data-parallel workers (as `stackwise launch --workers N`; only trainable parameters
     /// are all-reduced).
     #[arg(long, default_value_t = 1)]
@@ -194,6 +198,7 @@ pub fn config_tree(a: &FinetuneArgs) -> Result<Value> {
             "training.adapter.boft_n_butterfly_factor",
             u(stages),
         );
+        set(&mut root, "training.adapter.boft_dropout", a.boft_dropout);
     } else if a.mode != Mode::Baseline {
         set(&mut root, "training.adapter.method", "lora");
         set(&mut root, "training.adapter.r", u(a.lora_r));

@@ -39,7 +39,7 @@ pub struct AdapterSection {
     pub boft_block_num: usize,
     /// BOFT: butterfly factors (1 = block-diagonal OFT).
     pub boft_n_butterfly_factor: usize,
-    /// BOFT's multiplicative dropout while training; only 0 today.
+    /// BOFT's multiplicative dropout while training, in [0, 1).
     pub boft_dropout: f64,
 }
 
@@ -114,11 +114,13 @@ impl AdapterSection {
                     "must be at least 1 (1 = block-diagonal OFT)".into(),
                 );
             }
-            if self.boft_dropout != 0.0 {
+            if !(0.0..1.0).contains(&self.boft_dropout) {
                 return err(
                     "adapter.boft_dropout",
-                    "training with BOFT's multiplicative dropout is not implemented yet: set 0"
-                        .into(),
+                    format!(
+                        "{} is not a probability below 1; e.g. 0.1",
+                        self.boft_dropout
+                    ),
                 );
             }
         }

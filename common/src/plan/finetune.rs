@@ -46,6 +46,7 @@ pub(super) fn adapter_plan(
         block_size: a.boft_block_size,
         block_num: a.boft_block_num,
         factors: a.boft_n_butterfly_factor,
+        dropout: a.boft_dropout,
         targets: a.target_modules.clone(),
     });
     let objective = if t.objective == Objective::Sft {

@@ -70,6 +70,10 @@ pub struct BoftSpec {
     pub block_num: usize,
     /// Butterfly factors (1: plain block-diagonal OFT).
     pub factors: usize,
+    /// PEFT's multiplicative dropout while training: in one random factor, this share of the
+    /// blocks is replaced by the identity.
+    #[serde(default)]
+    pub dropout: f64,
     /// The adapted linears by PEFT's suffix match; empty: every frozen linear.
     #[serde(default)]
     pub targets: Vec<String>,

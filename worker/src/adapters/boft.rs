@@ -23,6 +23,11 @@ pub struct Boft {
     /// Factor `i`'s permutation as an index: row `k` of `P_i A P_i^T` is row `perm[k]` of `A`.
     perms: Vec<Tensor>,
     inverse_perms: Vec<Tensor>,
+    /// PEFT's multiplicative dropout while training (`ops::dropout`'s scope): in one random
+    /// factor, `floor(dropout * blocks)` random blocks become the identity.
+    dropout: f64,
+    /// The adapted module's `ops::dropout::module_key`: its dropout draws are its own.
+    module: u64,
 }
 
 impl Boft {
@@ -45,7 +50,16 @@ impl Boft {
             s,
             perms,
             inverse_perms,
+            dropout: 0.0,
+            module: 0,
         })
+    }
+
+    /// This adapter with multiplicative dropout `p` while training, drawn for `module`.
+    pub fn with_dropout(mut self, p: f64, module: &str) -> Self {
+        self.dropout = p;
+        self.module = crate::ops::dropout::module_key(module);
+        self
     }
 
     /// `Q (n, n) = M_{N-1} ... M_0`, `M_i = P_i blockdiag(cayley(R_i)) P_i^T`, differentiable.
@@ -81,9 +95,19 @@ impl Boft {
         let eye = Tensor::eye(b, DType::F32, self.r.device())?
             .unsqueeze(0)?
             .broadcast_as((factors * blocks, b, b))?;
-        (&eye - &skew)?
+        let c = (&eye - &skew)?
             .matmul(&crate::ops::batch_inverse(&(&eye + &skew)?)?)?
-            .reshape((factors, blocks, b, b))
+            .reshape((factors, blocks, b, b))?;
+        // PEFT's MultiplicativeDropoutLayer: blocks of one factor replaced by the identity.
+        match crate::ops::dropout::block_mask(self.dropout, factors, blocks, self.module) {
+            None => Ok(c),
+            Some(mask) => {
+                let keep = Tensor::from_vec(mask, (factors, blocks, 1, 1), self.r.device())?;
+                let eye = Tensor::eye(b, DType::F32, self.r.device())?.reshape((1, 1, b, b))?;
+                c.broadcast_mul(&keep)?
+                    .broadcast_add(&eye.broadcast_mul(&(1.0 - &keep)?)?)
+            }
+        }
     }
 
     /// `W Q^T` for `W (rows, n)`, one factor at a time: `W M_0^T M_1^T ...`. Each

@@ -11,14 +11,14 @@ pub struct Lora {
     pub scale: f64,
     /// PEFT's `lora_dropout` on the adapter's input, while training (`ops::dropout`).
     pub dropout: f64,
-    /// The adapted module's name: its dropout masks are its own.
-    pub module: String,
+    /// The adapted module's `ops::dropout::module_key`: its dropout masks are its own.
+    pub module: u64,
 }
 
 impl Lora {
     /// `scale * (x A^T) B^T` for `x (N, in)`: what the adapter adds to the base output `(N, out)`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x = crate::ops::dropout::apply(x, self.dropout, &self.module)?;
+        let x = crate::ops::dropout::apply(x, self.dropout, self.module)?;
         let h = crate::ops::matmul_rows(&x, &self.a.t()?)?;
         crate::ops::matmul_rows(&h, &self.b.t()?)? * self.scale
     }
@@ -32,7 +32,7 @@ impl Lora {
             // Slices of one projection share its input, so they share its dropout mask too
             // (PEFT applies one dropout to c_attn's input).
             dropout: self.dropout,
-            module: self.module.clone(),
+            module: self.module,
         })
     }
 }

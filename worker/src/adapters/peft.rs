@@ -564,7 +564,7 @@ impl BoftAdapter {
         Ok(Self {
             factors: spec.factors.max(1),
             block_size,
-            dropout: 0.0,
+            dropout: spec.dropout,
             params,
         })
     }

@@ -51,11 +51,11 @@ impl Linear {
                 b,
                 scale,
                 dropout,
-                module: name.to_string(),
+                module: crate::ops::dropout::module_key(name),
             });
         let boft = p
             .boft(name, d_in, d_out)?
-            .map(|(r, s)| Boft::new(r, s).map(Box::new))
+            .map(|(r, s, dropout)| Boft::new(r, s).map(|b| Box::new(b.with_dropout(dropout, name))))
             .transpose()?;
         Ok(Self {
             weight,

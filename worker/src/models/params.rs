@@ -320,7 +320,7 @@ impl ParamBuilder {
         name: &str,
         d_in: usize,
         d_out: usize,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+    ) -> Result<Option<(Tensor, Tensor, f64)>> {
         let (r_name, s_name) = (format!("{name}.boft_R"), format!("{name}.boft_s"));
         let spec = match &self.policy {
             Some(p) if !p.trains(&format!("{name}.weight")) => {
@@ -341,7 +341,9 @@ impl ParamBuilder {
         };
         let r = self.get(&r_name, &shape, Init::Zeros)?;
         let s = self.get(&s_name, &[d_out, 1], Init::Ones)?;
-        Ok(Some((r, s)))
+        // Dropout is a training setting of the stage's adapters; loaded ones only evaluate.
+        let dropout = spec.as_ref().map_or(0.0, |b| b.dropout);
+        Ok(Some((r, s, dropout)))
     }
 
     pub fn from_tensors(loaded: HashMap<String, Tensor>, device: &Device) -> Self {
