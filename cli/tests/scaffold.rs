@@ -376,6 +376,22 @@ fn scaffold_runs_resume_bitwise_two_workers_match_one_and_chat_trains_from_a_pip
         "bf16 {bf16_losses:?} vs f32 {f32_losses:?}"
     );
     assert_eq!(sha(&toy.base.join("model.safetensors")), before);
+    // scaffold.lora.dropout (the original's 0.1): the same run with dropout trains another
+    // adapter, and its PEFT folder says so.
+    ok(bin()
+        .arg("train")
+        .arg(config(dir.path(), &toy, "dropout", 10, 10))
+        .args(["--no-progress", "--set", "scaffold.lora.dropout=0.1"]));
+    let adapter = |name: &str| ck(name, 10).join("scaffold_adapter");
+    assert_ne!(
+        sha(&adapter("dropout").join("adapter_model.safetensors")),
+        sha(&adapter("f32").join("adapter_model.safetensors"))
+    );
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter("dropout").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["lora_dropout"], 0.1, "{cfg}");
 
     // chat from a pipe: one response line per prompt, no prompt marks; `train` runs one more
     // cycle of the config and continues from its checkpoint; `quit` ends the loop.
