@@ -605,13 +605,8 @@ fn training_with_bf16_autocast_follows_the_f32_run_closely_but_not_exactly() {
     };
     let f32_run = losses("f32", "off");
     let bf16_run = losses("bf16", "bf16");
-    assert_eq!(f32_run.len(), bf16_run.len());
     assert!(f32_run.len() >= 5, "{f32_run:?}");
-    let worst = f32_run
-        .iter()
-        .zip(&bf16_run)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let worst = common::max_abs_diff(&f32_run, &bf16_run);
     assert!(
         worst > 1e-6 && worst < 2e-2,
         "bf16 losses {bf16_run:?} vs f32 {f32_run:?}"

@@ -11,7 +11,7 @@ use serde_json::Value;
 use stackwise_common::checkpoint::sha256_hex;
 
 mod common;
-use common::{bin, launch, ok, stderr, weights};
+use common::{bin, launch, max_abs_diff, ok, stderr, weights};
 
 const WORDS: usize = 8;
 
@@ -365,12 +365,7 @@ fn scaffold_runs_resume_bitwise_two_workers_match_one_and_chat_trains_from_a_pip
     };
     let f32_losses = losses("f32", &[]);
     let bf16_losses = losses("bf16", &["--set", "training.autocast=bf16"]);
-    assert_eq!(f32_losses.len(), bf16_losses.len());
-    let worst = f32_losses
-        .iter()
-        .zip(&bf16_losses)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let worst = max_abs_diff(&f32_losses, &bf16_losses);
     assert!(
         worst > 1e-6 && worst < 5e-2,
         "bf16 {bf16_losses:?} vs f32 {f32_losses:?}"

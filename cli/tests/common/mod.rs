@@ -99,6 +99,15 @@ pub fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
     out
 }
 
+/// The largest |a[i] - b[i]| of two equally long series (weights, per-step losses).
+pub fn max_abs_diff<T: Into<f64> + Copy>(a: &[T], b: &[T]) -> f64 {
+    assert_eq!(a.len(), b.len(), "series of different lengths");
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x.into() - y.into()).abs())
+        .fold(0.0, f64::max)
+}
+
 /// Kills the process when the test ends, also when it panics.
 pub struct KillOnDrop(pub Child);
 
