@@ -255,7 +255,8 @@ fn two_workers_train_the_same_adapter_as_one() {
 }
 
 #[test]
-fn baseline_trains_every_weight_and_qlora_evaluates_on_the_nf4_base_it_trained_on() {
+fn baseline_trains_every_weight_and_qlora_with_and_without_double_quant_evaluates_on_its_nf4_base()
+{
     let dir = tempfile::tempdir().unwrap();
     let (base, text) = base_and_text(dir.path());
     let data = dir.path().join("data");
@@ -297,6 +298,45 @@ fn baseline_trains_every_weight_and_qlora_evaluates_on_the_nf4_base_it_trained_o
         gap > 1e-6 && gap < 0.05,
         "nf4 base {on_run}, fp32 base {on_fp32}"
     );
+
+    // Double quantization (bnb_4bit_use_double_quant): another base, as the manifest says;
+    // it trains, evaluates on the base it trained on, and resumes bit for bit.
+    let dq = dir.path().join("qlora-dq");
+    ok(&mut with_mode(
+        finetune(&base, &data, &dq, &["--double-quant"]),
+        "qlora",
+    ));
+    let dq_run = dq.join("runs/finetune");
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(dq_run.join("checkpoints/step-00000012/MANIFEST.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["base"]["precision"], "nf4_dq");
+    let on_dq = eval_loss(&dq_run, None, &text);
+    assert!(on_dq < plain - 0.05, "qlora dq {on_dq}, base {plain}");
+    assert!(
+        adapter(&dq) != adapter(&q),
+        "double quantization changed nothing"
+    );
+    let dq2 = dir.path().join("qlora-dq2");
+    ok(&mut with_mode(
+        finetune(&base, &data, &dq2, &["--double-quant", "--until-step", "6"]),
+        "qlora",
+    ));
+    ok(&mut with_mode(
+        finetune(&base, &data, &dq2, &["--double-quant", "--resume"]),
+        "qlora",
+    ));
+    assert!(adapter(&dq) == adapter(&dq2), "resumed adapter differs");
+    // Only QLoRA has a 4-bit base to double-quantize.
+    let o = run(&mut finetune(
+        &base,
+        &data,
+        &dir.path().join("x"),
+        &["--double-quant"],
+    ));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--mode qlora"), "{}", stderr(&o));
 }
 
 #[test]

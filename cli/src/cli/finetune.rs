@@ -91,6 +91,10 @@ pub struct FinetuneArgs {
     /// Scale alpha / sqrt(r) instead of alpha / r.
     #[arg(long)]
     pub use_rslora: bool,
+    /// qlora: double quantization, as bitsandbytes' bnb_4bit_use_double_quant (the NF4 block
+    /// absmax values stored as 8-bit codes; base_precision nf4_dq).
+    #[arg(long)]
+    pub double_quant: bool,
     /// Projections to adapt, PEFT's suffix match (default: every attention and MLP linear).
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub target_modules: Vec<String>,
@@ -136,6 +140,9 @@ fn set(root: &mut Value, path: &str, v: impl Into<Value>) {
 
 /// The run's config tree: the `--config` file (if any) with the flags applied.
 pub fn config_tree(a: &FinetuneArgs) -> Result<Value> {
+    if a.double_quant && a.mode != Mode::Qlora {
+        bail!("--double-quant quantizes a QLoRA base: use it with --mode qlora");
+    }
     let mut root = match &a.config {
         Some(p) => {
             let text =
@@ -205,7 +212,11 @@ pub fn config_tree(a: &FinetuneArgs) -> Result<Value> {
         set(&mut root, "training.adapter.lora_alpha", a.lora_alpha);
         set(&mut root, "training.adapter.lora_dropout", a.lora_dropout);
         set(&mut root, "training.adapter.use_rslora", a.use_rslora);
-        let precision = if a.mode == Mode::Qlora { "nf4" } else { "fp32" };
+        let precision = match (a.mode, a.double_quant) {
+            (Mode::Qlora, true) => "nf4_dq",
+            (Mode::Qlora, false) => "nf4",
+            _ => "fp32",
+        };
         set(&mut root, "training.adapter.base_precision", precision);
     }
     if a.mode != Mode::Baseline && !a.target_modules.is_empty() {

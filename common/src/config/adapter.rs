@@ -32,7 +32,8 @@ pub struct AdapterSection {
     /// PEFT's suffix match: `c_proj` adapts `attn.c_proj` and `mlp.c_proj`. Empty: the
     /// family's attention and MLP projections (see [`default_targets`]).
     pub target_modules: Vec<String>,
-    /// Storage of the frozen base: `fp32`, or `nf4` for QLoRA (also bf16, fp16, fp8).
+    /// Storage of the frozen base: `fp32`, or `nf4` for QLoRA, `nf4_dq` for QLoRA with double
+    /// quantization (also bf16, fp16, fp8).
     pub base_precision: Precision,
     /// BOFT: rotation block size (or `boft_block_num` blocks per layer; set one of the two).
     pub boft_block_size: usize,

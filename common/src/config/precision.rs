@@ -14,6 +14,11 @@ pub enum Precision {
     Fp16,
     Fp8,
     Nf4,
+    /// NF4 with QLoRA's double quantization (bitsandbytes' `compress_statistics`,
+    /// `bnb_4bit_use_double_quant`): the block absmax values are themselves stored as 8-bit
+    /// codes. For adapter fine-tunes (`adapter.double_quant`), whose base is re-read on resume.
+    #[serde(rename = "nf4_dq")]
+    Nf4Dq,
 }
 
 impl Precision {
@@ -24,7 +29,13 @@ impl Precision {
             Precision::Fp16 => "fp16",
             Precision::Fp8 => "fp8",
             Precision::Nf4 => "nf4",
+            Precision::Nf4Dq => "nf4_dq",
         }
+    }
+
+    /// NF4 storage, with or without double quantization (QLoRA's base).
+    pub fn is_nf4(self) -> bool {
+        matches!(self, Precision::Nf4 | Precision::Nf4Dq)
     }
 
     /// Whether storing at this precision loses information (and so needs a backup).

@@ -189,7 +189,7 @@ pub struct TrainingSection {
     pub block_size: Option<usize>,
     /// Steps of every pre-training stage (default: `steps` shared out evenly).
     pub steps_per_stage: Option<u64>,
-    /// Storage precision of frozen layers: fp32, bf16, fp16, fp8 or nf4.
+    /// Storage precision of frozen layers: fp32, bf16, fp16, fp8 or nf4 (not nf4_dq).
     #[serde(alias = "frozen_precision")]
     pub quantization_type: Precision,
     /// LoRA adapters on frozen layers (QLoRA when they are quantized).
@@ -368,6 +368,20 @@ impl TrainingSection {
                 "sets the number of micro-batches of a step itself: leave grad_accum at 1",
             );
         }
+        // A staged plan re-quantizes frozen layers from the dequantized values its checkpoints
+        // keep, which double quantization would not reproduce: it is for adapter fine-tunes,
+        // whose base is read again from its folder.
+        let dq = "nf4_dq (double quantization) is for adapter fine-tunes (training.adapter.base_precision); use nf4 here";
+        if self.quantization_type == Precision::Nf4Dq {
+            return err("quantization_type", dq);
+        }
+        if self
+            .finetune
+            .iter()
+            .any(|f| f.precision == Some(Precision::Nf4Dq))
+        {
+            return err("finetune.precision", dq);
+        }
         if let Some(a) = &self.adapter {
             a.validate()?;
         }
@@ -375,5 +389,22 @@ impl TrainingSection {
             return err("seq_len", "must be at least 2 (one input and one target)");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn double_quantization_is_for_adapter_fine_tunes_only() {
+        let t: TrainingSection = serde_yaml::from_str("quantization_type: nf4_dq").unwrap();
+        let e = t.validate().unwrap_err();
+        assert_eq!(e.field, "quantization_type");
+        assert!(e.msg.contains("adapter"), "{}", e.msg);
+        let a: TrainingSection = serde_yaml::from_str("adapter: {base_precision: nf4_dq}").unwrap();
+        a.validate().unwrap();
+        assert_eq!(a.adapter.unwrap().base_precision, Precision::Nf4Dq);
+        assert!(Precision::Nf4Dq.is_nf4() && Precision::Nf4Dq.is_lossy());
     }
 }

@@ -32,7 +32,7 @@ pub(super) fn adapter_plan(
     }
     let kind = match (a.method, a.base_precision) {
         (AdapterMethod::Boft, _) => "butterfly",
-        (AdapterMethod::Lora, Precision::Nf4) => "qlora",
+        (AdapterMethod::Lora, p) if p.is_nf4() => "qlora",
         (AdapterMethod::Lora, _) => "lora",
     };
     let lora = (a.method == AdapterMethod::Lora).then(|| LoraSpec {

@@ -377,11 +377,7 @@ pub fn table(p: &Plan) -> String {
             let adapters = match &s.adapters {
                 Some(a) => format!(
                     "{}lora r{} a{}",
-                    if s.frozen_precision == Precision::Nf4 {
-                        "q"
-                    } else {
-                        ""
-                    },
+                    if s.frozen_precision.is_nf4() { "q" } else { "" },
                     a.rank,
                     a.alpha
                 ),

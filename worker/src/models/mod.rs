@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod block;
 pub mod decoder;
+mod dynamic_map;
 pub mod fuser;
 pub mod hf;
 pub mod kernel_attention;
