@@ -11,7 +11,7 @@ use serde_json::Value;
 use stackwise_common::checkpoint::sha256_hex;
 
 mod common;
-use common::{bin, launch, max_abs_diff, ok, stderr, weights};
+use common::{bin, launch, max_abs_diff, ok, start_until, stderr, weights};
 
 const WORDS: usize = 8;
 
@@ -406,4 +406,81 @@ fn scaffold_runs_resume_bitwise_two_workers_match_one_and_chat_trains_from_a_pip
     assert_eq!(lines.len(), 1);
     let (lines, _) = chat(&toy.base, None, "a1 =>\na2 =>\n");
     assert_eq!(lines.len(), 2);
+}
+
+/// Every line a launcher printed until it exits (its reader thread ends at end of stream).
+fn drain(rx: &std::sync::mpsc::Receiver<String>) -> String {
+    let mut lines = Vec::new();
+    while let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        lines.push(l);
+    }
+    lines.join("\n")
+}
+
+#[test]
+fn a_killed_scaffold_worker_is_replaced_and_the_run_ends_with_the_clean_runs_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let toy = toy(dir.path());
+    let steps = 160;
+    ok(&mut launch(
+        &config(dir.path(), &toy, "clean", steps, 20),
+        2,
+        &[],
+    ));
+    let killed = config(dir.path(), &toy, "killed", steps, 20);
+    let (mut child, rx) = start_until(
+        launch(&killed, 2, &["--on-worker-loss", "recover"]),
+        "step     30/",
+    );
+    let out = Command::new("pgrep")
+        .args(["-P", &child.0.id().to_string()])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .last()
+        .expect("the launcher has worker processes");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.0.wait().unwrap();
+    let log = drain(&rx);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("restarting it"), "{log}");
+    assert!(log.contains("resuming from step-"), "{log}");
+    let ck = |name: &str| {
+        dir.path()
+            .join(format!("out/runs/{name}/checkpoints/step-{steps:08}"))
+    };
+    for f in [
+        "fusers.safetensors",
+        "scaffold_adapter/adapter_model.safetensors",
+    ] {
+        let (a, b) = (ck("clean").join(f), ck("killed").join(f));
+        let listing = |p: &Path| {
+            std::fs::read_dir(p.parent().unwrap().parent().unwrap())
+                .map(|d| {
+                    d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default()
+        };
+        assert!(
+            a.exists() && b.exists(),
+            "{f}: clean has [{}], killed has [{}]\n{log}",
+            listing(&a),
+            listing(&b)
+        );
+        assert_eq!(
+            sha(&a),
+            sha(&b),
+            "{f}: recovery must end with the clean run's weights"
+        );
+    }
 }
