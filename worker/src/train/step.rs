@@ -100,6 +100,9 @@ pub fn gradients_voting(
                 (None, Some(b)) => b,
                 (None, None) => continue,
             };
+            // Detached: a gradient keeps the graph that made it, and with it the micro-batch's
+            // activations, through the next micro-batches of the step.
+            let gt = gt.detach();
             let sum = match grads.remove(name) {
                 Some(prev) => (prev + gt)?,
                 None => gt,
