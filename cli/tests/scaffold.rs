@@ -338,6 +338,20 @@ fn scaffold_runs_resume_bitwise_two_workers_match_one_and_chat_trains_from_a_pip
         assert!(d < 1e-4, "{n}: {d}");
     }
 
+    // The original validates every epoch: 128 training pairs in batches of 4 are 32 steps
+    // an epoch, so a 70-step run validates after steps 32 and 64, and at its end (and the
+    // base alone before training); with patience 2 that is "2 epochs without improvement".
+    ok(bin()
+        .arg("train")
+        .arg(config(dir.path(), &toy, "epochs", 70, 1000))
+        .args(["--no-progress", "--set", "training.eval_strategy=epoch"]));
+    let evals: Vec<u64> = metrics(&dir.path().join("out/runs/epochs"))
+        .iter()
+        .filter(|r| r["val_loss"].is_f64())
+        .filter_map(|r| r["step"].as_u64())
+        .collect();
+    assert_eq!(evals, vec![0, 32, 64, 70]);
+
     // A base stored in NF4 (QLoRA's storage) trains and generates; its file stays as it was.
     let before = sha(&toy.base.join("model.safetensors"));
     let nf4 = config(dir.path(), &toy, "nf4", 10, 10);
@@ -439,7 +453,7 @@ fn a_killed_scaffold_worker_is_replaced_and_the_run_ends_with_the_clean_runs_wei
     let pid = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.trim().parse::<u32>().ok())
-        .last()
+        .next_back()
         .expect("the launcher has worker processes");
     assert!(
         Command::new("kill")

@@ -22,7 +22,7 @@ pub use model::{
 pub use overrides::{apply_env, apply_sets};
 pub use scaffold::{FuserMode, ScaffoldLora, ScaffoldPool, ScaffoldSection};
 pub use train::{
-    ActivationCacheKind, Autocast, DataSection, FinetuneStage, FusionMode, MaskSchedule, Objective,
-    Precision, RunSection, ScheduleShape, TrainConfig, TrainConfigError, TrainingMode,
-    TrainingSection,
+    ActivationCacheKind, Autocast, DataSection, EvalStrategy, FinetuneStage, FusionMode,
+    MaskSchedule, Objective, Precision, RunSection, ScheduleShape, TrainConfig, TrainConfigError,
+    TrainingMode, TrainingSection,
 };

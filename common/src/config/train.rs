@@ -27,6 +27,18 @@ impl Objective {
     }
 }
 
+/// When validation runs (HF Trainer's `eval_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalStrategy {
+    /// Every `eval_every` optimizer steps (0: never), and at each stage's end.
+    #[default]
+    Steps,
+    /// After the step that finishes each pass over the training split (the data cursor
+    /// enters the next epoch), and at each stage's end; `patience` then counts epochs.
+    Epoch,
+}
+
 /// Where the frozen prefix's outputs of a layer-wise stage come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -243,6 +255,8 @@ pub struct TrainingSection {
     /// EMA of the weights (e.g. 0.999); evaluated and exported instead of the raw weights.
     pub ema_decay: Option<f64>,
     pub eval_every: u64,
+    /// `steps` (every `eval_every` steps) or `epoch` (at the end of every epoch).
+    pub eval_strategy: EvalStrategy,
     pub eval_batches: usize,
     /// Stop after this many evaluations without a new best validation loss.
     pub patience: Option<u64>,
@@ -296,6 +310,7 @@ impl Default for TrainingSection {
             grad_clip: Some(1.0),
             ema_decay: None,
             eval_every: 100,
+            eval_strategy: EvalStrategy::Steps,
             eval_batches: 16,
             patience: None,
             checkpoint_every: 200,
@@ -308,6 +323,11 @@ impl Default for TrainingSection {
 }
 
 impl TrainingSection {
+    /// Whether the run validates at all.
+    pub fn evaluates(&self) -> bool {
+        self.eval_strategy == EvalStrategy::Epoch || self.eval_every > 0
+    }
+
     pub fn validate(&self) -> Result<(), TrainConfigError> {
         let err = |field, msg: &str| {
             Err(TrainConfigError {

@@ -18,9 +18,21 @@ pub struct Lora {
 impl Lora {
     /// `scale * (x A^T) B^T` for `x (N, in)`: what the adapter adds to the base output `(N, out)`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        self.delta_from(&self.hidden(x)?)
+    }
+
+    /// The adapter's hidden state `scale * dropout(x) A^T`, `(N, r)`: the slices of a fused
+    /// projection share it (`columns`), so it is computed once for all of them. The scale is
+    /// applied here, on r columns, rather than on the `(N, out)` delta: the same numbers when
+    /// it is a power of two (PEFT's usual `lora_alpha = 2 r`), within rounding otherwise.
+    pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
         let x = crate::ops::dropout::apply(x, self.dropout, self.module)?;
-        let h = crate::ops::matmul_rows(&x, &self.a.t()?)?;
-        crate::ops::matmul_rows(&h, &self.b.t()?)? * self.scale
+        crate::ops::matmul_rows(&x, &self.a.t()?)? * self.scale
+    }
+
+    /// What the adapter adds given its hidden state `h` ([`Lora::hidden`]): `h B^T`.
+    pub fn delta_from(&self, h: &Tensor) -> Result<Tensor> {
+        crate::ops::matmul_rows(h, &self.b.t()?)
     }
 
     /// The adapter of output features `start..start + len` (a slice of a fused projection).

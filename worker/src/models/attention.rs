@@ -215,12 +215,15 @@ impl Attention {
             // Training splits the fused [q | k | v] projection on its weight, not on its
             // output: the gradient of a narrow is padded to the full tensor, which is far
             // smaller for the (d, q + 2kv) weight than for the (B, T, q + 2kv) activation.
+            // The three slices share the LoRA hidden state x A^T: computed once.
             Qkv::Fused(l) => {
                 let l = l.materialized()?;
+                let h = l.lora_hidden(x)?;
+                let part = |start, len| l.columns(start, len)?.forward_with_hidden(x, h.as_ref());
                 (
-                    l.columns(0, nh * hd)?.forward(x)?,
-                    l.columns(nh * hd, nkv * hd)?.forward(x)?,
-                    l.columns((nh + nkv) * hd, nkv * hd)?.forward(x)?,
+                    part(0, nh * hd)?,
+                    part(nh * hd, nkv * hd)?,
+                    part((nh + nkv) * hd, nkv * hd)?,
                 )
             }
             Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),

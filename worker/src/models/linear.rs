@@ -134,6 +134,27 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_hidden(x, None)
+    }
+}
+
+impl Linear {
+    /// The adapter's hidden state for `x (.., in)` ([`Lora::hidden`]), when it has LoRA.
+    pub(super) fn lora_hidden(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let d_in = x.dim(candle_core::D::Minus1)?;
+        self.lora
+            .as_ref()
+            .map(|l| l.hidden(&x.reshape(((), d_in))?))
+            .transpose()
+    }
+
+    /// `forward`, with the LoRA hidden state already computed (`lora_hidden` of the projection
+    /// this one is a slice of) or, with `None`, computed here.
+    pub(super) fn forward_with_hidden(
+        &self,
+        x: &Tensor,
+        hidden: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
         let x2 = x.reshape(((), d_in))?; // (B*T, in)
@@ -150,7 +171,11 @@ impl Module for Linear {
             }
         };
         if let Some(l) = &self.lora {
-            y = (y + l.delta(&x2)?)?;
+            let delta = match hidden {
+                Some(h) => l.delta_from(h)?,
+                None => l.delta(&x2)?,
+            };
+            y = (y + delta)?;
         }
         let y = match &self.bias {
             Some(b) => ops::add_bias(&y, b)?,

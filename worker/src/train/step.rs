@@ -35,6 +35,8 @@ pub struct StepStats {
     pub stop: bool,
     /// The step count after this step (set by the trainer).
     pub step: u64,
+    /// The step finished a pass over the training data (set by the trainer).
+    pub epoch_ended: bool,
 }
 
 /// Loss, global target count and gradients (by parameter name) of `batches` on this rank,
@@ -227,5 +229,6 @@ pub fn train_step_voting(
         skipped,
         stop,
         step: 0,
+        epoch_ended: false,
     })
 }

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde_json::json;
 use stackwise_common::checkpoint::{CheckpointError, LoadedCheckpoint};
-use stackwise_common::config::TrainConfig;
+use stackwise_common::config::{EvalStrategy, TrainConfig};
 use stackwise_common::plan::{Plan, StagePlan};
 
 use super::actcache::ActivationCache;
@@ -326,10 +326,10 @@ impl Trainer {
                 .at(self.state.step - self.spec.plan.stage_start(self.state.stage));
             let stats = self.train_step(lr)?;
             progress.step(&stats);
-            let val = self.maybe_evaluate(stage_end)?;
+            let val = self.maybe_evaluate(stage_end, stats.epoch_ended)?;
             let ended_early = self.end_stage_if_stopped_early(stage_end, &rep);
             let step = stats.step;
-            if self.spec.cfg.training.eval_every > 0 && (step == stage_end || ended_early) {
+            if self.spec.cfg.training.evaluates() && (step == stage_end || ended_early) {
                 self.record_stage_result(step, ended_early, &mut rep)?;
             }
             let end = StepEnd {
@@ -368,7 +368,7 @@ impl Trainer {
         // Adapter runs report the wrapped base before training (the adapter starts at zero,
         // so it is the base's loss), as PEFT scripts print it before and after wrapping.
         let adapter_run = self.spec.base.is_some();
-        if self.spec.cfg.training.eval_every == 0
+        if !self.spec.cfg.training.evaluates()
             || (plan.stages.len() == 1 && !adapter_run)
             || self.state.step != plan.stage_start(self.state.stage)
         {
@@ -416,6 +416,7 @@ impl Trainer {
 
     /// One optimizer step (see `step::train_step_voting`), then EMA and bookkeeping.
     fn train_step(&mut self, lr: f64) -> Result<StepStats> {
+        let epoch = self.state.cursor.epoch;
         let batches = self.micro_batches()?;
         let vote = self
             .stop_request
@@ -446,13 +447,21 @@ impl Trainer {
         self.state.step += 1;
         self.state.tokens_seen += stats.tokens as u64;
         stats.step = self.state.step;
+        // The global cursor moves into the next epoch with the last sample of this one.
+        stats.epoch_ended = self.state.cursor.epoch > epoch;
         Ok(stats)
     }
 
-    /// Evaluate every `eval_every` steps and at the stage's end; early stopping watches it.
-    fn maybe_evaluate(&mut self, stage_end: u64) -> Result<Option<f64>> {
-        let (every, step) = (self.spec.cfg.training.eval_every, self.state.step);
-        if every == 0 || !(step.is_multiple_of(every) || step == stage_end) {
+    /// Evaluate every `eval_every` steps (or, with `eval_strategy: epoch`, after the step that
+    /// ends an epoch) and at the stage's end; early stopping watches it.
+    fn maybe_evaluate(&mut self, stage_end: u64, epoch_ended: bool) -> Result<Option<f64>> {
+        let t = &self.spec.cfg.training;
+        let step = self.state.step;
+        let due = match t.eval_strategy {
+            EvalStrategy::Steps => t.eval_every > 0 && step.is_multiple_of(t.eval_every),
+            EvalStrategy::Epoch => epoch_ended,
+        };
+        if !t.evaluates() || !(due || step == stage_end) {
             return Ok(None);
         }
         let val = self.evaluate()?;
