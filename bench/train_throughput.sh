@@ -30,6 +30,9 @@ for k in ("stackwise", "pytorch"):
     s = [round(r["s_per_step"], 3) for r in rows if r["impl"] == k]
     print(f"{k:9}: {med[k]:8.0f} tokens/s  (s/step per round: {s})")
 print(f"ratio stackwise/pytorch: {med['stackwise'] / med['pytorch']:.2f}x")
+cpu = {k: statistics.median(r["cpu_s_per_step"] for r in rows if r["impl"] == k) for k in ("stackwise", "pytorch")}
+print(f"CPU time per step (all threads, user + system): stackwise {cpu['stackwise']:.2f} s, pytorch {cpu['pytorch']:.2f} s; "
+      f"ratio pytorch/stackwise: {cpu['pytorch'] / cpu['stackwise']:.2f}x")
 sw = [r for r in rows if r["impl"] == "stackwise" and r.get("gflops")]
 if sw:
     g = statistics.median(r["gflops"] for r in sw)

@@ -524,3 +524,48 @@ fn boft_dropout_trains_another_adapter_and_resumes_bitwise() {
         "run {on_run}, merged {merged}"
     );
 }
+
+#[test]
+fn bf16_and_fp16_flags_compute_at_reduced_precision_with_f32_master_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, text) = base_and_text(dir.path());
+    let data = dir.path().join("data");
+    prepare(&text, &base, &data);
+    let step6 = |out: &Path| {
+        weights(
+            &out.join("runs/finetune/checkpoints/step-00000006/adapter/adapter_model.safetensors"),
+        )
+    };
+    let plain = dir.path().join("plain");
+    ok(&mut finetune(&base, &data, &plain, &["--until-step", "6"]));
+    for flag in ["--bf16", "--fp16"] {
+        let out = dir.path().join(flag.trim_start_matches('-'));
+        ok(&mut finetune(
+            &base,
+            &data,
+            &out,
+            &[flag, "--until-step", "6"],
+        ));
+        let cfg = std::fs::read_to_string(out.join("finetune.yaml")).unwrap();
+        assert!(
+            cfg.contains(&format!("autocast: {}", flag.trim_start_matches('-'))),
+            "{cfg}"
+        );
+        // Reduced-precision products train a close but different adapter; what is saved is
+        // the f32 master copy.
+        let (a, b) = (step6(&plain), step6(&out));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+            .fold(0f32, f32::max);
+        assert!(worst > 0.0 && worst < 0.05, "{flag}: max |diff| {worst}");
+    }
+    let o = run(&mut finetune(
+        &base,
+        &data,
+        &dir.path().join("both"),
+        &["--bf16", "--fp16"],
+    ));
+    assert!(!o.status.success());
+}

@@ -98,12 +98,13 @@ pub struct FixtureReport {
     pub failures: Vec<String>,
 }
 
-/// The fixture folders (those holding an `expected.json`) under `root`, sorted.
+/// The model fixture folders (those holding an `expected.json` and a model's `config.json`;
+/// not, e.g., `nf4-double-quant`) under `root`, sorted.
 pub fn fixture_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .with_context(|| format!("read fixtures folder {}", root.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("expected.json").exists())
+        .filter(|p| p.join("expected.json").exists() && p.join("config.json").exists())
         .collect();
     dirs.sort();
     Ok(dirs)

@@ -173,9 +173,11 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         .collect();
     let batch = [Batch::from_rows(&rows, &dev)?];
     let mut times = Vec::new();
+    let mut cpu_times = Vec::new();
     let mut loss = 0.0;
     for i in 0..=a.steps {
         let t = Instant::now();
+        let cpu = process_cpu_seconds();
         // The step ends with the loss on the host, so on a GPU its time includes the kernels.
         loss = train_step(
             &model,
@@ -189,6 +191,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         .loss;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64());
+            cpu_times.push(process_cpu_seconds() - cpu);
         }
     }
     if a.phases {
@@ -204,9 +207,21 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             "lora_r": a.lora_r, "batch": a.batch, "seq": seq, "s_per_step": s_per_step, "all_s_per_step": times,
             "tokens_per_s": (a.batch * seq) as f64 / s_per_step, "params": params.count(), "last_loss": loss,
             "matmul_flops_per_step": flops, "gflops": flops.map(|f| f / s_per_step / 1e9),
+            "cpu_s_per_step": median(cpu_times),
         })
     );
     Ok(())
+}
+
+/// CPU time (user + system) of this process and all its threads so far. Beside wall time,
+/// it shows a step's cost without the time a busy host took the cores away (steal time counts
+/// in neither), though it also counts threads spinning while they wait for work.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 /// The FLOPs of a full training step's matrix products (GPT-2 layout: the four projections of a

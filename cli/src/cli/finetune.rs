@@ -80,6 +80,14 @@ pub struct FinetuneArgs {
     /// (training.gradient_checkpointing).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Matrix products in bf16 with f32 master weights and optimizer state
+    /// (training.autocast: bf16, as torch.autocast); meant for GPUs, slower on the CPU.
+    #[arg(long, conflicts_with = "fp16")]
+    pub bf16: bool,
+    /// Matrix products in fp16 with f32 master weights and optimizer state
+    /// (training.autocast: fp16).
+    #[arg(long)]
+    pub fp16: bool,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
@@ -171,6 +179,13 @@ pub fn config_tree(a: &FinetuneArgs) -> Result<Value> {
     }
     if a.gradient_checkpointing {
         set(&mut root, "training.gradient_checkpointing", true);
+    }
+    if a.bf16 || a.fp16 {
+        set(
+            &mut root,
+            "training.autocast",
+            if a.bf16 { "bf16" } else { "fp16" },
+        );
     }
     let u = |x: usize| Value::from(x as u64);
     for (key, v) in [

@@ -32,7 +32,7 @@ pub fn run(a: SelfcheckArgs) -> Result<()> {
     let dirs = golden::fixture_dirs(&a.fixtures)?;
     if dirs.is_empty() {
         bail!(
-            "no fixtures (folders with an expected.json) in {}",
+            "no fixtures (folders with an expected.json and a config.json) in {}",
             a.fixtures.display()
         );
     }
