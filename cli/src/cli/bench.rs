@@ -252,6 +252,8 @@ fn print_phases(
     let bwd = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let mut grads = params.grads(&g);
+    // As in `train_step`: the rest of the gradient store is gone before the update.
+    drop(g);
     clip_grad_norm(&mut grads, Some(1.0))?;
     let clip = t.elapsed().as_secs_f64();
     let t = Instant::now();

@@ -7,7 +7,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::cpu::f32_slice;
+use super::cpu::{f32_slice, simd};
 use super::fastmath;
 
 /// Query row `r` of a (.., T, S) score tensor may see keys `0..=r % T + (S - T)` when causal.
@@ -37,12 +37,14 @@ impl CustomOp1 for AttnSoftmax {
         out.par_chunks_mut(s).enumerate().for_each(|(r, o)| {
             let row = &x[r * s..(r + 1) * s];
             let n = visible(r, t, s, self.causal);
-            let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max) * self.scale;
-            for (o, &v) in o[..n].iter_mut().zip(&row[..n]) {
-                *o = fastmath::exp(v * self.scale - max);
-            }
-            let inv = 1.0 / o[..n].iter().sum::<f32>();
-            o[..n].iter_mut().for_each(|o| *o *= inv);
+            simd(|| {
+                let max = fastmath::max(&row[..n]) * self.scale;
+                for (o, &v) in o[..n].iter_mut().zip(&row[..n]) {
+                    *o = fastmath::exp(v * self.scale - max);
+                }
+                let inv = 1.0 / o[..n].iter().sum::<f32>();
+                o[..n].iter_mut().for_each(|o| *o *= inv);
+            })
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -80,9 +82,11 @@ impl CustomOp2 for AttnSoftmaxBwd {
         out.par_chunks_mut(s).enumerate().for_each(|(r, o)| {
             let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
             let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                *o = self.scale * yv * (gv - dot);
-            }
+            simd(|| {
+                for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                    *o = self.scale * yv * (gv - dot);
+                }
+            })
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

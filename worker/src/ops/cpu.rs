@@ -11,6 +11,16 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> 
     }
 }
 
+/// Runs `f` compiled for the widest vector instructions this CPU has, chosen at run time
+/// (AVX-512 or AVX2 + FMA on x86-64, through `pulp`): the default build stays portable
+/// (baseline x86-64 is SSE2, four lanes) and the fused kernels' loops still vectorise to the
+/// machine. Only the width changes: Rust neither fuses multiply-adds nor reorders float sums,
+/// so the results are bitwise those of the baseline code. Call it inside each parallel task.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
 /// True when the fused CPU kernels apply (f32 on the CPU); elsewhere ops use candle compositions.
 pub(crate) fn fused_ok(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32

@@ -5,11 +5,14 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::f32_slice;
+use super::cpu::{f32_slice, simd};
 use super::fastmath;
 
 struct CrossEntropy {
     targets: Vec<u32>,
+    /// Each row's log-sum-exp, kept by the forward for the backward (which then takes one
+    /// exp per logit instead of three passes: max, sum of exps, exps).
+    lse: std::sync::OnceLock<Vec<f32>>,
 }
 
 fn row_lse(row: &[f32]) -> f32 {
@@ -25,27 +28,48 @@ impl CustomOp1 for CrossEntropy {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(st, l, self.name())?;
         let (n, v) = l.shape().dims2()?;
-        let mut out = vec![0f32; n];
-        out.par_iter_mut().enumerate().for_each(|(r, o)| {
-            let row = &x[r * v..(r + 1) * v];
-            *o = row_lse(row) - row[self.targets[r] as usize];
+        let mut lse = vec![0f32; n];
+        lse.par_iter_mut().enumerate().for_each(|(r, o)| {
+            *o = simd(|| row_lse(&x[r * v..(r + 1) * v]));
         });
+        let out = (0..n)
+            .map(|r| lse[r] - x[r * v + self.targets[r] as usize])
+            .collect();
+        // A second forward of the same op (none today) would recompute the same values.
+        let _ = self.lse.set(lse);
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
     fn bwd(&self, logits: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (n, v) = logits.dims2()?;
-        let x = logits.flatten_all()?.to_vec1::<f32>()?;
         let g = g.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; n * v];
-        dx.par_chunks_mut(v).enumerate().for_each(|(r, d)| {
-            let row = &x[r * v..(r + 1) * v];
-            let lse = row_lse(row);
-            for (d, &xv) in d.iter_mut().zip(row) {
-                *d = g[r] * fastmath::exp(xv - lse);
-            }
-            d[self.targets[r] as usize] -= g[r];
-        });
+        let logits = logits.contiguous()?;
+        let (storage, layout) = logits.storage_and_layout();
+        let candle_core::Storage::Cpu(st) = &*storage else {
+            candle_core::bail!("sw-cross-entropy: the backward runs on the CPU")
+        };
+        let x = f32_slice(st, layout, self.name())?;
+        let lse = match self.lse.get() {
+            Some(lse) => lse.clone(),
+            None => (0..n).map(|r| row_lse(&x[r * v..(r + 1) * v])).collect(),
+        };
+        let mut dx = Vec::<f32>::with_capacity(n * v);
+        dx.spare_capacity_mut()[..n * v]
+            .par_chunks_mut(v)
+            .enumerate()
+            .for_each(|(r, d)| {
+                let (row, gr, lr) = (&x[r * v..(r + 1) * v], g[r], lse[r]);
+                simd(|| {
+                    for (d, &xv) in d.iter_mut().zip(row) {
+                        d.write(gr * fastmath::exp(xv - lr));
+                    }
+                });
+                let t = self.targets[r] as usize;
+                d[t].write(gr * fastmath::exp(row[t] - lr) - gr);
+            });
+        // SAFETY: every row of `dx` was written above.
+        unsafe { dx.set_len(n * v) };
+        drop(storage);
         Ok(Some(Tensor::from_vec(dx, (n, v), logits.device())?))
     }
 }
@@ -58,7 +82,10 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("target id {bad} is outside the vocabulary of {v}")
         }
-        return logits.contiguous()?.apply_op1(CrossEntropy { targets });
+        return logits.contiguous()?.apply_op1(CrossEntropy {
+            targets,
+            lse: Default::default(),
+        });
     }
     let logp = super::log_softmax_last_dim(logits)?;
     logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()

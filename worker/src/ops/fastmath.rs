@@ -34,7 +34,7 @@ pub fn tanh(x: f32) -> f32 {
 }
 
 /// Maximum of a slice with 8 independent lanes (a single running max cannot vectorise).
-#[inline]
+#[inline(always)]
 pub fn max(xs: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = xs.chunks_exact(8);
@@ -53,7 +53,7 @@ pub fn max(xs: &[f32]) -> f32 {
 
 /// `sum(exp(x - shift))` with 8 independent partial sums (float addition is not reordered by
 /// the compiler, so one accumulator would run at add latency).
-#[inline]
+#[inline(always)]
 pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = xs.chunks_exact(8);
@@ -96,5 +96,37 @@ mod tests {
         let want: f64 = xs.iter().map(|&v| ((v - 1.0) as f64).exp()).sum();
         assert!((super::sum_exp(&xs, 1.0) as f64 - want).abs() / want < 1e-5);
         assert_eq!(super::max(&[]), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn wide_vector_code_gives_the_baseline_bits() {
+        // `ops::cpu::simd` compiles the same loops for AVX-512 / AVX2 where the CPU has them;
+        // the results must be bitwise those of the baseline (SSE2) code.
+        #[inline(never)]
+        fn kernel(xs: &[f32], out: &mut [f32]) -> (f32, f32) {
+            for (o, &x) in out.iter_mut().zip(xs) {
+                *o = super::tanh(x) * super::exp(x * 0.5);
+            }
+            (super::max(xs), super::sum_exp(xs, 2.0))
+        }
+        let xs: Vec<f32> = (0..4099)
+            .map(|i| ((i * 7919) % 2000) as f32 * 0.013 - 13.0)
+            .collect();
+        let (mut plain, mut wide) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        let a = kernel(&xs, &mut plain);
+        let b = crate::ops::cpu::simd(|| {
+            for (o, &x) in wide.iter_mut().zip(&xs) {
+                *o = super::tanh(x) * super::exp(x * 0.5);
+            }
+            (super::max(&xs), super::sum_exp(&xs, 2.0))
+        });
+        assert_eq!(a.0.to_bits(), b.0.to_bits());
+        assert_eq!(a.1.to_bits(), b.1.to_bits());
+        assert!(
+            plain
+                .iter()
+                .zip(&wide)
+                .all(|(p, w)| p.to_bits() == w.to_bits())
+        );
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice as slice, fused_ok};
+use super::cpu::{f32_slice as slice, fused_ok, simd};
 use super::fastmath;
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -121,11 +121,14 @@ impl CustomOp1 for Gelu {
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(o, x)| {
-                for i in 0..o.len().min(x.len()) {
-                    let v = x[i];
-                    o[i] =
-                        0.5 * v * (1.0 + fastmath::tanh(SQRT_2_OVER_PI * (v + GELU_C * v * v * v)));
-                }
+                simd(|| {
+                    for i in 0..o.len().min(x.len()) {
+                        let v = x[i];
+                        o[i] = 0.5
+                            * v
+                            * (1.0 + fastmath::tanh(SQRT_2_OVER_PI * (v + GELU_C * v * v * v)));
+                    }
+                })
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -155,13 +158,15 @@ impl CustomOp2 for GeluBwd {
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
             .for_each(|(o, (x, g))| {
-                let n = o.len().min(x.len()).min(g.len());
-                for i in 0..n {
-                    let v = x[i];
-                    let t = fastmath::tanh(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
-                    let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
-                    o[i] = g[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dinner);
-                }
+                simd(|| {
+                    let n = o.len().min(x.len()).min(g.len());
+                    for i in 0..n {
+                        let v = x[i];
+                        let t = fastmath::tanh(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
+                        let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
+                        o[i] = g[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dinner);
+                    }
+                })
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -226,32 +231,58 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (xs, ws, gs) = (to_vec(x)?, to_vec(w)?, to_vec(g)?);
-        let n = ws.len();
-        let rows = xs.len() / n;
-        let mut dx = vec![0f32; xs.len()];
-        let mut dw = vec![0f32; n];
-        let mut db = vec![0f32; n];
-        for r in 0..rows {
-            let row = &xs[r * n..(r + 1) * n];
-            let gr = &gs[r * n..(r + 1) * n];
-            let (mean, rstd) = row_stats(row, self.eps);
-            let (mut mean_gw, mut mean_gw_xhat) = (0f32, 0f32);
-            for i in 0..n {
-                let xhat = (row[i] - mean) * rstd;
-                let gw = gr[i] * ws[i];
-                mean_gw += gw;
-                mean_gw_xhat += gw * xhat;
-                dw[i] += gr[i] * xhat;
-                db[i] += gr[i];
-            }
-            mean_gw /= n as f32;
-            mean_gw_xhat /= n as f32;
-            let d = &mut dx[r * n..(r + 1) * n];
-            for i in 0..n {
-                let xhat = (row[i] - mean) * rstd;
-                d[i] = rstd * (gr[i] * ws[i] - mean_gw - xhat * mean_gw_xhat);
-            }
+        let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
+        let n = w.elem_count();
+        let len = x.elem_count();
+        let rows = len / n;
+        let mut dx = vec![0f32; len];
+        // Rows in fixed blocks on all cores, each block with its own weight and bias gradient
+        // sums, added in block order: the result does not depend on the number of threads.
+        let blocks: Vec<(Vec<f32>, Vec<f32>)> = {
+            let guards = [&x, &w, &g].map(|t| t.storage_and_layout());
+            let slice = |i: usize| -> Result<&[f32]> {
+                let (s, l) = &guards[i];
+                match &**s {
+                    candle_core::Storage::Cpu(s) => super::cpu::f32_slice(s, l, "sw-layer-norm"),
+                    _ => candle_core::bail!("sw-layer-norm: the backward runs on the CPU"),
+                }
+            };
+            let (xs, ws, gs) = (slice(0)?, slice(1)?, slice(2)?);
+            dx.par_chunks_mut(LN_BLOCK_ROWS * n)
+                .enumerate()
+                .map(|(k, dxb)| {
+                    let mut dw = vec![0f32; n];
+                    let mut db = vec![0f32; n];
+                    for (j, d) in dxb.chunks_mut(n).enumerate() {
+                        let r = k * LN_BLOCK_ROWS + j;
+                        let row = &xs[r * n..(r + 1) * n];
+                        let gr = &gs[r * n..(r + 1) * n];
+                        let (mean, rstd) = row_stats(row, self.eps);
+                        let (mut mean_gw, mut mean_gw_xhat) = (0f32, 0f32);
+                        for i in 0..n {
+                            let xhat = (row[i] - mean) * rstd;
+                            let gw = gr[i] * ws[i];
+                            mean_gw += gw;
+                            mean_gw_xhat += gw * xhat;
+                            dw[i] += gr[i] * xhat;
+                            db[i] += gr[i];
+                        }
+                        mean_gw /= n as f32;
+                        mean_gw_xhat /= n as f32;
+                        for i in 0..n {
+                            let xhat = (row[i] - mean) * rstd;
+                            d[i] = rstd * (gr[i] * ws[i] - mean_gw - xhat * mean_gw_xhat);
+                        }
+                    }
+                    (dw, db)
+                })
+                .collect()
+        };
+        debug_assert_eq!(blocks.len(), rows.div_ceil(LN_BLOCK_ROWS));
+        let (mut dw, mut db) = (vec![0f32; n], vec![0f32; n]);
+        for (bw, bb) in &blocks {
+            dw.iter_mut().zip(bw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
         }
         let dev = x.device();
         Ok((
@@ -261,6 +292,9 @@ impl CustomOp3 for LayerNorm {
         ))
     }
 }
+
+/// Rows per task of the LayerNorm backward.
+const LN_BLOCK_ROWS: usize = 64;
 
 /// LayerNorm over the last dimension with weight and bias, differentiable.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
@@ -429,5 +463,28 @@ mod tests {
             std::slice::from_ref(&x),
         );
         check_grad(|t| gelu_tanh(&t[0]), |t| t[0].gelu(), &[x]);
+    }
+
+    #[test]
+    fn layer_norm_backward_over_several_row_blocks_matches_composed() {
+        // 150 rows: two full blocks of LN_BLOCK_ROWS and a partial one, whose weight and bias
+        // gradients are summed across blocks.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 50, 16), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 16, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, 16, &dev).unwrap();
+        const { assert!(150 > 2 * LN_BLOCK_ROWS && 150 % LN_BLOCK_ROWS != 0) };
+        check_grad(
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            |t| {
+                let mean = t[0].mean_keepdim(D::Minus1)?;
+                let xc = t[0].broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                    .broadcast_mul(&t[1])?
+                    .broadcast_add(&t[2])
+            },
+            &[x, w, b],
+        );
     }
 }
