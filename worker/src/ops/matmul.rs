@@ -158,4 +158,35 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn batched_small_products_equal_one_product_at_a_time() {
+        // The patched candle matmul (third_party/patch_candle_matmul.py) runs the batches of
+        // small products in parallel, each single-threaded, into an unfilled destination: the
+        // numbers must be those of each product alone, and a k = 0 product must be zeros.
+        let dev = candle_core::Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 6, 37, 16), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 6, 41, 16), &dev).unwrap();
+        let scores = q.matmul(&k.t().unwrap()).unwrap();
+        assert_eq!(scores.dims(), &[2, 6, 37, 41]);
+        for b in 0..2 {
+            for h in 0..6 {
+                let one = |t: &Tensor| t.get(b).unwrap().get(h).unwrap();
+                let alone = one(&q).matmul(&one(&k).t().unwrap()).unwrap();
+                let got = one(&scores);
+                let (a, g) = (
+                    alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                assert!(a.iter().zip(&g).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
+        }
+        let empty = Tensor::zeros((3, 4, 0), candle_core::DType::F32, &dev)
+            .unwrap()
+            .matmul(&Tensor::zeros((3, 0, 5), candle_core::DType::F32, &dev).unwrap())
+            .unwrap();
+        let v = empty.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v.len(), 60);
+        assert!(v.iter().all(|&x| x == 0.0));
+    }
 }

@@ -1439,6 +1439,22 @@ impl MatMul {
     }
 }
 
+/// StackWise patch: the largest m * n * k of a batched product that runs one batch per task
+/// (a 256 x 256 x 64 attention product is 4M).
+const SMALL_GEMM: usize = 1 << 23;
+
+/// StackWise patch: the destination pointer, shared by the tasks that write disjoint blocks.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: each task writes a disjoint block of the destination (see `MatMul::f`).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 impl Map2 for MatMul {
     const OP: &'static str = "mat_mul";
 
@@ -1478,7 +1494,9 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // StackWise patch: gemm writes every element (read_dst is false), so the destination
+        // is not zero-filled first; its length is set once the products are written.
+        let mut dst: Vec<T> = Vec::with_capacity(b * m * n);
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1499,16 +1517,22 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        for step in 0..b {
+        // StackWise patch: a batch of small products runs one product per task on all cores,
+        // each single-threaded (gemm's split of one small product costs more in hand-offs than
+        // it gains). gemm's result does not depend on its parallelism (it splits rows and
+        // columns, never the k sum), so the numbers are the same either way.
+        let dst_ptr = SendPtr(dst.as_mut_ptr());
+        let run = |step: usize, parallelism: Parallelism| {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
+            // SAFETY: batch `step` writes only its own m * n block of the allocation.
+            let dst_p = unsafe { dst_ptr.get().add(step * c_skip) };
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1526,7 +1550,18 @@ impl Map2 for MatMul {
                     parallelism,
                 )
             }
+        };
+        if b > 1 && num_threads > 1 && m * n * k <= SMALL_GEMM {
+            (0..b)
+                .into_par_iter()
+                .for_each(|step| run(step, Parallelism::None));
+        } else {
+            for step in 0..b {
+                run(step, parallelism);
+            }
         }
+        // SAFETY: the b products above wrote all b * m * n elements.
+        unsafe { dst.set_len(b * m * n) };
         Ok(dst)
     }
 
