@@ -96,6 +96,103 @@ impl Strips {
     }
 }
 
+/// `y + h @ b^T` for `y (N, out)`, `h (N, r)`, `b (out, r)`: a LoRA projection's base output
+/// plus its adapter's product (`Lora::delta_from`), differentiable. On the CPU at f32 (for
+/// products of at least the rows `matmul_rows` pads to) gemm adds the product into a copy of
+/// `y`, instead of writing it out and adding it in another pass: the same numbers (a single
+/// k block, then `y + sum`), one pass over `(N, out)` fewer and no `(N, out)` temporary.
+pub fn add_product(y: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, n) = y.dims2()?;
+    let fused = crate::ops::cpu::fused_ok(y)
+        && h.dtype() == candle_core::DType::F32
+        && b.dtype() == candle_core::DType::F32
+        && super::autocast::get() == stackwise_common::config::Autocast::Off
+        && m >= (GEMM_HORIZONTAL_MAX / n.max(1) + 1).max(2)
+        && h.dim(1)? <= ADD_PRODUCT_MAX_K;
+    if !fused {
+        return y + matmul_rows(h, &b.t()?)?;
+    }
+    y.contiguous()?
+        .apply_op3(&h.contiguous()?, &b.contiguous()?, AddProduct)
+}
+
+/// The largest k `add_product` fuses: gemm sums k in blocks, and a product of one block adds
+/// `y` to the whole sum, as the unfused `y + (h @ b^T)` does.
+const ADD_PRODUCT_MAX_K: usize = 64;
+
+struct AddProduct;
+
+impl candle_core::CustomOp3 for AddProduct {
+    fn name(&self) -> &'static str {
+        "sw-add-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use super::cpu::f32_slice;
+        let (y, h, b) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+            f32_slice(s3, l3, self.name())?,
+        );
+        let (m, n) = l1.shape().dims2()?;
+        let r = l2.shape().dims2()?.1;
+        let mut out = y.to_vec();
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: out is (m, n) row-major, h (m, r) row-major, b (n, r) row-major read as
+        // b^T (r, n); the pointers cover those extents.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                r,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                h.as_ptr(),
+                1,
+                r as isize,
+                b.as_ptr(),
+                r as isize,
+                1,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok((candle_core::CpuStorage::F32(out), (m, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        h: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dh = g.matmul(b)?; // (N, out) @ (out, r)
+        let db = g.t()?.matmul(h)?; // (out, N) @ (N, r)
+        Ok((Some(g.clone()), Some(dh), Some(db)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +285,46 @@ mod tests {
         let v = empty.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v.len(), 60);
         assert!(v.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn a_product_added_in_place_equals_the_product_then_the_add() {
+        // LoRA's shapes: rows of tokens, r = 16, an output slice of a fused projection (b a
+        // row range of a larger matrix, so at an offset).
+        let (m, n, r) = (300, 96, 16);
+        let y = candle_core::Var::from_tensor(&rand(&[m, n], 1)).unwrap();
+        let h = candle_core::Var::from_tensor(&rand(&[m, r], 2)).unwrap();
+        let big = candle_core::Var::from_tensor(&rand(&[3 * n, r], 3)).unwrap();
+        let b = big.as_tensor().narrow(0, n, n).unwrap();
+        let fused = add_product(y.as_tensor(), h.as_tensor(), &b).unwrap();
+        let composed = (y.as_tensor() + h.as_tensor().matmul(&b.t().unwrap()).unwrap()).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&fused), bits(&composed), "forward: the same numbers");
+        let probe = rand(&[m, n], 4);
+        let gf = crate::ops::cpu::probe_grads(fused, &probe);
+        let gc = crate::ops::cpu::probe_grads(composed, &probe);
+        for v in [&y, &h, &big] {
+            let d = crate::ops::cpu::max_abs_diff(
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-5, "gradient differs by {d}");
+        }
+        // Few rows take the unfused path (matmul_rows' row invariance), with the same result.
+        let one = add_product(
+            &y.as_tensor().narrow(0, 0, 1).unwrap(),
+            h.as_tensor().narrow(0, 0, 1).as_ref().unwrap(),
+            &b,
+        )
+        .unwrap();
+        assert_eq!(one.dims(), &[1, n]);
     }
 }
