@@ -35,12 +35,6 @@ impl Lora {
         crate::ops::matmul_rows(h, &self.b.t()?)
     }
 
-    /// `y + h B^T`: the base output `y (N, out)` with the adapter's product added
-    /// (`ops::add_product`, which adds it in place of a separate pass on the CPU).
-    pub fn add_to(&self, y: &Tensor, h: &Tensor) -> Result<Tensor> {
-        crate::ops::add_product(y, h, &self.b)
-    }
-
     /// The adapter of output features `start..start + len` (a slice of a fused projection).
     pub fn columns(&self, start: usize, len: usize) -> Result<Self> {
         Ok(Self {

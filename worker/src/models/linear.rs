@@ -171,11 +171,11 @@ impl Linear {
             }
         };
         if let Some(l) = &self.lora {
-            let h = match hidden {
-                Some(h) => h.clone(),
-                None => l.hidden(&x2)?,
+            let delta = match hidden {
+                Some(h) => l.delta_from(h)?,
+                None => l.delta(&x2)?,
             };
-            y = l.add_to(&y, &h)?;
+            y = (y + delta)?;
         }
         let y = match &self.bias {
             Some(b) => ops::add_bias(&y, b)?,

@@ -20,4 +20,4 @@ pub use cross_entropy::token_nll;
 pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
 pub use inverse::batch_inverse;
 pub use log_softmax::log_softmax_last_dim;
-pub use matmul::{Strips, add_product, matmul_rows};
+pub use matmul::{Strips, matmul_rows};
