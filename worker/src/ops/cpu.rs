@@ -11,6 +11,19 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> 
     }
 }
 
+/// The f32 data of a contiguous CPU tensor, from its `Tensor::storage_and_layout` guard;
+/// an error naming the kernel for any other storage.
+pub(crate) fn storage_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    op: &'static str,
+) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(s) => f32_slice(s, l, op),
+        _ => candle_core::bail!("{op}: expected a CPU tensor"),
+    }
+}
+
 /// Runs `f` compiled for the widest vector instructions this CPU has, chosen at run time
 /// (AVX-512 or AVX2 + FMA on x86-64, through `pulp`): the default build stays portable
 /// (baseline x86-64 is SSE2, four lanes) and the fused kernels' loops still vectorise to the

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice, simd};
+use super::cpu::{f32_slice, simd, storage_f32};
 use super::fastmath;
 
 struct CrossEntropy {
@@ -45,13 +45,14 @@ impl CustomOp1 for CrossEntropy {
         let g = g.to_vec1::<f32>()?;
         let logits = logits.contiguous()?;
         let (storage, layout) = logits.storage_and_layout();
-        let candle_core::Storage::Cpu(st) = &*storage else {
-            candle_core::bail!("sw-cross-entropy: the backward runs on the CPU")
-        };
-        let x = f32_slice(st, layout, self.name())?;
+        let x = storage_f32(&storage, layout, self.name())?;
+        let recomputed: Vec<f32>;
         let lse = match self.lse.get() {
-            Some(lse) => lse.clone(),
-            None => (0..n).map(|r| row_lse(&x[r * v..(r + 1) * v])).collect(),
+            Some(lse) => lse,
+            None => {
+                recomputed = (0..n).map(|r| row_lse(&x[r * v..(r + 1) * v])).collect();
+                &recomputed
+            }
         };
         let mut dx = Vec::<f32>::with_capacity(n * v);
         dx.spare_capacity_mut()[..n * v]

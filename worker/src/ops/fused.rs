@@ -240,13 +240,7 @@ impl CustomOp3 for LayerNorm {
         // sums, added in block order: the result does not depend on the number of threads.
         let blocks: Vec<(Vec<f32>, Vec<f32>)> = {
             let guards = [&x, &w, &g].map(|t| t.storage_and_layout());
-            let slice = |i: usize| -> Result<&[f32]> {
-                let (s, l) = &guards[i];
-                match &**s {
-                    candle_core::Storage::Cpu(s) => super::cpu::f32_slice(s, l, "sw-layer-norm"),
-                    _ => candle_core::bail!("sw-layer-norm: the backward runs on the CPU"),
-                }
-            };
+            let slice = |i: usize| super::cpu::storage_f32(&guards[i].0, guards[i].1, self.name());
             let (xs, ws, gs) = (slice(0)?, slice(1)?, slice(2)?);
             dx.par_chunks_mut(LN_BLOCK_ROWS * n)
                 .enumerate()
@@ -430,6 +424,16 @@ mod tests {
         }
     }
 
+    /// LayerNorm from candle ops (eps 1e-5), the reference of the fused one.
+    fn composed_layer_norm(t: &[Tensor]) -> Result<Tensor> {
+        let mean = t[0].mean_keepdim(D::Minus1)?;
+        let xc = t[0].broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&t[1])?
+            .broadcast_add(&t[2])
+    }
+
     #[test]
     fn fused_ops_match_composed_forward_and_backward() {
         let dev = Device::Cpu;
@@ -438,14 +442,7 @@ mod tests {
         let b = Tensor::randn(0f32, 0.1, 16, &dev).unwrap();
         check_grad(
             |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
-            |t| {
-                let mean = t[0].mean_keepdim(D::Minus1)?;
-                let xc = t[0].broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-                xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-                    .broadcast_mul(&t[1])?
-                    .broadcast_add(&t[2])
-            },
+            composed_layer_norm,
             &[x.clone(), w.clone(), b],
         );
         check_grad(
@@ -476,14 +473,7 @@ mod tests {
         const { assert!(150 > 2 * LN_BLOCK_ROWS && 150 % LN_BLOCK_ROWS != 0) };
         check_grad(
             |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
-            |t| {
-                let mean = t[0].mean_keepdim(D::Minus1)?;
-                let xc = t[0].broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-                xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-                    .broadcast_mul(&t[1])?
-                    .broadcast_add(&t[2])
-            },
+            composed_layer_norm,
             &[x, w, b],
         );
     }

@@ -167,19 +167,12 @@ fn cpu_update(
     );
     {
         let guards = [p, g, &m, &v].map(|t| t.storage_and_layout());
-        let slice = |i: usize| -> Result<&[f32]> {
-            let (s, l) = &guards[i];
-            match &**s {
-                candle_core::Storage::Cpu(s) => crate::ops::cpu::f32_slice(s, l, "AdamW"),
-                _ => candle_core::bail!("AdamW: expected CPU tensors"),
-            }
-        };
+        let slice = |i: usize| crate::ops::cpu::storage_f32(&guards[i].0, guards[i].1, "AdamW");
         let (pv, gv, mv, vv) = (slice(0)?, slice(1)?, slice(2)?, slice(3)?);
         fn uninit(o: &mut Vec<f32>, n: usize) -> &mut [MaybeUninit<f32>] {
             &mut o.spare_capacity_mut()[..n]
         }
         let (op, om, ov) = (uninit(&mut np, n), uninit(&mut nm, n), uninit(&mut nv, n));
-        const CHUNK: usize = 1 << 14;
         op.par_chunks_mut(CHUNK)
             .zip(om.par_chunks_mut(CHUNK))
             .zip(ov.par_chunks_mut(CHUNK))
@@ -253,8 +246,8 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: Option<f64>
     Ok(norm)
 }
 
-/// Elements per task of the CPU passes below: a fixed split, so the sum does not depend on
-/// the number of threads.
+/// Elements per task of the CPU passes (AdamW, clipping): a fixed split, so the clipping sum
+/// does not depend on the number of threads.
 const CHUNK: usize = 1 << 16;
 
 /// `sum(g^2)` in f64 of a contiguous f32 CPU tensor, read in place on all cores; `None` for
@@ -265,10 +258,7 @@ fn cpu_sum_of_squares(g: &Tensor) -> Result<Option<f64>> {
         return Ok(None);
     }
     let (storage, layout) = g.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else {
-        return Ok(None);
-    };
-    let v = crate::ops::cpu::f32_slice(s, layout, "clip_grad_norm")?;
+    let v = crate::ops::cpu::storage_f32(&storage, layout, "clip_grad_norm")?;
     let partial: Vec<f64> = v
         .par_chunks(CHUNK)
         .map(|c| {
@@ -297,10 +287,7 @@ fn cpu_scaled(g: &Tensor, scale: f32) -> Result<Option<Tensor>> {
     }
     let out: Vec<f32> = {
         let (storage, layout) = g.storage_and_layout();
-        let candle_core::Storage::Cpu(s) = &*storage else {
-            return Ok(None);
-        };
-        let v = crate::ops::cpu::f32_slice(s, layout, "clip_grad_norm")?;
+        let v = crate::ops::cpu::storage_f32(&storage, layout, "clip_grad_norm")?;
         v.par_iter()
             .with_min_len(CHUNK)
             .map(|&x| x * scale)
