@@ -19,6 +19,7 @@ BUS_IB = 360e9  # 8x 400 Gb/s NDR per node = 400 GB/s line rate; 90 % of it take
 ALPHA_NVLINK = 1e-6  # per ring hop inside a node (assumption)
 ALPHA_IB = 5e-6  # per hop between nodes (assumption: IB ~1-2 us + NCCL protocol)
 BUCKET = 25 * 2**20  # bytes per gradient bucket (PyTorch DDP's default 25 MiB)
+SW_BUCKET = 4 * 2**20  # StackWise's bucket (worker/src/train/grad_sync.rs: BUCKET_FLOATS fp32)
 
 # --- models: (name, parameters, layers, d_model, sequence length) ---------------------
 MODELS = [
@@ -64,21 +65,21 @@ def step(model, n, algo):
 
 
 def step_stackwise(model, n):
-    """StackWise today: fp32 gradients in 32 MiB buckets, all-reduced after the whole
-    backward pass (candle returns every gradient at once), so nothing overlaps; NCCL picks
-    ring or tree itself."""
+    """StackWise: fp32 gradients in 4 MiB buckets (worker/src/train/grad_sync.rs), reduced
+    while the backward pass runs, the last one after it; NCCL picks ring or tree itself."""
     name, p, layers, d, s = model
     compute = flops_per_token(p, layers, d, s) * TOKENS_PER_GPU / (PEAK_BF16 * MFU)
-    grad_bytes, bucket = 4 * p, 32 * 2**20
+    grad_bytes, bucket = 4 * p, SW_BUCKET
     one = min(allreduce(min(bucket, grad_bytes), n, a) for a in ("ring", "tree"))
-    return compute + math.ceil(grad_bytes / bucket) * one
+    comm = math.ceil(grad_bytes / bucket) * one
+    return compute + max(0.0, comm - compute * 2 / 3) + one
 
 
 def main():
     print(f"Inputs: {PEAK_BF16 / 1e12:.0f} TFLOP/s bf16 x MFU {MFU:.0%}, {TOKENS_PER_GPU} tokens per GPU per step, "
           f"bf16 gradients in {BUCKET >> 20} MiB buckets, busbw {BUS_NVLINK / 1e9:.0f} GB/s NVLink / "
           f"{BUS_IB / 1e9:.0f} GB/s IB, alpha {ALPHA_NVLINK * 1e6:.0f} us / {ALPHA_IB * 1e6:.0f} us per hop.\n")
-    print("| model | GPUs | compute ms | all-reduce ms, ring | all-reduce ms, tree | step ms, overlapped | exposed comm | tokens/s/GPU | step ms, StackWise today |")
+    print("| model | GPUs | compute ms | all-reduce ms, ring | all-reduce ms, tree | step ms, overlapped | exposed comm | tokens/s/GPU | step ms, StackWise |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m in MODELS:
         for n in WORLDS:
@@ -106,19 +107,23 @@ def main():
 
 
 def cpu_ring():
-    """Up to which world size the CPU ring pays: GPT-2 124M, fp32 gradients in 32 MiB
-    buckets, a fixed global batch of 64 Ki tokens (strong scaling), CPU nodes of 0.5 TFLOP/s
-    sustained (assumption), 10 GbE at 1.1 GB/s and 50 us per TCP hop (assumptions)."""
+    """Up to which world size the CPU ring pays: GPT-2 124M, fp32 gradients in StackWise's
+    4 MiB buckets, a fixed global batch of 64 Ki tokens (strong scaling), CPU nodes of
+    0.5 TFLOP/s sustained (assumption), 10 GbE at 1.1 GB/s and 50 us per TCP hop
+    (assumptions). The buckets are reduced during the backward pass (2/3 of the compute);
+    what does not fit under it, and the last bucket, is exposed."""
     p, bw, alpha, cpu = 124e6, 1.1e9, 50e-6, 0.5e12
     f = flops_per_token(p, 12, 768, 1024)
-    grad, bucket = 4 * p, 32 * 2**20
+    grad, bucket = 4 * p, SW_BUCKET
     print("\nThe CPU ring (GPT-2 124M, 64 Ki tokens per step in all, 0.5 TFLOP/s nodes, 10 GbE):\n")
-    print("| nodes | compute s | all-reduce s | all-reduce share |")
-    print("|---:|---:|---:|---:|")
+    print("| nodes | compute s | all-reduce s | exposed s | exposed share of the step |")
+    print("|---:|---:|---:|---:|---:|")
     for n in [2, 4, 8, 16, 32, 64, 128]:
         compute = f * 64 * 1024 / n / cpu
+        one = 2 * (n - 1) / n * bucket / bw + 2 * (n - 1) * alpha
         comm = 2 * (n - 1) / n * grad / bw + math.ceil(grad / bucket) * 2 * (n - 1) * alpha
-        print(f"| {n} | {compute:.1f} | {comm:.2f} | {comm / (compute + comm):.0%} |")
+        exposed = max(0.0, comm - compute * 2 / 3) + one
+        print(f"| {n} | {compute:.1f} | {comm:.2f} | {exposed:.2f} | {exposed / (compute + exposed):.0%} |")
 
 
 if __name__ == "__main__":

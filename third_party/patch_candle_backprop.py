@@ -57,5 +57,36 @@ new_mm = '''                        if tracked.contains(&lhs.id()) {
                         }'''
 assert old_bwd in s2 and old_mm in s2, "backward() or the matmul rule changed upstream"
 s2 = s2.replace(old_bwd, new_bwd).replace(old_mm, new_mm)
+# Third change: `backward_with` calls a hook with each variable's gradient as soon as it is
+# final (the walk reaches a variable after every node that uses it), so data parallelism can
+# all-reduce gradient buckets while the rest of the backward pass runs.
+old_head = '''    pub fn backward(&self) -> Result<GradStore> {
+        let sorted_nodes = self.sorted_nodes();'''
+new_head = '''    pub fn backward(&self) -> Result<GradStore> {
+        self.backward_with(&mut |_, _| Ok(()))
+    }
+
+    /// `backward`, calling `on_final(var, grad)` for each variable as soon as its gradient is
+    /// final, while the rest of the graph is still being walked (StackWise patch: lets data
+    /// parallelism all-reduce gradients during the backward pass). A variable is reached after
+    /// every node that uses it, so nothing adds to its gradient afterwards.
+    pub fn backward_with(
+        &self,
+        on_final: &mut dyn FnMut(&Tensor, &Tensor) -> Result<()>,
+    ) -> Result<GradStore> {
+        let sorted_nodes = self.sorted_nodes();'''
+old_var = '''        for node in sorted_nodes.iter() {
+            if node.is_variable() {
+                continue;
+            }'''
+new_var = '''        for node in sorted_nodes.iter() {
+            if node.is_variable() {
+                if let Some(grad) = grads.get(node) {
+                    on_final(node, grad)?;
+                }
+                continue;
+            }'''
+assert old_head in s2 and old_var in s2, "backward() changed upstream"
+s2 = s2.replace(old_head, new_head).replace(old_var, new_var)
 open(p, 'w').write(s2)
 print("replaced", n, "remaining or_insert:", s2.count("grads.or_insert("))

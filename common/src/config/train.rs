@@ -235,6 +235,9 @@ pub struct TrainingSection {
     pub tokens_per_step: Option<usize>,
     /// Recompute each block's activations in the backward instead of keeping them.
     pub gradient_checkpointing: bool,
+    /// Data parallelism: all-reduce gradient buckets while the backward pass runs (DeepSpeed's
+    /// `overlap_comm`); off, they are reduced after it. Same numbers either way.
+    pub overlap_comm: bool,
     /// Mixed precision: `bf16` (or `fp16`) matrix products with f32 master weights, as
     /// `torch.autocast`; `off` (default) computes in f32. Meant for GPUs.
     pub autocast: Autocast,
@@ -296,6 +299,7 @@ impl Default for TrainingSection {
             grad_accum: 1,
             tokens_per_step: None,
             gradient_checkpointing: false,
+            overlap_comm: true,
             autocast: Autocast::Off,
             seq_len: None,
             lr: 3e-4,

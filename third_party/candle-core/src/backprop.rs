@@ -163,6 +163,17 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_with(&mut |_, _| Ok(()))
+    }
+
+    /// `backward`, calling `on_final(var, grad)` for each variable as soon as its gradient is
+    /// final, while the rest of the graph is still being walked (StackWise patch: lets data
+    /// parallelism all-reduce gradients during the backward pass). A variable is reached after
+    /// every node that uses it, so nothing adds to its gradient afterwards.
+    pub fn backward_with(
+        &self,
+        on_final: &mut dyn FnMut(&Tensor, &Tensor) -> Result<()>,
+    ) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
         // StackWise patch: the nodes a gradient flows back through to a variable.
         let tracked: std::collections::HashSet<TensorId> =
@@ -171,6 +182,9 @@ impl Tensor {
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
+                if let Some(grad) = grads.get(node) {
+                    on_final(node, grad)?;
+                }
                 continue;
             }
             let grad = grads

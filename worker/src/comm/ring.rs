@@ -417,6 +417,46 @@ impl Comm for Ring {
     }
 }
 
+/// A test job's ring options: a fixed key, 20 s timeouts.
+#[cfg(test)]
+pub(crate) fn test_options() -> RingOptions {
+    RingOptions {
+        key: RingKey::derive(Some("job token"), b"generation nonce"),
+        connect_timeout: Duration::from_secs(20),
+        collective_timeout: Duration::from_secs(20),
+    }
+}
+
+/// Ranks of a `world`-rank ring as threads of this process, joined by real TCP connections on
+/// 127.0.0.1 (for tests).
+#[cfg(test)]
+pub(crate) fn test_rings(world: usize, generation: u64) -> Vec<Ring> {
+    let opts = test_options();
+    let listeners: Vec<_> = (0..world)
+        .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let (peers, opts) = (peers.clone(), opts.clone());
+            std::thread::spawn(move || {
+                let seat = Seat {
+                    next_peer: &peers[(rank + 1) % peers.len()],
+                    rank,
+                    world: peers.len(),
+                };
+                Ring::connect(&l, seat, 7, generation, &opts, Default::default()).unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,41 +472,11 @@ mod tests {
     use crate::comm::handshake;
 
     fn opts() -> RingOptions {
-        RingOptions {
-            key: RingKey::derive(Some("job token"), b"generation nonce"),
-            connect_timeout: Duration::from_secs(20),
-            collective_timeout: Duration::from_secs(20),
-        }
+        test_options()
     }
 
-    /// Ranks as threads joined by real TCP connections on 127.0.0.1.
     fn rings(world: usize, generation: u64) -> Vec<Ring> {
-        let listeners: Vec<_> = (0..world)
-            .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let peers: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let peers = peers.clone();
-                std::thread::spawn(move || {
-                    Ring::connect(
-                        &l,
-                        seat(&peers, rank),
-                        7,
-                        generation,
-                        &opts(),
-                        Default::default(),
-                    )
-                    .unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        test_rings(world, generation)
     }
 
     fn on_all<T: Send + 'static>(

@@ -8,6 +8,7 @@ pub mod batches;
 pub mod checkpointer;
 pub mod early_stopping;
 pub mod eval;
+pub mod grad_sync;
 pub mod persistence;
 pub mod report;
 pub mod spec;

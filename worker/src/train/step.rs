@@ -1,22 +1,22 @@
 //! One optimizer step, shared by the trainer and the benchmarks: micro-batches → gradients
 //! summed across them (each scaled by its share of the global target count, so accumulation
-//! equals one big batch) → all-reduce across ranks → global-norm clip → AdamW, or a skip
-//! when anything is non-finite on any rank.
+//! equals one big batch) → all-reduce across ranks (during the last micro-batch's backward
+//! pass, `grad_sync`) → global-norm clip → AdamW, or a skip when anything is non-finite on
+//! any rank.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use anyhow::Result;
 use candle_core::Tensor;
+use candle_core::backprop::GradStore;
 
+use super::grad_sync;
 use crate::comm::Comm;
 use crate::models::{Params, Transformer};
 use crate::objectives::{Batch, nll_sum};
 use crate::optim::AdamW;
 use crate::optim::adamw::clip_grad_norm;
-
-/// Gradients are all-reduced in buckets of at most this many floats (32 MiB), which bounds
-/// the staging memory of the exchange.
-pub const BUCKET_FLOATS: usize = 8 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
@@ -37,6 +37,23 @@ pub struct StepStats {
     pub step: u64,
     /// The step finished a pass over the training data (set by the trainer).
     pub epoch_ended: bool,
+    /// Seconds the step waited for the gradient all-reduce after its backward pass (the part
+    /// the overlap did not hide; 0 on one rank).
+    pub allreduce_exposed_s: f64,
+}
+
+/// The step's gradients, summed over its micro-batches and all ranks.
+pub struct StepGradients {
+    /// Mean loss over the step's target tokens.
+    pub loss: f64,
+    /// The step's target count on all ranks.
+    pub weight: f64,
+    /// By parameter name.
+    pub grads: HashMap<String, Tensor>,
+    /// Some rank voted to stop.
+    pub stop: bool,
+    /// Time waited for the all-reduce after the last backward pass.
+    pub exposed: Duration,
 }
 
 /// Loss, global target count and gradients (by parameter name) of `batches` on this rank,
@@ -47,14 +64,16 @@ pub fn gradients(
     batches: &[Batch],
     comm: &mut dyn Comm,
 ) -> Result<(f64, f64, HashMap<String, Tensor>)> {
-    let (loss, weight, grads, _) = gradients_voting(model, params, batches, comm, false, 0)?;
-    Ok((loss, weight, grads))
+    let g = gradients_voting(model, params, batches, comm, false, 0, true)?;
+    Ok((g.loss, g.weight, g.grads))
 }
 
 /// `gradients`, plus a vote carried in the gradients' last bucket: the returned flag is set
 /// on every rank when any rank voted `stop` (a checkpoint-and-stop request reaches the ranks
 /// at different steps; the vote makes them stop at the same one). `step` seeds the adapters'
-/// dropout masks (`ops::dropout`), with the micro-batch and the rank.
+/// dropout masks (`ops::dropout`), with the micro-batch and the rank. With `overlap`, the
+/// last micro-batch's gradients are all-reduced during its backward pass
+/// (`training.overlap_comm`).
 pub fn gradients_voting(
     model: &Transformer,
     params: &Params,
@@ -62,7 +81,8 @@ pub fn gradients_voting(
     comm: &mut dyn Comm,
     stop: bool,
     step: u64,
-) -> Result<(f64, f64, HashMap<String, Tensor>, bool)> {
+    overlap: bool,
+) -> Result<StepGradients> {
     let local_weight: f64 = batches
         .iter()
         .map(Batch::weight)
@@ -82,103 +102,88 @@ pub fn gradients_voting(
         if comm.world_size() > 1 {
             comm.all_reduce_sum(&mut v)?;
         }
-        return Ok((0.0, 0.0, grads, v[0] > 0.0));
+        return Ok(StepGradients {
+            loss: 0.0,
+            weight: 0.0,
+            grads,
+            stop: v[0] > 0.0,
+            exposed: Duration::ZERO,
+        });
     }
+    let mut agreed = stop;
+    let mut exposed = Duration::ZERO;
+    let mut accumulate = |g: &GradStore, grads: &mut HashMap<String, Tensor>| -> Result<()> {
+        accumulate_gradients(model, params, g, grads)
+    };
     for (i, b) in batches.iter().enumerate() {
         // Forward and backward (which may recompute blocks) draw the same dropout masks.
         let _dropout = crate::ops::dropout::TrainingScope::enter(step, i, comm.rank());
         let l = (nll_sum(model, b)? / total_weight)?;
         loss += l.to_scalar::<f32>()? as f64;
-        let g = l.backward()?;
-        for (name, var) in &params.vars {
-            // A parameter inside a recomputed block gets its gradient from the sink.
-            let recomputed = model
-                .recompute
-                .as_ref()
-                .and_then(|s| s.take(var.as_tensor()));
-            let gt = match (g.get(var.as_tensor()), recomputed) {
-                (Some(a), Some(b)) => (a + b)?,
-                (Some(a), None) => a.clone(),
-                (None, Some(b)) => b,
-                (None, None) => continue,
+        if i + 1 == batches.len() && comm.world_size() > 1 {
+            // Recomputed blocks hand their gradients over after the pass: no overlap then.
+            let opts = grad_sync::SyncOptions {
+                overlap: overlap && model.recompute.is_none(),
+                bucket_floats: grad_sync::BUCKET_FLOATS,
             };
-            // Detached: a gradient keeps the graph that made it, and with it the micro-batch's
-            // activations, through the next micro-batches of the step.
-            let gt = gt.detach();
-            let sum = match grads.remove(name) {
-                Some(prev) => (prev + gt)?,
-                None => gt,
-            };
-            grads.insert(name.clone(), sum);
-        }
-        if let Some(sink) = &model.recompute {
-            sink.clear();
+            let synced = grad_sync::backward_all_reduced(
+                &l,
+                params,
+                &mut grads,
+                loss,
+                stop,
+                comm,
+                opts,
+                &mut accumulate,
+            )?;
+            (loss, agreed, exposed) = (synced.loss, synced.stop, synced.exposed);
+        } else {
+            let g = l.backward()?;
+            accumulate(&g, &mut grads)?;
         }
     }
-    let mut agreed = stop;
-    if comm.world_size() > 1 {
-        (loss, agreed) = all_reduce_gradients(params, &mut grads, loss, stop, comm)?;
-    }
-    Ok((loss, total_weight, grads, agreed))
+    Ok(StepGradients {
+        loss,
+        weight: total_weight,
+        grads,
+        stop: agreed,
+        exposed,
+    })
 }
 
-/// Sum `grads` (and the scalar `loss`) over all ranks, packed into buckets of about
-/// `BUCKET_FLOATS` in parameter order; the loss and the stop vote ride in the last bucket.
-/// A parameter without a gradient on this rank contributes zeros.
-fn all_reduce_gradients(
+/// Add the gradients of one backward pass (`g`, and those recomputed blocks left in the
+/// model's sink) into `grads`, by parameter name.
+fn accumulate_gradients(
+    model: &Transformer,
     params: &Params,
+    g: &GradStore,
     grads: &mut HashMap<String, Tensor>,
-    loss: f64,
-    stop: bool,
-    comm: &mut dyn Comm,
-) -> Result<(f64, bool)> {
-    let vars: Vec<(&String, &Tensor)> = params
-        .vars
-        .iter()
-        .map(|(n, v)| (n, v.as_tensor()))
-        .collect();
-    let mut buckets: Vec<std::ops::Range<usize>> = Vec::new();
-    let (mut start, mut size) = (0, 0);
-    for (i, (_, v)) in vars.iter().enumerate() {
-        size += v.elem_count();
-        if size >= BUCKET_FLOATS || i + 1 == vars.len() {
-            buckets.push(start..i + 1);
-            (start, size) = (i + 1, 0);
-        }
+) -> Result<()> {
+    for (name, var) in &params.vars {
+        // A parameter inside a recomputed block gets its gradient from the sink.
+        let recomputed = model
+            .recompute
+            .as_ref()
+            .and_then(|s| s.take(var.as_tensor()));
+        let gt = match (g.get(var.as_tensor()), recomputed) {
+            (Some(a), Some(b)) => (a + b)?,
+            (Some(a), None) => a.clone(),
+            (None, Some(b)) => b,
+            (None, None) => continue,
+        };
+        // Detached: a gradient keeps the graph that made it, and with it the micro-batch's
+        // activations, through the next micro-batches of the step.
+        let gt = gt.detach();
+        let sum = match grads.remove(name) {
+            Some(prev) => (prev + gt)?,
+            None => gt,
+        };
+        grads.insert(name.clone(), sum);
     }
-    if buckets.is_empty() {
-        buckets.push(0..0);
+    if let Some(sink) = &model.recompute {
+        sink.clear();
     }
-    let last = buckets.len() - 1;
-    let mut total_loss = loss;
-    let mut agreed = stop;
-    let mut buf: Vec<f32> = Vec::new();
-    for (b, range) in buckets.into_iter().enumerate() {
-        buf.clear();
-        for (name, var) in &vars[range.clone()] {
-            match grads.get(*name) {
-                Some(g) => buf.extend(g.flatten_all()?.to_vec1::<f32>()?),
-                None => buf.resize(buf.len() + var.elem_count(), 0.0),
-            }
-        }
-        if b == last {
-            buf.push(loss as f32);
-            buf.push(f32::from(u8::from(stop)));
-        }
-        comm.all_reduce_sum(&mut buf)?;
-        if b == last {
-            agreed = buf.pop().expect("vote slot") > 0.0;
-            total_loss = buf.pop().expect("loss slot") as f64;
-        }
-        let mut off = 0;
-        for (name, var) in &vars[range] {
-            let n = var.elem_count();
-            let t = Tensor::from_slice(&buf[off..off + n], var.shape(), var.device())?;
-            grads.insert((*name).clone(), t);
-            off += n;
-        }
-    }
-    Ok((total_loss, agreed))
+    Ok(())
 }
 
 /// Gradients, clipping and the AdamW update with learning rate `lr`. The skip decision is
@@ -194,12 +199,13 @@ pub fn train_step(
 ) -> Result<StepStats> {
     let step = opt.step;
     train_step_voting(
-        model, params, opt, batches, grad_clip, lr, comm, false, step,
+        model, params, opt, batches, grad_clip, lr, comm, false, step, true,
     )
 }
 
 /// `train_step` with a stop vote (see `gradients_voting`); `step` (the run's step count, the
-/// same at this step of a resumed run) seeds the adapters' dropout masks.
+/// same at this step of a resumed run) seeds the adapters' dropout masks; `overlap` as in
+/// `gradients_voting`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step_voting(
     model: &Transformer,
@@ -211,10 +217,16 @@ pub fn train_step_voting(
     comm: &mut dyn Comm,
     stop: bool,
     step: u64,
+    overlap: bool,
 ) -> Result<StepStats> {
     let tokens = batches.iter().map(Batch::tokens).sum();
-    let (loss, weight, mut grads, stop) =
-        gradients_voting(model, params, batches, comm, stop, step)?;
+    let StepGradients {
+        loss,
+        weight,
+        mut grads,
+        stop,
+        exposed,
+    } = gradients_voting(model, params, batches, comm, stop, step, overlap)?;
     let grad_norm = clip_grad_norm(&mut grads, grad_clip)?;
     let skipped = weight == 0.0 || !loss.is_finite() || !grad_norm.is_finite();
     if !skipped {
@@ -230,5 +242,6 @@ pub fn train_step_voting(
         stop,
         step: 0,
         epoch_ended: false,
+        allreduce_exposed_s: exposed.as_secs_f64(),
     })
 }

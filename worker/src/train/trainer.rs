@@ -432,6 +432,7 @@ impl Trainer {
             self.comm.as_mut(),
             vote,
             self.state.step,
+            self.spec.cfg.training.overlap_comm,
         )?;
         if stats.skipped {
             self.state.skipped_steps += 1;
@@ -504,6 +505,7 @@ impl Trainer {
     ) {
         let step = stats.step;
         let tokens_per_s = progress.window_tokens_per_s();
+        let allreduce_s = self.comm_spent.swap(0, Ordering::Relaxed) as f64 / 1e9;
         self.emit(TrainEvent::Step(stackwise_proto::model::StepMetrics {
             stage: self.state.stage as u32,
             step,
@@ -515,11 +517,11 @@ impl Trainer {
             tokens_per_s,
             val_loss: val,
             skipped: stats.skipped,
-            allreduce_seconds: self.comm_spent.swap(0, Ordering::Relaxed) as f64 / 1e9,
+            allreduce_seconds: allreduce_s,
         }));
         let every = self.spec.cfg.training.log_every.max(1);
         if step.is_multiple_of(every) || val.is_some() || step == stop_at {
-            let (rec, line) = StepReport {
+            let (mut rec, line) = StepReport {
                 step,
                 total,
                 stages: self.spec.plan.stages.len(),
@@ -536,6 +538,12 @@ impl Trainer {
                 val_accuracy: val.and(self.last_val_accuracy),
             }
             .render();
+            if self.comm.world_size() > 1 {
+                // This rank's seconds in collectives in this step, and the part of
+                // this step's gradient all-reduce its backward pass did not hide.
+                rec["allreduce_s"] = allreduce_s.into();
+                rec["allreduce_exposed_s"] = stats.allreduce_exposed_s.into();
+            }
             rep.record(&rec);
             if self.is_leader() && (!rep.is_bar() || val.is_some()) {
                 rep.line(&line);
