@@ -69,16 +69,14 @@ impl BucketPlan {
         bucket_floats: usize,
         comm: &mut dyn Comm,
     ) -> Result<Self> {
-        let index: HashMap<TensorId, usize> = vars
-            .iter()
-            .enumerate()
-            .map(|(i, (_, v))| (v.id(), i))
-            .collect();
+        let index = by_id(vars);
         let mut order: Vec<usize> = loss
             .sorted_nodes()
             .iter()
             .filter(|n| n.is_variable())
-            .filter_map(|n| index.get(&n.id()).copied())
+            .filter_map(|n| index.get(&n.id()))
+            .flatten()
+            .copied()
             .collect();
         let mut seen = vec![false; vars.len()];
         order.iter().for_each(|&i| seen[i] = true);
@@ -112,6 +110,15 @@ impl BucketPlan {
     }
 }
 
+/// The indices of `vars` by tensor: one parameter may be listed under several names.
+fn by_id(vars: &[(&String, &Tensor)]) -> HashMap<TensorId, Vec<usize>> {
+    let mut index: HashMap<TensorId, Vec<usize>> = HashMap::new();
+    for (i, (_, v)) in vars.iter().enumerate() {
+        index.entry(v.id()).or_default().push(i);
+    }
+    index
+}
+
 /// Runs the backward pass of `last` (the step's last micro-batch, its loss already scaled)
 /// and sums the step's gradients over all ranks of `comm` into `grads`, which holds the earlier
 /// micro-batches' sums on entry. `loss` and `stop` (this rank's loss and stop vote) ride in the
@@ -141,11 +148,7 @@ pub fn backward_all_reduced(
     for (b, r) in plan.buckets.iter().enumerate() {
         plan.order[r.clone()].iter().for_each(|&i| bucket_of[i] = b);
     }
-    let index: HashMap<TensorId, usize> = vars
-        .iter()
-        .enumerate()
-        .map(|(i, (_, v))| (v.id(), i))
-        .collect();
+    let index = by_id(vars.as_slice());
     let tail = [loss as f32, f32::from(u8::from(stop))];
     let last_bucket = plan.buckets.len() - 1;
     let pack = |b: usize, grads: &HashMap<String, Tensor>| -> Result<Vec<f32>> {
@@ -191,16 +194,18 @@ pub fn backward_all_reduced(
         let backward = if opts.overlap {
             let mut pending: Vec<usize> = plan.buckets.iter().map(|r| r.len()).collect();
             let mut hook = |var: &Tensor, g: &Tensor| -> candle_core::Result<()> {
-                let Some(&i) = index.get(&var.id()) else {
+                let Some(names) = index.get(&var.id()) else {
                     return Ok(());
                 };
                 let g = g.detach();
-                let sum = match grads.remove(vars[i].0) {
-                    Some(prev) => (prev + g)?,
-                    None => g,
-                };
-                grads.insert(vars[i].0.clone(), sum);
-                pending[bucket_of[i]] -= 1;
+                for &i in names {
+                    let sum = match grads.remove(vars[i].0) {
+                        Some(prev) => (prev + &g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(vars[i].0.clone(), sum);
+                    pending[bucket_of[i]] -= 1;
+                }
                 send_ready(grads, &pending, false).map_err(candle_core::Error::wrap)
             };
             last.backward_with(&mut hook)
@@ -273,6 +278,15 @@ mod tests {
             .collect()
     }
 
+    /// The tiny GPT-2 with one parameter listed under a second name, as a tied weight may be.
+    fn model_with_an_alias() -> (Transformer, Params) {
+        let cfg = tiny(Family::Gpt2, AttentionMode::Causal, None);
+        let (model, mut params) = Transformer::init(&cfg, 3, &Device::Cpu).unwrap();
+        let first = params.vars.values().next().unwrap().clone();
+        params.vars.insert("zz.alias".into(), first);
+        (model, params)
+    }
+
     type Grads = std::collections::BTreeMap<String, Vec<f32>>;
 
     fn flat(grads: &HashMap<String, Tensor>) -> Grads {
@@ -285,8 +299,7 @@ mod tests {
     /// This rank's step: the first micro-batch's gradients by a plain backward pass, then the
     /// second's through `backward_all_reduced`.
     fn rank_step(comm: &mut dyn Comm, world: usize, opts: SyncOptions) -> (f64, Grads, Synced) {
-        let cfg = tiny(Family::Gpt2, AttentionMode::Causal, None);
-        let (model, params) = Transformer::init(&cfg, 3, &Device::Cpu).unwrap();
+        let (model, params) = model_with_an_alias();
         let total: f64 = (0..world)
             .flat_map(micro_batches)
             .map(|b| b.weight().unwrap())
@@ -349,8 +362,7 @@ mod tests {
         assert!(after.iter().all(|(_, _, s)| s.during_backward == 0));
 
         // The same sums as one process that runs every rank's micro-batches.
-        let cfg = tiny(Family::Gpt2, AttentionMode::Causal, None);
-        let (model, params) = Transformer::init(&cfg, 3, &Device::Cpu).unwrap();
+        let (model, params) = model_with_an_alias();
         let all: Vec<Batch> = (0..world).flat_map(micro_batches).collect();
         let (one_loss, _, one) =
             crate::train::step::gradients(&model, &params, &all, &mut crate::comm::Local).unwrap();
