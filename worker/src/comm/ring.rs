@@ -431,7 +431,12 @@ pub(crate) fn test_options() -> RingOptions {
 /// 127.0.0.1 (for tests).
 #[cfg(test)]
 pub(crate) fn test_rings(world: usize, generation: u64) -> Vec<Ring> {
-    let opts = test_options();
+    test_rings_with(world, generation, &test_options())
+}
+
+/// `test_rings` with other options.
+#[cfg(test)]
+pub(crate) fn test_rings_with(world: usize, generation: u64, opts: &RingOptions) -> Vec<Ring> {
     let listeners: Vec<_> = (0..world)
         .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -687,25 +692,9 @@ mod tests {
             collective_timeout: Duration::from_millis(300),
             ..opts()
         };
-        let listeners: Vec<_> = (0..2)
-            .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let peers: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
-        let mut hs: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let (peers, quick) = (peers.clone(), quick.clone());
-                std::thread::spawn(move || {
-                    Ring::connect(&l, seat(&peers, rank), 7, 1, &quick, Default::default()).unwrap()
-                })
-            })
-            .collect();
-        let _idle = hs.pop().unwrap().join().unwrap();
-        let mut r0 = hs.pop().unwrap().join().unwrap();
+        let mut rs = test_rings_with(2, 1, &quick);
+        let _idle = rs.pop().unwrap();
+        let mut r0 = rs.pop().unwrap();
         let started = Instant::now();
         let e = r0.all_reduce_sum(&mut [1.0; 100]).unwrap_err();
         assert!(matches!(e, CommError::Timeout(_)), "{e}");
