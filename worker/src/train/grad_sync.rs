@@ -81,7 +81,7 @@ impl BucketPlan {
         let mut seen = vec![false; vars.len()];
         order.iter().for_each(|&i| seen[i] = true);
         order.extend((0..vars.len()).filter(|&i| !seen[i]));
-        // Indices are exact in f32 up to 2^24 parameters tensors.
+        // Indices are exact in f32 up to 2^24 parameter tensors.
         let mut wire: Vec<f32> = order.iter().map(|&i| i as f32).collect();
         comm.broadcast(&mut wire, 0)?;
         let order: Vec<usize> = wire.iter().map(|&i| i as usize).collect();
