@@ -207,7 +207,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             "lora_r": a.lora_r, "batch": a.batch, "seq": seq, "s_per_step": s_per_step, "all_s_per_step": times,
             "tokens_per_s": (a.batch * seq) as f64 / s_per_step, "params": params.count(), "last_loss": loss,
             "matmul_flops_per_step": flops, "gflops": flops.map(|f| f / s_per_step / 1e9),
-            "cpu_s_per_step": median(cpu_times),
+            "cpu_s_per_step": median(cpu_times), "simd": stackwise_worker::ops::simd_level(),
         })
     );
     Ok(())

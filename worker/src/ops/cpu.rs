@@ -34,6 +34,19 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
 }
 
+/// The vector level `simd` runs at on this CPU: `avx512`, `avx2` (with FMA) or `baseline`
+/// (printed beside benchmark figures).
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    match pulp::Arch::new() {
+        pulp::Arch::V4(_) => "avx512",
+        pulp::Arch::V3(_) => "avx2",
+        _ => "baseline",
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    "baseline"
+}
+
 /// True when the fused CPU kernels apply (f32 on the CPU); elsewhere ops use candle compositions.
 pub(crate) fn fused_ok(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
@@ -58,4 +71,37 @@ pub(crate) fn probe_grads(y: Tensor, probe: &Tensor) -> candle_core::backprop::G
         .and_then(|t| t.sum_all())
         .and_then(|t| t.backward())
         .expect("backward")
+}
+
+#[cfg(test)]
+mod tests {
+    /// The fused kernels' loops run at the widest level the CPU has: fails when run-time
+    /// dispatch is lost (pulp's `x86-v4` feature dropped, or its detection broken).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_dispatches_to_the_widest_level_this_cpu_has() {
+        use std::arch::is_x86_feature_detected as has;
+        let v3 = has!("avx")
+            && has!("avx2")
+            && has!("fma")
+            && has!("bmi1")
+            && has!("bmi2")
+            && has!("lzcnt")
+            && has!("popcnt")
+            && has!("sse4.2");
+        let v4 = v3
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512cd")
+            && has!("avx512dq")
+            && has!("avx512vl");
+        let want = if v4 {
+            "avx512"
+        } else if v3 {
+            "avx2"
+        } else {
+            "baseline"
+        };
+        assert_eq!(super::simd_level(), want);
+    }
 }

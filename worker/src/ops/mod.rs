@@ -16,6 +16,7 @@ mod matmul;
 
 pub use attention::attention_softmax;
 pub use bias::add_bias;
+pub use cpu::simd_level;
 pub use cross_entropy::token_nll;
 pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
 pub use inverse::batch_inverse;
