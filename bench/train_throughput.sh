@@ -29,6 +29,8 @@ med = {k: statistics.median(r["tokens_per_s"] for r in rows if r["impl"] == k) f
 for k in ("stackwise", "pytorch"):
     s = [round(r["s_per_step"], 3) for r in rows if r["impl"] == k]
     print(f"{k:9}: {med[k]:8.0f} tokens/s  (s/step per round: {s})")
+simd = next(r.get("simd", "?") for r in rows if r["impl"] == "stackwise")
+print(f"StackWise's fused kernels ran at the {simd} vector level")
 print(f"ratio stackwise/pytorch: {med['stackwise'] / med['pytorch']:.2f}x")
 cpu = {k: statistics.median(r["cpu_s_per_step"] for r in rows if r["impl"] == k) for k in ("stackwise", "pytorch")}
 print(f"CPU time per step (all threads, user + system): stackwise {cpu['stackwise']:.2f} s, pytorch {cpu['pytorch']:.2f} s; "
