@@ -61,15 +61,16 @@ struct BucketPlan {
 }
 
 impl BucketPlan {
-    /// Buckets of about `bucket_floats` over `vars` in the order the backward pass of `loss`
-    /// finishes their gradients on rank 0; parameters the graph does not reach come last.
+    /// Buckets of about `bucket_floats` over `vars` (`index`: theirs by tensor) in the order the
+    /// backward pass of `loss` finishes their gradients on rank 0; parameters the graph does not
+    /// reach come last.
     fn agreed(
         loss: &Tensor,
         vars: &[(&String, &Tensor)],
+        index: &HashMap<TensorId, Vec<usize>>,
         bucket_floats: usize,
         comm: &mut dyn Comm,
     ) -> Result<Self> {
-        let index = by_id(vars);
         let mut order: Vec<usize> = loss
             .sorted_nodes()
             .iter()
@@ -110,6 +111,20 @@ impl BucketPlan {
     }
 }
 
+/// Add `g` (detached) to the step's sum for `name`; the first contribution is stored as is.
+pub(super) fn add_into(
+    grads: &mut HashMap<String, Tensor>,
+    name: &str,
+    g: Tensor,
+) -> candle_core::Result<()> {
+    let sum = match grads.remove(name) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    grads.insert(name.to_string(), sum);
+    Ok(())
+}
+
 /// The indices of `vars` by tensor: one parameter may be listed under several names.
 fn by_id(vars: &[(&String, &Tensor)]) -> HashMap<TensorId, Vec<usize>> {
     let mut index: HashMap<TensorId, Vec<usize>> = HashMap::new();
@@ -143,12 +158,12 @@ pub fn backward_all_reduced(
         .iter()
         .map(|(n, v)| (n, v.as_tensor()))
         .collect();
-    let plan = BucketPlan::agreed(last, &vars, opts.bucket_floats, comm)?;
+    let index = by_id(&vars);
+    let plan = BucketPlan::agreed(last, &vars, &index, opts.bucket_floats, comm)?;
     let mut bucket_of = vec![0; vars.len()];
     for (b, r) in plan.buckets.iter().enumerate() {
         plan.order[r.clone()].iter().for_each(|&i| bucket_of[i] = b);
     }
-    let index = by_id(vars.as_slice());
     let tail = [loss as f32, f32::from(u8::from(stop))];
     let last_bucket = plan.buckets.len() - 1;
     let pack = |b: usize, grads: &HashMap<String, Tensor>| -> Result<Vec<f32>> {
@@ -199,11 +214,7 @@ pub fn backward_all_reduced(
                 };
                 let g = g.detach();
                 for &i in names {
-                    let sum = match grads.remove(vars[i].0) {
-                        Some(prev) => (prev + &g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(vars[i].0.clone(), sum);
+                    add_into(grads, vars[i].0, g.clone())?;
                     pending[bucket_of[i]] -= 1;
                 }
                 send_ready(grads, &pending, false).map_err(candle_core::Error::wrap)
@@ -316,9 +327,7 @@ mod tests {
         let mut unused = |_: &GradStore, _: &mut HashMap<String, Tensor>| anyhow::Ok(());
         let mut accumulate = |store: &GradStore, grads: &mut HashMap<String, Tensor>| {
             for (name, var) in &params.vars {
-                let g = store.get(var.as_tensor()).unwrap().detach();
-                let sum = (grads.remove(name).unwrap() + g)?;
-                grads.insert(name.clone(), sum);
+                add_into(grads, name, store.get(var.as_tensor()).unwrap().detach())?;
             }
             anyhow::Ok(())
         };

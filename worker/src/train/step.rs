@@ -173,12 +173,7 @@ fn accumulate_gradients(
         };
         // Detached: a gradient keeps the graph that made it, and with it the micro-batch's
         // activations, through the next micro-batches of the step.
-        let gt = gt.detach();
-        let sum = match grads.remove(name) {
-            Some(prev) => (prev + gt)?,
-            None => gt,
-        };
-        grads.insert(name.clone(), sum);
+        grad_sync::add_into(grads, name, gt.detach())?;
     }
     if let Some(sink) = &model.recompute {
         sink.clear();
