@@ -6,9 +6,10 @@
 # default) and with training.overlap_comm=false (reduced after it). From rank 0's metrics.jsonl it
 # prints the all-reduce seconds per step and how much of them the backward pass hid.
 #   bash bench/launch_throughput.sh [ROUNDS]
-# LINK_RATE=1gbit shapes the loopback interface to that rate for the runs (tc tbf; needs root
-# or CAP_NET_ADMIN), so the ring's transfers wait on a wire as between machines instead of
-# costing CPU time for loopback copies; the shaping is removed on exit.
+# The two workers share this machine, so their ring links go through shared memory.
+# LINK_RATE=1gbit instead puts them on TCP (STACKWISE_RING_SHM=0) over the loopback interface
+# shaped to that rate (tc tbf; needs root or CAP_NET_ADMIN), so the ring's transfers wait on a
+# wire as between machines; the shaping is removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-2}"
@@ -16,7 +17,8 @@ cargo build --release --quiet -p stackwise
 sw=target/release/stackwise
 work=target/bench-launch
 rm -rf "$work" && mkdir -p "$work"
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+flags=$(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'avx2|fma|avx512f' | sort -u | xargs)
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores ($flags)"
 $sw data prepare cli/assets/corpus/*.txt --out "$work/data" --train-tokenizer byte >/dev/null 2>&1
 cat > "$work/bench.yaml" <<YAML
 run: {name: bench, output: $PWD/$work/out, seed: 1}
@@ -27,7 +29,8 @@ YAML
 if [ -n "${LINK_RATE:-}" ]; then
   tc qdisc replace dev lo root tbf rate "$LINK_RATE" burst 2mb latency 100ms
   trap 'tc qdisc del dev lo root 2>/dev/null || true' EXIT
-  echo "loopback shaped to $LINK_RATE (all ranks' traffic shares it)"
+  export STACKWISE_RING_SHM=0
+  echo "ring over TCP, loopback shaped to $LINK_RATE (all ranks' traffic shares it)"
 fi
 cores=$(nproc)
 out=$(mktemp)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The TCP ring at more ranks: 2, 4 and 8 processes on loopback, each size checked element by
-# element against the exact sum, bus bandwidth per size.
+# The ring at more ranks: 2, 4 and 8 processes on this machine (links through shared memory;
+# over loopback TCP with STACKWISE_RING_SHM=0), each size checked element by element against
+# the exact sum, bus bandwidth per size.
 #   bash bench/ring_scale.sh [WORLD ...]     (default: 2 4 8)
 # With fewer cores than ranks the ranks time-share the CPU: the figures show that cost, they
 # are not what a ring of machines reaches.
@@ -18,7 +19,7 @@ import json, sys
 for l in sys.stdin:
     r = json.loads(l)
     ok = "sums exact" if r["sums_exact"] else "WRONG"
-    print("ring world={} {:>3} MiB: {:8.1f} ms, busbw {:.2f} GB/s, {}".format(
-        r["world"], r["mib"], r["seconds"] * 1e3, r["busbw_gbps"], ok))
+    print("ring world={} ({}) {:>3} MiB: {:8.1f} ms, busbw {:.2f} GB/s, {}".format(
+        r["world"], r["transport"], r["mib"], r["seconds"] * 1e3, r["busbw_gbps"], ok))
 '
 done

@@ -1,6 +1,7 @@
 //! Ring all-reduce bus bandwidth between processes on this machine.
 //!   allreduce --world 2 --sizes-mib 1,16,64,256 --iters 5
-//! starts `world` copies of itself (one per rank, joined by the TCP ring over 127.0.0.1) and
+//! starts `world` copies of itself (one per rank, joined by the ring over 127.0.0.1: its links
+//! through shared memory, or TCP with STACKWISE_RING_SHM=0) and
 //! prints one JSON line per size: median seconds and bus bandwidth, 2(w-1)/w * bytes / time,
 //! the figure NCCL and torch.distributed benchmarks report. Every rank also checks one
 //! all-reduce per size element by element against the exact sum.
@@ -102,6 +103,7 @@ fn run_rank(a: &Args, rank: usize) -> Result<()> {
             key: RingKey::derive(None, b"allreduce benchmark"),
             connect_timeout: Duration::from_secs(30),
             collective_timeout: Duration::from_secs(600),
+            shared_memory: RingOptions::shared_memory_from_env(),
         },
         Arc::default(),
     )?;
@@ -138,7 +140,7 @@ fn run_rank(a: &Args, rank: usize) -> Result<()> {
         if rank == 0 {
             println!(
                 "{}",
-                serde_json::json!({"impl": "stackwise-ring", "world": a.world, "mib": mib, "seconds": med,
+                serde_json::json!({"impl": "stackwise-ring", "transport": ring.transport(), "world": a.world, "mib": mib, "seconds": med,
                     "busbw_gbps": 2.0 * (w - 1.0) / w * bytes / med / 1e9, "sums_exact": true})
             );
         }

@@ -68,8 +68,9 @@ impl Frame {
     }
 
     /// Read the previous rank's frame and compare it with `self`.
-    pub fn check(&self, prev: &mut TcpStream, rank: usize, world: usize) -> Result<(), CommError> {
+    pub fn check(&self, prev: &TcpStream, rank: usize, world: usize) -> Result<(), CommError> {
         let mut b = [0u8; Self::SIZE];
+        let mut prev = prev;
         prev.read_exact(&mut b)?;
         let theirs = Self::decode(&b);
         if theirs != *self {

@@ -1,5 +1,5 @@
 //! Collectives over flat `f32` buffers (DESIGN §5): `local` for one worker, `ring` (TCP,
-//! CPU) and `nccl` (CUDA, feature `cuda`), behind the `Comm` trait (`collective.rs`).
+//! CPU; `shm` links between ranks on one machine) and `nccl` (CUDA, feature `cuda`), behind the `Comm` trait (`collective.rs`).
 
 pub mod collective;
 mod frame;
@@ -8,6 +8,7 @@ mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod ring;
+mod shm;
 mod timed;
 
 pub(crate) use collective::chunk_range;
@@ -15,4 +16,5 @@ pub use collective::{Comm, CommError};
 pub use handshake::RingKey;
 pub use local::Local;
 pub use ring::{COLLECTIVE_TIMEOUT_ENV, Ring, RingAbort, RingListener, RingOptions, Seat};
+pub use shm::SHM_ENV;
 pub use timed::Timed;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::frame::{Frame, Op};
 use super::handshake::{Hello, RingKey, accept_prev, dial_next};
+use super::shm::{self, ShmRx, ShmTx, Watch};
 use super::{Comm, CommError, chunk_range};
 
 #[cfg(not(target_endian = "little"))]
@@ -33,6 +34,16 @@ pub struct RingOptions {
     /// A collective fails when the previous rank sends nothing (or the next takes nothing)
     /// for this long: ranks out of step, or a peer stalled without closing its socket.
     pub collective_timeout: Duration,
+    /// Move the pieces between ranks on one machine through shared memory (`shm.rs`) when
+    /// both can map the same file; TCP otherwise.
+    pub shared_memory: bool,
+}
+
+impl RingOptions {
+    /// Shared-memory links unless `STACKWISE_RING_SHM=0`.
+    pub fn shared_memory_from_env() -> bool {
+        std::env::var(shm::SHM_ENV).map_or(true, |v| v.trim() != "0")
+    }
 }
 
 pub struct RingListener {
@@ -74,6 +85,9 @@ pub struct Ring {
     world: usize,
     next: TcpStream,
     prev: TcpStream,
+    /// Shared-memory links to rank + 1 and from rank - 1, where they formed.
+    tx: Option<ShmTx>,
+    rx: Option<ShmRx>,
     scratch: Vec<f32>,
     broken: bool,
     aborted: Arc<AtomicBool>,
@@ -134,7 +148,19 @@ impl Ring {
         let next = dialer
             .join()
             .map_err(|_| CommError::Setup("ring dialer panicked".into()))?;
-        let (prev, next) = (prev?, next?);
+        let (mut prev, mut next) = (prev?, next?);
+        let (tx, rx) = shm::negotiate(
+            &mut next,
+            &mut prev,
+            opts.shared_memory,
+            PIECE_FLOATS,
+            deadline,
+        )?;
+        tracing::debug!(
+            "rank {rank}: link to rank + 1 over {}, from rank - 1 over {}",
+            if tx.is_some() { "shared memory" } else { "TCP" },
+            if rx.is_some() { "shared memory" } else { "TCP" },
+        );
         prev.set_read_timeout(Some(opts.collective_timeout))?;
         next.set_write_timeout(Some(opts.collective_timeout))?;
         let abort_streams = Arc::new(vec![next.try_clone()?, prev.try_clone()?]);
@@ -143,6 +169,8 @@ impl Ring {
             world,
             next,
             prev,
+            tx,
+            rx,
             scratch: vec![0.0; PIECE_FLOATS],
             broken: false,
             aborted: Arc::new(AtomicBool::new(false)),
@@ -150,6 +178,16 @@ impl Ring {
             seq: 0,
             collective_timeout: opts.collective_timeout,
         })
+    }
+
+    /// How this rank's links move data: `"shm"` (both through shared memory), `"tcp"`, or
+    /// `"shm+tcp"` (one of each).
+    pub fn transport(&self) -> &'static str {
+        match (self.tx.is_some(), self.rx.is_some()) {
+            (true, true) => "shm",
+            (false, false) => "tcp",
+            _ => "shm+tcp",
+        }
     }
 
     pub fn abort_handle(&self) -> RingAbort {
@@ -209,6 +247,62 @@ fn bytes(s: &[f32]) -> &[u8] {
 fn bytes_mut(s: &mut [f32]) -> &mut [u8] {
     // SAFETY: as above; every byte pattern is a valid f32.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+/// Send one piece to rank + 1: through the shared-memory link where there is one.
+fn send_piece(
+    next: &TcpStream,
+    tx: Option<&mut ShmTx>,
+    piece: &[f32],
+    aborted: &AtomicBool,
+    timeout: Duration,
+) -> Result<(), CommError> {
+    match tx {
+        Some(tx) => tx.send(
+            piece,
+            &Watch {
+                peer: next,
+                aborted,
+                timeout,
+            },
+        ),
+        None => Ok((&mut &*next).write_all(bytes(piece))?),
+    }
+}
+
+/// Receive one piece from rank - 1 into `dst`, added to it when `add`. Over TCP the bytes to
+/// add land in `scratch` first; from shared memory they are added straight from the slot.
+fn recv_piece(
+    prev: &TcpStream,
+    rx: Option<&mut ShmRx>,
+    scratch: &mut [f32],
+    dst: &mut [f32],
+    add: bool,
+    aborted: &AtomicBool,
+    timeout: Duration,
+) -> Result<(), CommError> {
+    if let Some(rx) = rx {
+        return rx.recv(
+            dst,
+            add,
+            &Watch {
+                peer: prev,
+                aborted,
+                timeout,
+            },
+        );
+    }
+    let mut sock = prev;
+    if add {
+        let tmp = &mut scratch[..dst.len()];
+        sock.read_exact(bytes_mut(tmp))?;
+        for (d, s) in dst.iter_mut().zip(tmp.iter()) {
+            *d += *s;
+        }
+    } else {
+        sock.read_exact(bytes_mut(dst))?;
+    }
+    Ok(())
 }
 
 /// Overrides the collectives' timeout (seconds) of the ring and NCCL.
@@ -317,9 +411,10 @@ impl Comm for Ring {
         let progress = Progress::default();
         let shared = SharedBuf(buf.as_mut_ptr());
         let reduce_steps = w - 1;
-        let next = &self.next;
-        let prev = &mut self.prev;
+        let (next, prev) = (&self.next, &self.prev);
+        let (tx, rx) = (&mut self.tx, &mut self.rx);
         let scratch = &mut self.scratch;
+        let (aborted, timeout) = (&*self.aborted, self.collective_timeout);
         let result = std::thread::scope(|scope| {
             let writer = scope.spawn(|| -> Result<(), CommError> {
                 let mut out = next;
@@ -339,9 +434,9 @@ impl Comm for Ring {
                             op.range.len(),
                         )
                     };
-                    if let Err(e) = out.write_all(bytes(region)) {
+                    if let Err(e) = send_piece(out, tx.as_mut(), region, aborted, timeout) {
                         progress.update(|p| p.2 = true);
-                        return Err(e.into());
+                        return Err(e);
                     }
                     progress.update(|p| p.1 = i + 1);
                 }
@@ -358,15 +453,8 @@ impl Comm for Ring {
                     let region = unsafe {
                         std::slice::from_raw_parts_mut(shared.at(op.range.start), op.range.len())
                     };
-                    if op.step < reduce_steps {
-                        let tmp = &mut scratch[..region.len()];
-                        prev.read_exact(bytes_mut(tmp))?;
-                        for (d, s) in region.iter_mut().zip(tmp.iter()) {
-                            *d += *s;
-                        }
-                    } else {
-                        prev.read_exact(bytes_mut(region))?;
-                    }
+                    let add = op.step < reduce_steps;
+                    recv_piece(prev, rx.as_mut(), scratch, region, add, aborted, timeout)?;
                     progress.update(|p| p.0 = i + 1);
                 }
                 Ok(())
@@ -396,19 +484,21 @@ impl Comm for Ring {
         let frame = self.frame(Op::Broadcast { root: root as u32 }, buf.len());
         let result = (|| -> Result<(), CommError> {
             if dist > 0 {
-                frame.check(&mut self.prev, r, w)?;
+                frame.check(&self.prev, r, w)?;
             }
             if dist < w - 1 {
                 self.next.write_all(&frame.encode())?;
             }
             let n = buf.len();
+            let (aborted, timeout) = (&*self.aborted, self.collective_timeout);
             for s in (0..n).step_by(PIECE_FLOATS) {
                 let piece = &mut buf[s..(s + PIECE_FLOATS).min(n)];
                 if dist > 0 {
-                    self.prev.read_exact(bytes_mut(piece))?;
+                    let (rx, scratch) = (self.rx.as_mut(), &mut self.scratch);
+                    recv_piece(&self.prev, rx, scratch, piece, false, aborted, timeout)?;
                 }
                 if dist < w - 1 {
-                    self.next.write_all(bytes(piece))?;
+                    send_piece(&self.next, self.tx.as_mut(), piece, aborted, timeout)?;
                 }
             }
             Ok(())
@@ -424,6 +514,7 @@ pub(crate) fn test_options() -> RingOptions {
         key: RingKey::derive(Some("job token"), b"generation nonce"),
         connect_timeout: Duration::from_secs(20),
         collective_timeout: Duration::from_secs(20),
+        shared_memory: true,
     }
 }
 
@@ -509,8 +600,19 @@ mod tests {
 
     #[test]
     fn all_reduce_is_exact_and_identical_on_every_rank() {
-        for world in 2..=4 {
-            let mut rs = rings(world, 1);
+        for (world, shared_memory) in [(2, true), (3, true), (4, true), (2, false), (3, false)] {
+            let mut rs = test_rings_with(
+                world,
+                1,
+                &RingOptions {
+                    shared_memory,
+                    ..opts()
+                },
+            );
+            assert!(
+                rs.iter()
+                    .all(|r| r.tx.is_some() == shared_memory && r.rx.is_some() == shared_memory)
+            );
             // Sizes that do not divide by the world size or the piece size, and 0 / 1.
             for n in [0, 1, 3, 5, 1001, PIECE_FLOATS + 3, 3 * PIECE_FLOATS + 17] {
                 let out = on_all(rs, move |ring| {
@@ -535,6 +637,74 @@ mod tests {
                 }
                 rs = out.into_iter().map(|(r, _)| r).collect();
             }
+        }
+    }
+
+    /// Shared-memory files still in `/dev/shm` from this process.
+    fn our_shm_files() -> Vec<String> {
+        let ours = format!("stackwise-ring-{}-", std::process::id());
+        std::fs::read_dir("/dev/shm")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&ours))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_rank_without_shared_memory_keeps_its_links_on_tcp_and_the_sums_agree() {
+        // Rank 1 of 3 has STACKWISE_RING_SHM=0: the links 0 -> 1 and 1 -> 2 stay on TCP,
+        // 2 -> 0 goes through shared memory; one ring mixes both.
+        let listeners: Vec<_> = (0..3)
+            .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let hs: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let peers = peers.clone();
+                std::thread::spawn(move || {
+                    let o = RingOptions {
+                        shared_memory: rank != 1,
+                        ..opts()
+                    };
+                    Ring::connect(&l, seat(&peers, rank), 7, 1, &o, Default::default()).unwrap()
+                })
+            })
+            .collect();
+        let rs: Vec<Ring> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        let links: Vec<(bool, bool)> = rs
+            .iter()
+            .map(|r| (r.tx.is_some(), r.rx.is_some()))
+            .collect();
+        assert_eq!(links, [(false, true), (false, false), (true, false)]);
+        // Each file is removed as soon as its link has formed.
+        assert!(our_shm_files().is_empty(), "{:?}", our_shm_files());
+        let n = 2 * PIECE_FLOATS + 9;
+        let out = on_all(rs, move |ring| {
+            let mut b = input(ring.rank(), n);
+            ring.all_reduce_sum(&mut b).unwrap();
+            let mut c = if ring.rank() == 1 {
+                input(5, n)
+            } else {
+                vec![0.0; n]
+            };
+            ring.broadcast(&mut c, 1).unwrap();
+            (b, c)
+        });
+        let inputs: Vec<Vec<f32>> = (0..3).map(|r| input(r, n)).collect();
+        let want: Vec<f32> = (0..n).map(|i| inputs.iter().map(|x| x[i]).sum()).collect();
+        for (_, (b, c)) in &out {
+            for (g, e) in b.iter().zip(&want) {
+                assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0));
+            }
+            assert_eq!(bytes(b), bytes(&out[0].1.0));
+            assert_eq!(c, &input(5, n));
         }
     }
 
@@ -704,14 +874,61 @@ mod tests {
 
     #[test]
     fn a_dead_peer_fails_the_collective_instead_of_hanging() {
-        let mut rs = rings(3, 1);
-        let dead = rs.pop().unwrap();
-        drop(dead);
-        let out = on_all(rs, |ring| {
-            let mut b = vec![1.0f32; 300_000];
-            ring.all_reduce_sum(&mut b).is_err()
-        });
-        assert!(out.iter().all(|(_, failed)| *failed));
+        for shared_memory in [true, false] {
+            let mut rs = test_rings_with(
+                3,
+                1,
+                &RingOptions {
+                    shared_memory,
+                    ..opts()
+                },
+            );
+            let dead = rs.pop().unwrap();
+            drop(dead);
+            let started = Instant::now();
+            let out = on_all(rs, |ring| {
+                let mut b = vec![1.0f32; 300_000];
+                ring.all_reduce_sum(&mut b).is_err()
+            });
+            assert!(out.iter().all(|(_, failed)| *failed));
+            // Noticed from the sockets, long before the 20 s collective timeout.
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "shared memory: {shared_memory}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_that_dies_in_the_middle_of_a_collective_fails_it() {
+        // Rank 1 takes part in the frame exchange, then stops reading and closes: rank 0's
+        // writer is left waiting for free slots (or socket space) that never come.
+        for shared_memory in [true, false] {
+            let mut rs = test_rings_with(
+                2,
+                1,
+                &RingOptions {
+                    shared_memory,
+                    ..opts()
+                },
+            );
+            let r1 = rs.pop().unwrap();
+            let mut r0 = rs.pop().unwrap();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                drop(r1);
+            });
+            let started = Instant::now();
+            let e = r0
+                .all_reduce_sum(&mut vec![1.0f32; 40 * PIECE_FLOATS])
+                .unwrap_err();
+            t.join().unwrap();
+            assert!(matches!(e, CommError::Io(_)), "{e}");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "shared memory: {shared_memory}"
+            );
+        }
     }
 
     #[test]

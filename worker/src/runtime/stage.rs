@@ -212,6 +212,7 @@ fn run_stage(
                 key: RingKey::derive(ring_side.token.as_deref(), &rs.ring_nonce),
                 connect_timeout: Duration::from_secs(120),
                 collective_timeout: collective_timeout()?,
+                shared_memory: RingOptions::shared_memory_from_env(),
             };
             let ring = Ring::connect(
                 &ring_side.listener,
