@@ -5,7 +5,8 @@
 # workers run twice: with the gradient all-reduce overlapped with the backward pass (the
 # default) and with training.overlap_comm=false (reduced after it). From rank 0's metrics.jsonl it
 # prints the all-reduce seconds per step and how much of them the backward pass hid.
-#   bash bench/launch_throughput.sh [ROUNDS]
+#   bash bench/launch_throughput.sh [ROUNDS] [ARGS...]
+# ARGS go to every launch, e.g. --set training.gradient_checkpointing=true.
 # The two workers share this machine, so their ring links go through shared memory.
 # LINK_RATE=1gbit instead puts them on TCP (STACKWISE_RING_SHM=0) over the loopback interface
 # shaped to that rate (tc tbf; needs root or CAP_NET_ADMIN), so the ring's transfers wait on a
@@ -13,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-2}"
+shift || true
 cargo build --release --quiet -p stackwise
 sw=target/release/stackwise
 work=target/bench-launch
@@ -42,7 +44,7 @@ for r in $(seq "$rounds"); do
     echo "round $r/$rounds: $mode" >&2
     $sw launch "$work/bench.yaml" --workers "$w" --set training.overlap_comm=$overlap \
       --threads-per-worker $(( cores / w > 0 ? cores / w : 1 )) \
-      --set run.name="r$r-$mode" --json --no-progress 2>/dev/null \
+      --set run.name="r$r-$mode" "$@" --json --no-progress 2>/dev/null \
       | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['mode']='$mode'; print(json.dumps(r))" >> "$out"
   done
 done

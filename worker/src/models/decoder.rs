@@ -184,6 +184,7 @@ impl Transformer {
     fn block_at_zero(&self, i: usize, x: &Tensor, constant_input: bool) -> Result<Tensor> {
         match &self.recompute {
             Some(sink) => recompute::block_forward(
+                i,
                 &self.blocks[i],
                 x,
                 self.rope.as_ref(),

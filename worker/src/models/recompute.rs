@@ -6,7 +6,7 @@
 //! activations is traded for a second forward of it in the backward.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor, TensorId, Var};
 
@@ -14,29 +14,52 @@ use super::block::Block;
 use super::rope::Rope;
 use crate::ops::cpu::f32_slice;
 
-/// Parameter gradients of recomputed blocks, by the parameter's tensor id, summed.
+/// Parameter gradients of recomputed blocks, by the parameter's tensor id, summed; or, while a
+/// listener is set (the overlapped all-reduce of a step's last backward pass), handed to it
+/// as each block's backward finishes them.
 #[derive(Default)]
 pub struct GradSink {
     grads: Mutex<HashMap<TensorId, Tensor>>,
+    listener: Mutex<Option<mpsc::Sender<FinalGrad>>>,
+    /// The parameters whose gradients each block's backward produced, as first seen.
+    block_params: Mutex<HashMap<usize, Vec<TensorId>>>,
+    /// The output of each block in the latest forward pass, and its block.
+    outputs: Mutex<Vec<(TensorId, usize)>>,
     /// The embeddings do not train, so nothing upstream of the first block needs a gradient:
     /// its input enters as a variable of its own, or candle's backward would never reach
     /// the recomputed blocks (their parameters are inside the op, not in the outer graph).
     pub constant_embeddings: bool,
 }
 
+/// A parameter's gradient, final for this backward pass.
+pub struct FinalGrad(pub TensorId, pub Tensor);
+
 impl GradSink {
     pub fn new(constant_embeddings: bool) -> Self {
         Self {
-            grads: Mutex::default(),
             constant_embeddings,
+            ..Self::default()
         }
     }
 
-    fn add(&self, id: TensorId, g: &Tensor) -> Result<()> {
+    /// A recomputed block's gradient of parameter `id`.
+    fn deliver(&self, block: usize, id: TensorId, g: &Tensor) -> Result<()> {
         // A gradient candle computed carries the graph of the ops that made it, and so the
         // recomputed block's activations: detached, they are freed when the block's backward
         // ends, which is the point of recomputing.
         let g = g.detach();
+        {
+            let mut seen = self.block_params.lock().expect("grad sink lock");
+            let ids = seen.entry(block).or_default();
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        if let Some(tx) = &*self.listener.lock().expect("grad sink lock") {
+            // A closed channel means the all-reduce stopped; its error reaches the step.
+            let _ = tx.send(FinalGrad(id, g));
+            return Ok(());
+        }
         let mut map = self.grads.lock().expect("grad sink lock");
         let sum = match map.remove(&id) {
             Some(prev) => (prev + g)?,
@@ -44,6 +67,31 @@ impl GradSink {
         };
         map.insert(id, sum);
         Ok(())
+    }
+
+    /// Hand the gradients of the blocks recomputed from now on to `tx` (None: keep them here).
+    pub fn listen(&self, tx: Option<mpsc::Sender<FinalGrad>>) {
+        *self.listener.lock().expect("grad sink lock") = tx;
+    }
+
+    /// The parameters the backward pass of `node` (a block's output in the latest forward pass)
+    /// finishes, as the last backward of that block produced them (none before the first).
+    pub fn params_behind(&self, node: TensorId) -> Vec<TensorId> {
+        let outputs = self.outputs.lock().expect("grad sink lock");
+        let Some(&(_, block)) = outputs.iter().find(|(id, _)| *id == node) else {
+            return Vec::new();
+        };
+        let seen = self.block_params.lock().expect("grad sink lock");
+        seen.get(&block).cloned().unwrap_or_default()
+    }
+
+    fn note_output(&self, block: usize, y: &Tensor) {
+        let mut outputs = self.outputs.lock().expect("grad sink lock");
+        if block == 0 {
+            // A new forward pass: only its blocks' outputs are looked up.
+            outputs.clear();
+        }
+        outputs.push((y.id(), block));
     }
 
     /// The summed gradient of the parameter `t`, removed from the sink.
@@ -58,6 +106,8 @@ impl GradSink {
 }
 
 struct Recompute {
+    /// The block's index in the model.
+    index: usize,
     block: Block,
     rope: Option<Rope>,
     sink: Arc<GradSink>,
@@ -88,7 +138,7 @@ impl CustomOp1 for Recompute {
             if *id != xv.as_tensor().id()
                 && let Some(g) = grads.get_id(*id)
             {
-                self.sink.add(*id, g)?;
+                self.sink.deliver(self.index, *id, g)?;
             }
         }
         Ok(grads.get(xv.as_tensor()).map(Tensor::detach))
@@ -100,6 +150,7 @@ impl CustomOp1 for Recompute {
 /// variable of its own (else candle's backward would never reach the op: the block's
 /// parameters are inside it, not in the outer graph).
 pub fn block_forward(
+    index: usize,
     block: &Block,
     x: &Tensor,
     rope: Option<&Rope>,
@@ -114,11 +165,14 @@ pub fn block_forward(
     } else {
         x.contiguous()?
     };
-    x.apply_op1(Recompute {
+    let y = x.apply_op1(Recompute {
+        index,
         block: block.clone(),
         rope: rope.cloned(),
         sink: sink.clone(),
-    })
+    })?;
+    sink.note_output(index, &y);
+    Ok(y)
 }
 
 #[cfg(test)]

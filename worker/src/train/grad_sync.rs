@@ -8,9 +8,9 @@
 //! are final and every earlier bucket has gone, so all ranks reduce the same buffers in the
 //! same order. A parameter without a gradient on this rank contributes zeros.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use candle_core::{Tensor, TensorId};
 
 use crate::comm::Comm;
 use crate::models::Params;
+use crate::models::recompute::{FinalGrad, GradSink};
 
 /// Gradients are all-reduced in buckets of about this many floats (4 MiB): small enough that
 /// most of the exchange happens during the backward pass, large enough that the per-bucket
@@ -35,7 +36,7 @@ pub struct Synced {
     /// Time the caller waited for the all-reduce after its backward pass ended: the part of
     /// the exchange that the backward pass did not hide.
     pub exposed: Duration,
-    /// Buckets reduced, and how many of them were handed over before the pass ended.
+    /// Buckets reduced, and how many of them had all their gradients before the pass ended.
     pub buckets: usize,
     pub during_backward: usize,
 }
@@ -68,19 +69,35 @@ impl BucketPlan {
         loss: &Tensor,
         vars: &[(&String, &Tensor)],
         index: &HashMap<TensorId, Vec<usize>>,
+        sink: Option<&GradSink>,
         bucket_floats: usize,
         comm: &mut dyn Comm,
     ) -> Result<Self> {
-        let mut order: Vec<usize> = loss
-            .sorted_nodes()
-            .iter()
-            .filter(|n| n.is_variable())
-            .filter_map(|n| index.get(&n.id()))
-            .flatten()
-            .copied()
-            .collect();
+        // A recomputed block's parameters are not in the graph: they come where its output is.
+        let behind = |n: &Tensor| match sink {
+            Some(s) if !n.is_variable() => s.params_behind(n.id()),
+            _ => vec![n.id()],
+        };
+        let mut order: Vec<usize> = Vec::new();
         let mut seen = vec![false; vars.len()];
-        order.iter().for_each(|&i| seen[i] = true);
+        for n in loss.sorted_nodes() {
+            // A block's parameters in name order (candle hands them over in a hash map's), so
+            // rank 0 cuts the same buckets every step: where a bucket ends decides the order
+            // in which the ring sums an element.
+            let mut group: Vec<usize> = behind(n)
+                .iter()
+                .filter_map(|id| index.get(id))
+                .flatten()
+                .copied()
+                .filter(|&i| !seen[i])
+                .collect();
+            group.sort_unstable();
+            group.dedup();
+            for i in group {
+                seen[i] = true;
+                order.push(i);
+            }
+        }
         order.extend((0..vars.len()).filter(|&i| !seen[i]));
         // Indices are exact in f32 up to 2^24 parameter tensors.
         let mut wire: Vec<f32> = order.iter().map(|&i| i as f32).collect();
@@ -111,6 +128,22 @@ impl BucketPlan {
     }
 }
 
+/// Recomputed blocks hand their gradients to the exchange thread while this lives.
+struct Listening<'a>(&'a GradSink);
+
+impl<'a> Listening<'a> {
+    fn start(sink: &'a GradSink, tx: mpsc::Sender<FinalGrad>) -> Self {
+        sink.listen(Some(tx));
+        Self(sink)
+    }
+}
+
+impl Drop for Listening<'_> {
+    fn drop(&mut self) {
+        self.0.listen(None);
+    }
+}
+
 /// Add `g` (detached) to the step's sum for `name`; the first contribution is stored as is.
 pub(super) fn add_into(
     grads: &mut HashMap<String, Tensor>,
@@ -138,10 +171,14 @@ fn by_id(vars: &[(&String, &Tensor)]) -> HashMap<TensorId, Vec<usize>> {
 /// and sums the step's gradients over all ranks of `comm` into `grads`, which holds the earlier
 /// micro-batches' sums on entry. `loss` and `stop` (this rank's loss and stop vote) ride in the
 /// last bucket. With `opts.overlap`, buckets are reduced during the backward pass; without it
-/// (used when blocks recompute their activations, whose gradients arrive through `accumulate`
-/// after the pass) they are reduced after it, in the same buckets, so the result is the same
-/// bits.
-/// `accumulate(store, grads)` adds a finished backward pass's gradients into `grads`.
+/// they are reduced after it, in the same buckets, so the result is the same bits.
+///
+/// The exchange thread owns the step's sums while the pass runs: the walk (and `sink`, the
+/// model's recomputed blocks, as each block's backward ends) hands it every final gradient;
+/// it adds them in and all-reduces each bucket once its gradients are all in and every earlier
+/// bucket has gone.
+/// `accumulate(store, grads)` adds a finished backward pass's gradients into `grads` (used
+/// without the overlap).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_all_reduced(
     last: &Tensor,
@@ -150,6 +187,7 @@ pub fn backward_all_reduced(
     loss: f64,
     stop: bool,
     comm: &mut dyn Comm,
+    sink: Option<&GradSink>,
     opts: SyncOptions,
     accumulate: &mut Accumulate<'_>,
 ) -> Result<Synced> {
@@ -159,7 +197,7 @@ pub fn backward_all_reduced(
         .map(|(n, v)| (n, v.as_tensor()))
         .collect();
     let index = by_id(&vars);
-    let plan = BucketPlan::agreed(last, &vars, &index, opts.bucket_floats, comm)?;
+    let plan = BucketPlan::agreed(last, &vars, &index, sink, opts.bucket_floats, comm)?;
     let mut bucket_of = vec![0; vars.len()];
     for (b, r) in plan.buckets.iter().enumerate() {
         plan.order[r.clone()].iter().for_each(|&i| bucket_of[i] = b);
@@ -184,58 +222,79 @@ pub fn backward_all_reduced(
         }
         Ok(buf)
     };
+    if !opts.overlap {
+        let store = last.backward()?;
+        accumulate(&store, grads)?;
+    }
 
-    let mut during_backward = 0;
-    let (reduced, exposed) = std::thread::scope(|s| -> Result<(Vec<Vec<f32>>, Duration)> {
-        let (tx, rx) = mpsc::channel::<Vec<f32>>();
-        let exchange = s.spawn(move || -> Result<Vec<Vec<f32>>> {
-            let mut out = Vec::new();
-            for mut buf in rx {
-                comm.all_reduce_sum(&mut buf)?;
-                out.push(buf);
-            }
-            Ok(out)
-        });
-        let sent = Cell::new(0);
-        // Hand over the buckets, in order, whose gradients are all final (all when `flush`).
-        let send_ready = |grads: &HashMap<String, Tensor>, pending: &[usize], flush: bool| {
-            while sent.get() < plan.buckets.len() && (flush || pending[sent.get()] == 0) {
-                // A failed send means the exchange thread stopped; its error comes from join.
-                let _ = tx.send(pack(sent.get(), grads)?);
-                sent.set(sent.get() + 1);
-            }
-            anyhow::Ok(())
-        };
-        let backward = if opts.overlap {
-            let mut pending: Vec<usize> = plan.buckets.iter().map(|r| r.len()).collect();
-            let mut hook = |var: &Tensor, g: &Tensor| -> candle_core::Result<()> {
-                let Some(names) = index.get(&var.id()) else {
-                    return Ok(());
+    let walked = AtomicBool::new(false);
+    let (reduced, during_backward, exposed) =
+        std::thread::scope(|s| -> Result<(Vec<Vec<f32>>, usize, Duration)> {
+            let (tx, rx) = mpsc::channel::<FinalGrad>();
+            let (vars, index, plan, walked) = (&vars, &index, &plan, &walked);
+            let grads = &mut *grads;
+            let exchange = s.spawn(move || -> Result<(Vec<Vec<f32>>, usize)> {
+                let mut pending: Vec<usize> = plan.buckets.iter().map(|r| r.len()).collect();
+                let mut out = Vec::new();
+                // Reduce the buckets, in order, whose gradients are all in (all when `flush`).
+                let mut reduce_ready = |out: &mut Vec<Vec<f32>>,
+                                        grads: &HashMap<String, Tensor>,
+                                        pending: &[usize],
+                                        flush: bool|
+                 -> Result<()> {
+                    while out.len() < plan.buckets.len() && (flush || pending[out.len()] == 0) {
+                        let mut buf = pack(out.len(), grads)?;
+                        comm.all_reduce_sum(&mut buf)?;
+                        out.push(buf);
+                    }
+                    Ok(())
                 };
-                let g = g.detach();
-                for &i in names {
-                    add_into(grads, vars[i].0, g.clone())?;
-                    pending[bucket_of[i]] -= 1;
+                for FinalGrad(id, g) in rx {
+                    for &i in index.get(&id).into_iter().flatten() {
+                        anyhow::ensure!(
+                            pending[bucket_of[i]] > 0 && bucket_of[i] >= out.len(),
+                            "the gradient of {} arrived after its bucket was reduced; \
+                             set training.overlap_comm: false",
+                            vars[i].0
+                        );
+                        add_into(grads, vars[i].0, g.clone())?;
+                        pending[bucket_of[i]] -= 1;
+                    }
+                    reduce_ready(&mut out, grads, &pending, false)?;
                 }
-                send_ready(grads, &pending, false).map_err(candle_core::Error::wrap)
+                let during_backward = out.len();
+                if !walked.load(Ordering::SeqCst) {
+                    anyhow::bail!("the backward pass failed");
+                }
+                reduce_ready(&mut out, grads, &pending, true)?;
+                Ok((out, during_backward))
+            });
+            let backward = if opts.overlap {
+                let hook_tx = tx.clone();
+                let mut hook = |var: &Tensor, g: &Tensor| -> candle_core::Result<()> {
+                    // A failed send means the exchange thread stopped; its error comes from join.
+                    let _ = hook_tx.send(FinalGrad(var.id(), g.detach()));
+                    Ok(())
+                };
+                // The sink's sender is dropped when the walk ends, even by a panic, so the
+                // exchange thread's channel closes.
+                let _listening = sink.map(|s| Listening::start(s, tx.clone()));
+                last.backward_with(&mut hook)
+                    .map(drop)
+                    .map_err(anyhow::Error::from)
+            } else {
+                Ok(())
             };
-            last.backward_with(&mut hook)
-                .map(drop)
-                .map_err(anyhow::Error::from)
-        } else {
-            last.backward()
-                .map_err(anyhow::Error::from)
-                .and_then(|store| accumulate(&store, grads))
-        };
-        during_backward = sent.get();
-        let flushed = backward.and_then(|()| send_ready(grads, &[], true));
-        drop(tx);
-        let waited = Instant::now();
-        let out = exchange.join().expect("the all-reduce thread panicked");
-        let exposed = waited.elapsed();
-        flushed?;
-        Ok((out.context("all-reduce of the gradient buckets")?, exposed))
-    })?;
+            // Without it (the backward failed) the exchange ends without reducing what is left.
+            walked.store(backward.is_ok(), Ordering::SeqCst);
+            drop(tx);
+            let waited = Instant::now();
+            let out = exchange.join().expect("the all-reduce thread panicked");
+            let exposed = waited.elapsed();
+            backward?;
+            let (out, during) = out.context("all-reduce of the gradient buckets")?;
+            Ok((out, during, exposed))
+        })?;
 
     let mut total = (loss, stop);
     for (b, mut buf) in reduced.into_iter().enumerate() {
@@ -336,8 +395,10 @@ mod tests {
         } else {
             &mut accumulate
         };
-        let synced =
-            backward_all_reduced(&last, &params, &mut grads, loss, false, comm, opts, acc).unwrap();
+        let synced = backward_all_reduced(
+            &last, &params, &mut grads, loss, false, comm, None, opts, acc,
+        )
+        .unwrap();
         (synced.loss, flat(&grads), synced)
     }
 
@@ -381,6 +442,156 @@ mod tests {
             let d = g
                 .iter()
                 .zip(&grads[&name])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-5, "{name}: max |diff| {d}");
+        }
+    }
+
+    /// A tiny GPT-2 whose blocks recompute their activations in the backward pass.
+    fn recomputing_model() -> (Transformer, Params) {
+        let cfg = tiny(Family::Gpt2, AttentionMode::Causal, None);
+        let (mut model, params) = Transformer::init(&cfg, 3, &Device::Cpu).unwrap();
+        model.recompute = Some(std::sync::Arc::new(GradSink::new(false)));
+        (model, params)
+    }
+
+    /// The block a parameter belongs to (`transformer.h.{i}.…`), if any.
+    fn block_of(name: &str) -> Option<usize> {
+        name.strip_prefix("transformer.h.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    #[test]
+    fn the_bucket_plan_puts_recomputed_blocks_where_the_backward_pass_finishes_them() {
+        let (model, params) = recomputing_model();
+        let sink = model.recompute.clone().unwrap();
+        let vars: Vec<(&String, &Tensor)> = params
+            .vars
+            .iter()
+            .map(|(n, v)| (n, v.as_tensor()))
+            .collect();
+        let index = by_id(&vars);
+        let batch = &micro_batches(0)[0];
+        // The first backward pass shows which parameters each block's backward finishes.
+        nll_sum(&model, batch).unwrap().backward().unwrap();
+        sink.clear();
+        let loss = nll_sum(&model, batch).unwrap();
+        let plan = BucketPlan::agreed(
+            &loss,
+            &vars,
+            &index,
+            Some(&sink),
+            300,
+            &mut crate::comm::Local,
+        )
+        .unwrap();
+        let names: Vec<&str> = plan.order.iter().map(|&i| vars[i].0.as_str()).collect();
+        let at = |pred: &dyn Fn(&str) -> bool| -> Vec<usize> {
+            names
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| pred(n))
+                .map(|(k, _)| k)
+                .collect()
+        };
+        let (block1, block0) = (
+            at(&|n| block_of(n) == Some(1)),
+            at(&|n| block_of(n) == Some(0)),
+        );
+        let wpe = at(&|n| n.contains("wpe"));
+        let ln_f = at(&|n| n.contains("ln_f"));
+        assert!(
+            !block1.is_empty() && !block0.is_empty() && wpe.len() == 1,
+            "{names:?}"
+        );
+        // The output side first: the final norm, then block 1, then block 0, then the
+        // position embedding (the walk's last parameters).
+        assert!(ln_f.iter().max() < block1.iter().min(), "{names:?}");
+        assert!(block1.iter().max() < block0.iter().min(), "{names:?}");
+        assert!(block0.iter().max() < wpe.iter().min(), "{names:?}");
+    }
+
+    #[test]
+    fn recomputed_blocks_reduced_during_the_backward_pass_give_the_bits_of_reducing_after_it() {
+        let world = 3;
+        let run = |overlap: bool| -> Vec<(f64, Grads, Synced)> {
+            let opts = SyncOptions {
+                overlap,
+                bucket_floats: 300,
+            };
+            let hs: Vec<_> = test_rings(world, 1)
+                .into_iter()
+                .map(|mut ring| {
+                    std::thread::spawn(move || {
+                        let (model, params) = recomputing_model();
+                        let sink = model.recompute.clone();
+                        let total: f64 = (0..world)
+                            .map(|r| micro_batches(r)[1].weight().unwrap())
+                            .sum();
+                        let batch = &micro_batches(ring.rank())[1];
+                        let mut acc = |store: &GradStore, grads: &mut HashMap<String, Tensor>| {
+                            for (name, var) in &params.vars {
+                                let g = sink.as_ref().and_then(|s| s.take(var.as_tensor()));
+                                let g = g.or_else(|| store.get(var.as_tensor()).cloned());
+                                add_into(grads, name, g.unwrap().detach())?;
+                            }
+                            anyhow::Ok(())
+                        };
+                        // Two steps: the second's plan knows where the blocks' gradients come.
+                        let mut last = None;
+                        for _ in 0..2 {
+                            let l = (nll_sum(&model, batch).unwrap() / total).unwrap();
+                            let loss = l.to_scalar::<f32>().unwrap() as f64;
+                            let mut grads = HashMap::new();
+                            let synced = backward_all_reduced(
+                                &l,
+                                &params,
+                                &mut grads,
+                                loss,
+                                false,
+                                &mut ring,
+                                sink.as_deref(),
+                                opts,
+                                &mut acc,
+                            )
+                            .unwrap();
+                            last = Some((synced.loss, flat(&grads), synced));
+                        }
+                        last.unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        };
+        let (overlapped, after) = (run(true), run(false));
+        let synced = &overlapped[0].2;
+        assert!(synced.buckets >= 4, "{} buckets", synced.buckets);
+        // Every bucket got its gradients inside the walk: the recomputed blocks' ones as
+        // each block's backward ended.
+        assert_eq!(synced.during_backward, synced.buckets);
+        let (loss, grads) = (overlapped[0].0, &overlapped[0].1);
+        for (l, g, s) in overlapped.iter().chain(&after) {
+            assert_eq!(l.to_bits(), loss.to_bits());
+            assert_eq!(g, grads, "every rank and both ways: the same bits");
+            assert_eq!(s.buckets, synced.buckets);
+        }
+        // The sums of the plain model (no recomputation) over every rank's batch.
+        let (mut model, params) = recomputing_model();
+        model.recompute = None;
+        let all: Vec<Batch> = (0..world).map(|r| micro_batches(r).remove(1)).collect();
+        let (one_loss, _, one) =
+            crate::train::step::gradients(&model, &params, &all, &mut crate::comm::Local).unwrap();
+        assert!((one_loss - loss).abs() < 1e-5, "{one_loss} vs {loss}");
+        assert_eq!(one.len(), grads.len());
+        for (name, g) in grads {
+            let want = &flat(&one)[name];
+            let d = g
+                .iter()
+                .zip(want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(d < 1e-5, "{name}: max |diff| {d}");

@@ -121,9 +121,8 @@ pub fn gradients_voting(
         let l = (nll_sum(model, b)? / total_weight)?;
         loss += l.to_scalar::<f32>()? as f64;
         if i + 1 == batches.len() && comm.world_size() > 1 {
-            // Recomputed blocks hand their gradients over after the pass: no overlap then.
             let opts = grad_sync::SyncOptions {
-                overlap: overlap && model.recompute.is_none(),
+                overlap,
                 bucket_floats: grad_sync::BUCKET_FLOATS,
             };
             let synced = grad_sync::backward_all_reduced(
@@ -133,6 +132,7 @@ pub fn gradients_voting(
                 loss,
                 stop,
                 comm,
+                model.recompute.as_deref(),
                 opts,
                 &mut accumulate,
             )?;
