@@ -528,6 +528,16 @@ pub(crate) fn test_rings(world: usize, generation: u64) -> Vec<Ring> {
 /// `test_rings` with other options.
 #[cfg(test)]
 pub(crate) fn test_rings_with(world: usize, generation: u64, opts: &RingOptions) -> Vec<Ring> {
+    test_rings_each(world, generation, |_| opts.clone())
+}
+
+/// `test_rings` with each rank's own options.
+#[cfg(test)]
+pub(crate) fn test_rings_each(
+    world: usize,
+    generation: u64,
+    opts: impl Fn(usize) -> RingOptions,
+) -> Vec<Ring> {
     let listeners: Vec<_> = (0..world)
         .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -539,7 +549,7 @@ pub(crate) fn test_rings_with(world: usize, generation: u64, opts: &RingOptions)
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let (peers, opts) = (peers.clone(), opts.clone());
+            let (peers, opts) = (peers.clone(), opts(rank));
             std::thread::spawn(move || {
                 let seat = Seat {
                     next_peer: &peers[(rank + 1) % peers.len()],

@@ -101,28 +101,10 @@ fn our_shm_files() -> Vec<String> {
 fn a_rank_without_shared_memory_keeps_its_links_on_tcp_and_the_sums_agree() {
     // Rank 1 of 3 has STACKWISE_RING_SHM=0: the links 0 -> 1 and 1 -> 2 stay on TCP,
     // 2 -> 0 goes through shared memory; one ring mixes both.
-    let listeners: Vec<_> = (0..3)
-        .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    let hs: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let peers = peers.clone();
-            std::thread::spawn(move || {
-                let o = RingOptions {
-                    shared_memory: rank != 1,
-                    ..opts()
-                };
-                Ring::connect(&l, seat(&peers, rank), 7, 1, &o, Default::default()).unwrap()
-            })
-        })
-        .collect();
-    let rs: Vec<Ring> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    let rs = test_rings_each(3, 1, |rank| RingOptions {
+        shared_memory: rank != 1,
+        ..opts()
+    });
     let links: Vec<(bool, bool)> = rs
         .iter()
         .map(|r| (r.tx.is_some(), r.rx.is_some()))

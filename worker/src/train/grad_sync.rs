@@ -158,6 +158,15 @@ pub(super) fn add_into(
     Ok(())
 }
 
+/// The parameters' names and tensors, in the parameters' name order.
+fn named(params: &Params) -> Vec<(&String, &Tensor)> {
+    params
+        .vars
+        .iter()
+        .map(|(n, v)| (n, v.as_tensor()))
+        .collect()
+}
+
 /// The indices of `vars` by tensor: one parameter may be listed under several names.
 fn by_id(vars: &[(&String, &Tensor)]) -> HashMap<TensorId, Vec<usize>> {
     let mut index: HashMap<TensorId, Vec<usize>> = HashMap::new();
@@ -191,11 +200,7 @@ pub fn backward_all_reduced(
     opts: SyncOptions,
     accumulate: &mut Accumulate<'_>,
 ) -> Result<Synced> {
-    let vars: Vec<(&String, &Tensor)> = params
-        .vars
-        .iter()
-        .map(|(n, v)| (n, v.as_tensor()))
-        .collect();
+    let vars = named(params);
     let index = by_id(&vars);
     let plan = BucketPlan::agreed(last, &vars, &index, sink, opts.bucket_floats, comm)?;
     let mut bucket_of = vec![0; vars.len()];
@@ -323,6 +328,7 @@ pub fn backward_all_reduced(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::Ring;
     use crate::comm::ring::test_rings;
     use crate::models::Transformer;
     use crate::models::testing::tiny;
@@ -402,20 +408,31 @@ mod tests {
         (synced.loss, flat(&grads), synced)
     }
 
+    /// `step` on every rank of a `world`-rank ring (threads joined by real TCP), with
+    /// buckets small enough that the tiny model's gradients fill several.
+    fn on_ranks(
+        world: usize,
+        overlap: bool,
+        step: fn(&mut Ring, usize, SyncOptions) -> (f64, Grads, Synced),
+    ) -> Vec<(f64, Grads, Synced)> {
+        let opts = SyncOptions {
+            overlap,
+            bucket_floats: 300,
+        };
+        let hs: Vec<_> = test_rings(world, 1)
+            .into_iter()
+            .map(|mut ring| std::thread::spawn(move || step(&mut ring, world, opts)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
     #[test]
     fn buckets_reduced_during_the_backward_pass_give_the_bits_of_reducing_after_it() {
         let world = 3;
-        // Small buckets, so the tiny model's gradients fill several.
-        let run = |overlap: bool| -> Vec<(f64, Grads, Synced)> {
-            let opts = SyncOptions {
-                overlap,
-                bucket_floats: 300,
-            };
-            let hs: Vec<_> = test_rings(world, 1)
-                .into_iter()
-                .map(|mut ring| std::thread::spawn(move || rank_step(&mut ring, world, opts)))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let run = |overlap: bool| {
+            on_ranks(world, overlap, |ring, world, opts| {
+                rank_step(ring, world, opts)
+            })
         };
         let overlapped = run(true);
         let after = run(false);
@@ -469,11 +486,7 @@ mod tests {
     fn the_bucket_plan_puts_recomputed_blocks_where_the_backward_pass_finishes_them() {
         let (model, params) = recomputing_model();
         let sink = model.recompute.clone().unwrap();
-        let vars: Vec<(&String, &Tensor)> = params
-            .vars
-            .iter()
-            .map(|(n, v)| (n, v.as_tensor()))
-            .collect();
+        let vars = named(&params);
         let index = by_id(&vars);
         let batch = &micro_batches(0)[0];
         // The first backward pass shows which parameters each block's backward finishes.
@@ -515,58 +528,53 @@ mod tests {
         assert!(block0.iter().max() < wpe.iter().min(), "{names:?}");
     }
 
+    /// Two steps of one micro-batch on `recomputing_model` (the second's bucket plan knows
+    /// where the blocks' gradients come); the second step's loss, gradients and sync.
+    fn recomputing_rank_steps(
+        ring: &mut Ring,
+        world: usize,
+        opts: SyncOptions,
+    ) -> (f64, Grads, Synced) {
+        let (model, params) = recomputing_model();
+        let sink = model.recompute.clone();
+        let total: f64 = (0..world)
+            .map(|r| micro_batches(r)[1].weight().unwrap())
+            .sum();
+        let batch = &micro_batches(ring.rank())[1];
+        let mut acc = |store: &GradStore, grads: &mut HashMap<String, Tensor>| {
+            for (name, var) in &params.vars {
+                let g = sink.as_ref().and_then(|s| s.take(var.as_tensor()));
+                let g = g.or_else(|| store.get(var.as_tensor()).cloned());
+                add_into(grads, name, g.unwrap().detach())?;
+            }
+            anyhow::Ok(())
+        };
+        let mut last = None;
+        for _ in 0..2 {
+            let l = (nll_sum(&model, batch).unwrap() / total).unwrap();
+            let loss = l.to_scalar::<f32>().unwrap() as f64;
+            let mut grads = HashMap::new();
+            let synced = backward_all_reduced(
+                &l,
+                &params,
+                &mut grads,
+                loss,
+                false,
+                ring,
+                sink.as_deref(),
+                opts,
+                &mut acc,
+            )
+            .unwrap();
+            last = Some((synced.loss, flat(&grads), synced));
+        }
+        last.unwrap()
+    }
+
     #[test]
     fn recomputed_blocks_reduced_during_the_backward_pass_give_the_bits_of_reducing_after_it() {
         let world = 3;
-        let run = |overlap: bool| -> Vec<(f64, Grads, Synced)> {
-            let opts = SyncOptions {
-                overlap,
-                bucket_floats: 300,
-            };
-            let hs: Vec<_> = test_rings(world, 1)
-                .into_iter()
-                .map(|mut ring| {
-                    std::thread::spawn(move || {
-                        let (model, params) = recomputing_model();
-                        let sink = model.recompute.clone();
-                        let total: f64 = (0..world)
-                            .map(|r| micro_batches(r)[1].weight().unwrap())
-                            .sum();
-                        let batch = &micro_batches(ring.rank())[1];
-                        let mut acc = |store: &GradStore, grads: &mut HashMap<String, Tensor>| {
-                            for (name, var) in &params.vars {
-                                let g = sink.as_ref().and_then(|s| s.take(var.as_tensor()));
-                                let g = g.or_else(|| store.get(var.as_tensor()).cloned());
-                                add_into(grads, name, g.unwrap().detach())?;
-                            }
-                            anyhow::Ok(())
-                        };
-                        // Two steps: the second's plan knows where the blocks' gradients come.
-                        let mut last = None;
-                        for _ in 0..2 {
-                            let l = (nll_sum(&model, batch).unwrap() / total).unwrap();
-                            let loss = l.to_scalar::<f32>().unwrap() as f64;
-                            let mut grads = HashMap::new();
-                            let synced = backward_all_reduced(
-                                &l,
-                                &params,
-                                &mut grads,
-                                loss,
-                                false,
-                                &mut ring,
-                                sink.as_deref(),
-                                opts,
-                                &mut acc,
-                            )
-                            .unwrap();
-                            last = Some((synced.loss, flat(&grads), synced));
-                        }
-                        last.unwrap()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        };
+        let run = |overlap: bool| on_ranks(world, overlap, recomputing_rank_steps);
         let (overlapped, after) = (run(true), run(false));
         let synced = &overlapped[0].2;
         assert!(synced.buckets >= 4, "{} buckets", synced.buckets);
