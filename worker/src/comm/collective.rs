@@ -35,6 +35,13 @@ pub trait Comm: Send {
     }
 }
 
+/// `dst += src`, element by element: the ring's reduce step, over TCP and shared memory alike.
+pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += *s;
+    }
+}
+
 /// `[start, end)` of chunk `c` when `n` elements are split into `parts` near-equal chunks.
 pub(crate) fn chunk_range(n: usize, parts: usize, c: usize) -> std::ops::Range<usize> {
     (c * n / parts)..((c + 1) * n / parts)

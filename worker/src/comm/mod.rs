@@ -11,8 +11,8 @@ pub mod ring;
 mod shm;
 mod timed;
 
-pub(crate) use collective::chunk_range;
 pub use collective::{Comm, CommError};
+pub(crate) use collective::{add_assign, chunk_range};
 pub use handshake::RingKey;
 pub use local::Local;
 pub use ring::{COLLECTIVE_TIMEOUT_ENV, Ring, RingAbort, RingListener, RingOptions, Seat};

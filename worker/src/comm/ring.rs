@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::frame::{Frame, Op};
 use super::handshake::{Hello, RingKey, accept_prev, dial_next};
 use super::shm::{self, ShmRx, ShmTx, Watch};
-use super::{Comm, CommError, chunk_range};
+use super::{Comm, CommError, add_assign, chunk_range};
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("the ring sends f32 buffers as raw little-endian bytes");
@@ -164,6 +164,12 @@ impl Ring {
         prev.set_read_timeout(Some(opts.collective_timeout))?;
         next.set_write_timeout(Some(opts.collective_timeout))?;
         let abort_streams = Arc::new(vec![next.try_clone()?, prev.try_clone()?]);
+        // Only a TCP link from rank - 1 lands the pieces to add in a buffer of their own.
+        let scratch = if rx.is_none() {
+            vec![0.0; PIECE_FLOATS]
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             rank,
             world,
@@ -171,7 +177,7 @@ impl Ring {
             prev,
             tx,
             rx,
-            scratch: vec![0.0; PIECE_FLOATS],
+            scratch,
             broken: false,
             aborted: Arc::new(AtomicBool::new(false)),
             abort_streams,
@@ -296,9 +302,7 @@ fn recv_piece(
     if add {
         let tmp = &mut scratch[..dst.len()];
         sock.read_exact(bytes_mut(tmp))?;
-        for (d, s) in dst.iter_mut().zip(tmp.iter()) {
-            *d += *s;
-        }
+        add_assign(dst, tmp);
     } else {
         sock.read_exact(bytes_mut(dst))?;
     }

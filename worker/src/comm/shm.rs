@@ -189,9 +189,7 @@ impl ShmRx {
         // acquire load above saw, and leaves it alone until TAIL passes it.
         let src = unsafe { std::slice::from_raw_parts(c.slot(tail).cast_const(), dst.len()) };
         if add {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d += *s;
-            }
+            super::add_assign(dst, src);
         } else {
             dst.copy_from_slice(src);
         }

@@ -74,15 +74,15 @@ impl GradSink {
         *self.listener.lock().expect("grad sink lock") = tx;
     }
 
-    /// The parameters the backward pass of `node` (a block's output in the latest forward pass)
-    /// finishes, as the last backward of that block produced them (none before the first).
-    pub fn params_behind(&self, node: TensorId) -> Vec<TensorId> {
+    /// For each block output of the latest forward pass, the parameters its backward finishes,
+    /// as the last backward of that block produced them (none before the first).
+    pub fn params_behind_outputs(&self) -> HashMap<TensorId, Vec<TensorId>> {
         let outputs = self.outputs.lock().expect("grad sink lock");
-        let Some(&(_, block)) = outputs.iter().find(|(id, _)| *id == node) else {
-            return Vec::new();
-        };
         let seen = self.block_params.lock().expect("grad sink lock");
-        seen.get(&block).cloned().unwrap_or_default()
+        outputs
+            .iter()
+            .filter_map(|(id, block)| Some((*id, seen.get(block)?.clone())))
+            .collect()
     }
 
     fn note_output(&self, block: usize, y: &Tensor) {

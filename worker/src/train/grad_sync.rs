@@ -74,17 +74,21 @@ impl BucketPlan {
         comm: &mut dyn Comm,
     ) -> Result<Self> {
         // A recomputed block's parameters are not in the graph: they come where its output is.
-        let behind = |n: &Tensor| match sink {
-            Some(s) if !n.is_variable() => s.params_behind(n.id()),
-            _ => vec![n.id()],
-        };
+        let blocks = sink
+            .map(GradSink::params_behind_outputs)
+            .unwrap_or_default();
         let mut order: Vec<usize> = Vec::new();
         let mut seen = vec![false; vars.len()];
         for n in loss.sorted_nodes() {
+            let own = [n.id()];
+            let ids = match blocks.get(&n.id()) {
+                Some(ids) => ids.as_slice(),
+                None => &own[..],
+            };
             // A block's parameters in name order (candle hands them over in a hash map's), so
             // rank 0 cuts the same buckets every step: where a bucket ends decides the order
             // in which the ring sums an element.
-            let mut group: Vec<usize> = behind(n)
+            let mut group: Vec<usize> = ids
                 .iter()
                 .filter_map(|id| index.get(id))
                 .flatten()
