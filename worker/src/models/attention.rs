@@ -3,7 +3,7 @@
 //! attention (`mla.rs`); causal or bidirectional; rotary positions when the model has them.
 
 use candle_core::{Module, Result, Tensor};
-use stackwise_common::config::{AttentionKind, AttentionMode, Family, ModelConfig};
+use stackwise_common::config::{AttentionKind, AttentionMode, Autocast, Family, ModelConfig};
 
 use super::kernel_attention::kernel_attention;
 use super::linear::{INIT_STD, Linear};
@@ -149,6 +149,13 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         // With a KV cache it decodes: no gradients.
         let (q, k, v) = self.project(x, cache.is_some())?;
+        if cache.is_none()
+            && !self.kernel
+            && ops::autocast::get() == Autocast::Off
+            && let Some(y) = self.attend_in_place(&q, &k, &v, (b, t), rope, start)?
+        {
+            return self.out.forward(&y);
+        }
         let (q, k, v) = self.heads(&q, &k, &v, (b, t), rope, start)?;
         let (k, v) = match cache {
             Some(slot) => {
@@ -249,6 +256,31 @@ impl Attention {
             Some(r) => (r.apply(&q, start)?, r.apply(&k, start)?, v),
             None => (q, k, v),
         })
+    }
+
+    /// Softmax attention of projections `(B, T, heads * hd)` as one fused op on the heads in
+    /// place (`ops::scaled_dot_product_attention`): `(B, T, nh * hd)`, or `None` where the op
+    /// does not apply. Rotary models rotate queries and keys as (B, heads, T, hd) and pass them
+    /// as strided views.
+    fn attend_in_place(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (b, t): (usize, usize),
+        rope: Option<&Rope>,
+        start: usize,
+    ) -> Result<Option<Tensor>> {
+        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        let (mut q, mut k) = (q.reshape((b, t, nh, hd))?, k.reshape((b, t, nkv, hd))?);
+        let v = v.reshape((b, t, nkv, hd))?;
+        if let Some(r) = rope {
+            // The rotary tables run over (.., T, hd).
+            let rotate = |x: &Tensor| r.apply(&x.transpose(1, 2)?, start)?.transpose(1, 2);
+            (q, k) = (rotate(&q)?, rotate(&k)?);
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        ops::scaled_dot_product_attention(&q, &k, &v, scale, !self.bidirectional)
     }
 
     /// Queries `q (B, nh, T, hd)` over keys and values `(B, nkv, S, hd)` (the last T of the

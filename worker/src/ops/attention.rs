@@ -19,6 +19,28 @@ fn visible(row: usize, t: usize, s: usize, causal: bool) -> usize {
     }
 }
 
+/// `row <- softmax(scale * row)` in place: the visible part of one attention row. Call it
+/// inside `simd`.
+#[inline(always)]
+pub(super) fn softmax_row(row: &mut [f32], scale: f32) {
+    let max = fastmath::max(row) * scale;
+    for x in row.iter_mut() {
+        *x = fastmath::exp(*x * scale - max);
+    }
+    let inv = 1.0 / row.iter().sum::<f32>();
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// The backward of `softmax_row` for probabilities `y`: `g <- scale * y * (g - sum(g * y))`
+/// in place. Call it inside `simd`.
+#[inline(always)]
+pub(super) fn softmax_row_bwd(g: &mut [f32], y: &[f32], scale: f32) {
+    let dot: f32 = y.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
+    for (g, &y) in g.iter_mut().zip(y) {
+        *g = scale * y * (*g - dot);
+    }
+}
+
 struct AttnSoftmax {
     scale: f32,
     causal: bool,
@@ -35,16 +57,9 @@ impl CustomOp1 for AttnSoftmax {
         let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(s).enumerate().for_each(|(r, o)| {
-            let row = &x[r * s..(r + 1) * s];
             let n = visible(r, t, s, self.causal);
-            simd(|| {
-                let max = fastmath::max(&row[..n]) * self.scale;
-                for (o, &v) in o[..n].iter_mut().zip(&row[..n]) {
-                    *o = fastmath::exp(v * self.scale - max);
-                }
-                let inv = 1.0 / o[..n].iter().sum::<f32>();
-                o[..n].iter_mut().for_each(|o| *o *= inv);
-            })
+            o[..n].copy_from_slice(&x[r * s..r * s + n]);
+            simd(|| softmax_row(&mut o[..n], self.scale));
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -80,13 +95,8 @@ impl CustomOp2 for AttnSoftmaxBwd {
         let s = l1.dims()[l1.dims().len() - 1];
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(s).enumerate().for_each(|(r, o)| {
-            let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
-            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            simd(|| {
-                for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                    *o = self.scale * yv * (gv - dot);
-                }
-            })
+            o.copy_from_slice(&g[r * s..(r + 1) * s]);
+            simd(|| softmax_row_bwd(o, &y[r * s..(r + 1) * s], self.scale));
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

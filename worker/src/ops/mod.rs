@@ -13,6 +13,7 @@ mod fused;
 pub(crate) mod inverse;
 mod log_softmax;
 mod matmul;
+mod sdpa;
 
 pub use attention::attention_softmax;
 pub use bias::add_bias;
@@ -22,3 +23,4 @@ pub use fused::{gelu_tanh, layer_norm, rms_norm, softmax_last_dim};
 pub use inverse::batch_inverse;
 pub use log_softmax::log_softmax_last_dim;
 pub use matmul::{Strips, matmul_rows};
+pub use sdpa::scaled_dot_product_attention;
