@@ -3,39 +3,65 @@
 # 6 heads, vocab 8192, batch 8 x 256, fp32, AdamW, 2 threads), run alternately in one
 # invocation (a busy neighbour core skews absolute times; the ratio of interleaved runs holds).
 #   bash bench/train_throughput.sh [ROUNDS] [ARGS...]   (creates bench/.venv with torch if missing)
-# ARGS go to both peers, e.g. --lora-r 16 (bench/lora.sh).
+# ARGS go to every peer, e.g. --lora-r 16 (bench/lora.sh). PyTorch runs twice a round: with
+# transformers' eager attention and with its SDPA attention (torch's fused CPU kernel).
+# ISA=avx2 measures an AVX2-only CPU on an AVX-512 one: StackWise built without its `avx512`
+# feature (target/avx2), PyTorch with ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2 and
+# ONEDNN_MAX_CPU_ISA=AVX2, and the FMA peak of AVX2 chains.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"
 shift || true
 threads="${THREADS:-2}"
+isa="${ISA:-native}"
 source bench/venv.sh
-cargo build --release --quiet -p stackwise --bin stackwise
+case "$isa" in
+  native)
+    cargo build --release --quiet -p stackwise --bin stackwise
+    sw=target/release/stackwise
+    peak_args=()
+    torch_env=()
+    ;;
+  avx2)
+    cargo build --release --quiet -p stackwise --bin stackwise --no-default-features --target-dir target/avx2
+    sw=target/avx2/release/stackwise
+    peak_args=(--avx2)
+    torch_env=(ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2)
+    ;;
+  *) echo "ISA is native or avx2, not $isa" >&2; exit 2 ;;
+esac
 cargo build --release --quiet -p stackwise-bench --bin fma_peak
-peak=$(target/release/fma_peak --threads "$threads")
+peak=$(target/release/fma_peak --threads "$threads" "${peak_args[@]}")
 out=$(mktemp)
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  RAYON_NUM_THREADS=$threads target/release/stackwise bench train --steps 3 "$@" >> "$out"
-  OMP_NUM_THREADS=$threads "$venv/bin/python" bench/train_throughput_torch.py --steps 3 --threads "$threads" "$@" 2>/dev/null >> "$out"
+  RAYON_NUM_THREADS=$threads "$sw" bench train --steps 3 "$@" >> "$out"
+  for attn in eager sdpa; do
+    env "${torch_env[@]}" OMP_NUM_THREADS=$threads "$venv/bin/python" bench/train_throughput_torch.py \
+      --steps 3 --threads "$threads" --attn "$attn" "$@" 2>/dev/null >> "$out"
+  done
 done
 flags=$(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'avx2|fma|avx512f' | sort -u | xargs)
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($flags) | $threads threads | ${*:-full training}"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($flags) | ISA=$isa | $threads threads | ${*:-full training}"
 "$venv/bin/python" - "$out" "$peak" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 peak = json.loads(sys.argv[2])
-med = {k: statistics.median(r["tokens_per_s"] for r in rows if r["impl"] == k) for k in ("stackwise", "pytorch")}
-for k in ("stackwise", "pytorch"):
-    s = [round(r["s_per_step"], 3) for r in rows if r["impl"] == k]
-    print(f"{k:9}: {med[k]:8.0f} tokens/s  (s/step per round: {s})")
-simd = next(r.get("simd", "?") for r in rows if r["impl"] == "stackwise")
-print(f"StackWise's fused kernels ran at the {simd} vector level")
-print(f"ratio stackwise/pytorch: {med['stackwise'] / med['pytorch']:.2f}x")
-cpu = {k: statistics.median(r["cpu_s_per_step"] for r in rows if r["impl"] == k) for k in ("stackwise", "pytorch")}
-print(f"CPU time per step (all threads, user + system): stackwise {cpu['stackwise']:.2f} s, pytorch {cpu['pytorch']:.2f} s; "
-      f"ratio pytorch/stackwise: {cpu['pytorch'] / cpu['stackwise']:.2f}x")
-sw = [r for r in rows if r["impl"] == "stackwise" and r.get("gflops")]
+for r in rows:
+    r["peer"] = r["impl"] if r["impl"] == "stackwise" else f"pytorch-{r['attn']}"
+peers = ("stackwise", "pytorch-eager", "pytorch-sdpa")
+med = {k: statistics.median(r["tokens_per_s"] for r in rows if r["peer"] == k) for k in peers}
+cpu = {k: statistics.median(r["cpu_s_per_step"] for r in rows if r["peer"] == k) for k in peers}
+for k in peers:
+    s = [round(r["s_per_step"], 3) for r in rows if r["peer"] == k]
+    print(f"{k:13}: {med[k]:8.0f} tokens/s, CPU {cpu[k]:.2f} s/step  (s/step per round: {s})")
+simd = next(r.get("simd", "?") for r in rows if r["peer"] == "stackwise")
+torch_isa = next(r.get("cpu_capability", "?") for r in rows if r["peer"] != "stackwise")
+print(f"StackWise's fused kernels ran at the {simd} vector level; PyTorch's at {torch_isa}")
+for k in peers[1:]:
+    print(f"ratio stackwise/{k}: {med['stackwise'] / med[k]:.2f}x "
+          f"(CPU time per step, {k}/stackwise: {cpu[k] / cpu['stackwise']:.2f}x)")
+sw = [r for r in rows if r["peer"] == "stackwise" and r.get("gflops")]
 if sw:
     g = statistics.median(r["gflops"] for r in sw)
     print(f"FMA peak ({peak['isa']}, {peak['threads']} threads, measured by fma_peak): {peak['gflops']:.0f} GFLOP/s; "

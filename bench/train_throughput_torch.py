@@ -56,4 +56,5 @@ cpu_times.sort()
 median = times[len(times) // 2]
 print(json.dumps({"impl": "pytorch", "device": a.device, "autocast": a.autocast, "attn": a.attn, "batch": a.batch, "seq": a.seq, "lora_r": a.lora_r, "s_per_step": median, "all_s_per_step": times,
                   "tokens_per_s": a.batch * a.seq / median, "cpu_s_per_step": cpu_times[len(cpu_times) // 2], "params": sum(p.numel() for p in trainable),
-                  "torch": torch.__version__, "last_loss": last}))
+                  "torch": torch.__version__, "last_loss": last,
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability() if a.device == "cpu" else None}))

@@ -15,6 +15,9 @@ struct Args {
     /// Seconds each thread runs.
     #[arg(long, default_value_t = 0.5)]
     seconds: f64,
+    /// Stop at AVX2 + FMA even where the CPU has AVX-512 (the peak of an AVX2 build).
+    #[arg(long)]
+    avx2: bool,
 }
 
 /// FLOPs done by one call of `chains` (per kernel: accumulators x lanes x 2 x iterations).
@@ -71,7 +74,7 @@ fn main() -> anyhow::Result<()> {
     #[cfg(target_arch = "x86_64")]
     {
         let (isa, flops_per_call, kernel): (&str, f64, fn(f32) -> f32) =
-            if is_x86_feature_detected!("avx512f") {
+            if is_x86_feature_detected!("avx512f") && !a.avx2 {
                 // SAFETY (both arms): the CPU has the features the kernel is compiled for.
                 (
                     "avx512f",
