@@ -11,9 +11,10 @@
 //! values; a group's key and value gradients are one task's sums, so no two tasks write the same
 //! memory.
 //!
-//! The softmax is `attention_softmax`'s row arithmetic (`softmax_row`), so the probabilities are
-//! bitwise those of the composed path; the products sum over the same K, but in other blocks of
-//! the gemm kernel, so outputs and gradients agree to rounding.
+//! The softmax is `attention_softmax`'s row arithmetic (`softmax_row`); the score products are
+//! separate gemm calls on blocks rather than one on the whole (T, S), so scores, outputs and
+//! gradients agree with the composed path to rounding, not bitwise (the tests bound the
+//! difference).
 
 use std::sync::OnceLock;
 
